@@ -1,0 +1,203 @@
+"""Reading volumes and writing label volumes: one entry point each, dispatching on the path.
+
+``load_volume(path)`` reads NIfTI, a DICOM series (a folder or any file of it), DICOM-SEG,
+NRRD and MetaImage. ``save_labels(labels, like=volume, path=...)`` writes a label volume on
+the grid of the image it was drawn on: NIfTI, DICOM-SEG (for DICOM sources), NRRD or MHA.
+Heavy libraries are imported inside the functions so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import LabelsMismatchError, LabelsWriteError, UnsupportedFormatError, VolumeReadError
+
+if TYPE_CHECKING:
+    from ..volume import Volume
+
+READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom", ".ima")
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".nrrd", ".mha")
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True when the file carries the DICOM preamble (b'DICM' at byte 128)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_seg_file(path: str | Path) -> bool:
+    """True when the file is a DICOM Segmentation object."""
+    if not is_dicom_file(path):
+        return False
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - unreadable means "not a SEG" here; the reader reports it
+        return False
+    return str(header.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def source_kind(path: str | Path) -> str:
+    """'nifti', 'itk', 'dicom', 'dicom-seg' or 'unknown' for a path, without reading voxels."""
+    from .itk import is_itk_path
+    from .nifti import is_nifti_path
+
+    path = Path(path)
+    if path.is_dir():
+        return "dicom"
+    if is_nifti_path(path):
+        return "nifti"
+    if is_itk_path(path):
+        return "itk"
+    if is_dicom_seg_file(path):
+        return "dicom-seg"
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima") or is_dicom_file(path):
+        return "dicom"
+    return "unknown"
+
+
+def load_volume(
+    path: str | Path, *, series_uid: str | None = None, volume_index: int | None = None
+) -> "Volume":
+    """Read a 3D scan (or a DICOM-SEG label volume) from ``path`` into a display-ordered Volume."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise VolumeReadError(f"{path} does not exist.")
+    kind = source_kind(path)
+    if kind == "nifti":
+        from .nifti import read_nifti
+
+        return read_nifti(path, volume_index=volume_index)
+    if kind == "itk":
+        from .itk import read_itk
+
+        return read_itk(path, volume_index=volume_index)
+    if kind == "dicom":
+        from .dicom_series import read_dicom_series
+
+        return read_dicom_series(path, series_uid=series_uid)
+    if kind == "dicom-seg":
+        from .dicom_seg import load_dicom_seg_volume
+
+        volume, segments = load_dicom_seg_volume(path)
+        volume.metadata["segments"] = segments
+        return volume
+    raise UnsupportedFormatError(
+        f"{path.name} is not a format napari-medsam reads. Supported: NIfTI (.nii, .nii.gz), a DICOM "
+        "series (a folder or any of its files), DICOM-SEG, NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd)."
+    )
+
+
+def labels_format(path: str | Path) -> str:
+    """The label format a file name asks for: 'nifti', 'dicom-seg', 'nrrd' or 'metaimage'."""
+    name = str(path).lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".dcm"):
+        return "dicom-seg"
+    if name.endswith(".nrrd"):
+        return "nrrd"
+    if name.endswith(".mha"):
+        return "metaimage"
+    raise LabelsWriteError(
+        f"Cannot save labels as {Path(path).name}: use one of {', '.join(WRITE_SUFFIXES)} "
+        "(.dcm writes DICOM-SEG)."
+    )
+
+
+def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segments=None) -> Path:
+    """Write ``labels`` (display order, ``like.shape``) next to the scan ``like`` was read from."""
+    fmt = labels_format(path)
+    if fmt == "nifti":
+        from .nifti import write_nifti_labels
+
+        return write_nifti_labels(labels, like, path)
+    if fmt == "dicom-seg":
+        if not like.dicom_datasets:
+            raise LabelsWriteError(
+                f"DICOM-SEG must reference a DICOM series, but this image came from "
+                f"{like.source_format or 'a non-DICOM source'}"
+                f"{' (' + like.source_path.name + ')' if like.source_path else ''}. "
+                f"Save as NIfTI instead, e.g. {Path(path).with_suffix('').name}.nii.gz."
+            )
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(labels, like, path, segments=segments)
+    from .itk import write_itk_labels
+
+    return write_itk_labels(labels, like, path)
+
+
+def read_labels(path: str | Path, like: "Volume") -> np.ndarray:
+    """Read a label file (NIfTI, NRRD/MHA or DICOM-SEG) onto ``like``'s display grid."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise VolumeReadError(f"{path} does not exist.")
+    if source_kind(path) == "dicom-seg":
+        from .dicom_seg import read_dicom_seg
+
+        labels, _ = read_dicom_seg(path, like=like)
+        return labels
+    volume = load_volume(path)
+    if not volume.same_grid(like, atol_mm=1e-2):
+        raise LabelsMismatchError(
+            f"{path.name} is not on the grid of {like.source_path.name if like.source_path else 'the image'}: "
+            f"shape {volume.shape} vs {like.shape}, voxel-to-world matrices differ by up to "
+            f"{np.abs(volume.affine_lps() - like.affine_lps()).max() if volume.shape == like.shape else 'n/a'} mm."
+        )
+    if not np.issubdtype(volume.array.dtype, np.integer):
+        if not np.array_equal(volume.array, np.round(volume.array)):
+            raise LabelsMismatchError(f"{path.name} holds fractional values; it is not a label volume.")
+        return volume.array.astype(np.int32)
+    return volume.array
+
+
+def describe_volume(volume: "Volume") -> dict:
+    """The facts `napari-medsam info` prints: shape, geometry, modality, axis mapping, source."""
+    info = {
+        "path": str(volume.source_path) if volume.source_path else None,
+        "source_format": volume.source_format,
+        "shape": list(volume.shape),
+        "axes": ["slice", "row", "column"],
+        "dtype": str(volume.array.dtype),
+        "spacing_mm": [round(v, 6) for v in volume.spacing_mm],
+        "origin_mm": [round(v, 6) for v in volume.origin_mm],
+        "direction": [[round(float(v), 6) for v in row] for row in volume.direction],
+        "coordinate_system": "LPS (DICOM patient), millimetres; direction[:, a] is display axis a",
+        "modality": volume.modality,
+        "intensity_unit": volume.intensity_unit,
+        "oblique": volume.is_oblique(),
+        "file_shape": list(volume.file_shape),
+        "file_axes": list(volume.file_axis_names),
+        "file_to_display": volume.axes.describe(volume.file_axis_names),
+        "display_axis_from_file_axis": [volume.file_axis_names[a] for a in volume.axes.file_axis],
+        "display_axis_flipped": list(volume.axes.flipped),
+        "affine_ras_file_order": [[round(float(v), 6) for v in row] for row in volume.file_affine_ras()],
+        "intensity_range": [float(np.min(volume.array)), float(np.max(volume.array))]
+        if volume.array.size
+        else None,
+    }
+    meta = volume.metadata
+    for key in ("series_uid", "study_uid", "frame_of_reference_uid", "n_instances", "series_description",
+                "missing_slices", "volume_index", "file_shape", "window"):
+        if key in meta and meta[key] is not None:
+            value = meta[key]
+            info["dicom_" + key if key in ("n_instances",) else key] = (
+                list(value) if isinstance(value, tuple) else value
+            )
+    if volume.source_format == "dicom":
+        info["series_instance_uid"] = meta.get("series_uid")
+        info["number_of_instances"] = meta.get("n_instances")
+        if meta.get("series"):
+            info["series_in_folder"] = meta["series"]
+    if meta.get("warnings"):
+        info["warnings"] = list(meta["warnings"])
+    return info
