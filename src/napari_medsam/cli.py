@@ -1,0 +1,150 @@
+"""The `napari-medsam` command line: the plugin's I/O and engine without a screen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MedSamError
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--series-uid", help="DICOM: the SeriesInstanceUID to read when a folder holds several series")
+    parser.add_argument("--volume-index", type=int, help="4D NIfTI/NRRD: which volume to read (0-based)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="napari-medsam",
+        description="Segment Anything for CT and MRI: inspect scans, convert label volumes, launch the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-medsam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    info = sub.add_parser(
+        "info",
+        help="print a scan's shape, spacing and orientation as JSON",
+        description="Print JSON facts about a scan as napari-medsam reads it: shape in display order "
+        "(slice, row, column), spacing_mm, origin_mm and direction (LPS), modality, source format, the "
+        "file-order to display-order axis mapping, and for DICOM the series UID and number of instances.",
+    )
+    info.add_argument("path", help="NIfTI file, DICOM folder or file, DICOM-SEG, NRRD or MHA/MHD")
+    _add_source_options(info)
+
+    export = sub.add_parser(
+        "export",
+        help="convert a label volume to NIfTI, DICOM-SEG, NRRD or MHA on the source's grid",
+        description="Convert LABELS (a label volume on the source scan's grid, e.g. NIfTI) to OUT. "
+        "OUT ending in .nii/.nii.gz writes NIfTI with the source's exact affine and voxel order; .dcm "
+        "writes a DICOM-SEG referencing SOURCE (which must be a DICOM series); .nrrd/.mha write ITK files.",
+    )
+    export.add_argument("labels", help="label volume (NIfTI, NRRD, MHA or DICOM-SEG) on SOURCE's grid")
+    export.add_argument("--source", required=True, help="the scan the labels were drawn on")
+    export.add_argument("--out", required=True, help="output file: .nii, .nii.gz, .dcm, .nrrd or .mha")
+    export.add_argument("--segments", help="JSON file with segment names, colours and codes (see docs/cli.md)")
+    export.add_argument("--names", help="segment names as 1=liver,2=spleen (simpler than --segments)")
+    export.add_argument(
+        "--seg-type", choices=["labelmap", "binary"], default="labelmap",
+        help="DICOM-SEG encoding (default: labelmap)",
+    )
+    _add_source_options(export)
+
+    demo = sub.add_parser(
+        "demo",
+        help="open napari with the CT phantom and the napari-medsam panel",
+        description="Launch napari with a sample scan (the CT phantom unless PATH is given) and the "
+        "napari-medsam dock widget.",
+    )
+    demo.add_argument("path", nargs="?", help="a scan to open instead of the CT phantom")
+    demo.add_argument("--sample", choices=["ct", "mr"], default="ct", help="which phantom to open (default ct)")
+    demo.add_argument("--screenshot", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(path=args.path, sample=args.sample, screenshot=args.screenshot)
+    except MedSamError as exc:
+        print(f"napari-medsam {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"napari-medsam {args.command}: cancelled", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .io import describe_volume, load_volume
+
+    volume = load_volume(args.path, series_uid=args.series_uid, volume_index=args.volume_index)
+    print(json.dumps(describe_volume(volume), indent=2, default=str))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .io import labels_format, load_volume, read_labels, save_labels
+    from .io.segments import Segment, segments_for_labels, segments_from_json
+
+    labels_format(args.out)  # refuse a bad output name before reading anything
+    source = load_volume(args.source, series_uid=args.series_uid, volume_index=args.volume_index)
+    labels = read_labels(args.labels, like=source)
+    names = _parse_names(args.names) if args.names else None
+    overrides: list[Segment] | None = None
+    if args.segments:
+        try:
+            overrides = segments_from_json(Path(args.segments).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MedSamError(f"Could not read segments from {args.segments}: {exc}") from exc
+    segments = segments_for_labels(labels, names=names, overrides=overrides)
+    if labels_format(args.out) == "dicom-seg":
+        from .io.dicom_seg import write_dicom_seg
+
+        if not source.dicom_datasets:
+            save_labels(labels, source, args.out)  # raises the clear "needs a DICOM source" error
+        out = write_dicom_seg(labels, source, args.out, segments=segments, segmentation_type=args.seg_type)
+    else:
+        out = save_labels(labels, source, args.out, segments=segments)
+    summary = {
+        "written": str(out),
+        "format": labels_format(out),
+        "shape": list(source.shape),
+        "segments": [{"label": s.label, "name": s.name, "voxels": int((labels == s.label).sum())} for s in segments],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _parse_names(text: str) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        value, sep, name = item.partition("=")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise MedSamError(f"--names expects items like 1=liver,2=spleen; got {item!r}")
+        names[int(value)] = name.strip()
+    return names
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
