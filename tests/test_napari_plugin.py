@@ -1,0 +1,129 @@
+"""The plugin inside napari: manifest, reader, writers, sample data and the dock widget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_medsam.io import load_volume
+
+
+@pytest.fixture
+def ct_nifti(tmp_path):
+    """A small LAS-oriented CT NIfTI with a bright block."""
+    data = np.full((40, 36, 12), -1000, np.int16)
+    data[10:30, 8:28, 3:9] = 60
+    affine = np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -40.0], [0, 0, 2.5, 12.0], [0, 0, 0, 1]])
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_manifest_is_valid():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_distribution("napari-medsam")
+    assert manifest.name == "napari-medsam"
+    assert {w.display_name for w in manifest.contributions.widgets} == {"MedSAM"}
+    extensions = {e for w in manifest.contributions.writers for e in w.filename_extensions}
+    assert {".nii.gz", ".nii", ".dcm"} <= extensions
+
+
+def test_open_through_napari_gives_physical_proportions(make_napari_viewer, ct_nifti):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(ct_nifti), plugin="napari-medsam")
+    assert len(layers) == 1
+    layer = layers[0]
+    volume = load_volume(ct_nifti)
+    np.testing.assert_array_equal(layer.data, volume.array)
+    np.testing.assert_allclose(layer.scale, volume.spacing_mm)
+    # CT opens in a soft-tissue window while the voxels keep their HU.
+    assert tuple(layer.contrast_limits) == (-160.0, 240.0)
+    assert layer.data.min() == -1000
+    # World coordinates are LPS millimetres (z, y, x): voxel centres land where the affine says.
+    corner = layer.data_to_world([3, 5, 7])
+    expected = volume.index_to_world([3, 5, 7])[0][::-1]
+    np.testing.assert_allclose(corner, expected, atol=1e-6)
+
+
+def test_label_layer_saves_on_scan_grid_through_napari(make_napari_viewer, ct_nifti, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(ct_nifti), plugin="napari-medsam")
+    widget = _add_widget(viewer)
+    labels_layer = widget.add_labels_layer()
+    labels_layer.data[2:6, 10:20, 5:15] = 1
+    out = tmp_path / "seg.nii.gz"
+    labels_layer.save(str(out), plugin="napari-medsam")
+    written = nib.load(str(out))
+    source = nib.load(str(ct_nifti))
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+    volume = load_volume(ct_nifti)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), volume.axes.to_file(labels_layer.data))
+
+
+def test_hand_made_label_layer_finds_its_scan(make_napari_viewer, ct_nifti, tmp_path):
+    viewer = make_napari_viewer()
+    image = viewer.open(str(ct_nifti), plugin="napari-medsam")[0]
+    labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale, translate=image.translate)
+    labels.data[1, 1, 1] = 4
+    out = tmp_path / "hand.nii"
+    labels.save(str(out), plugin="napari-medsam")
+    np.testing.assert_array_equal(nib.load(str(out)).affine, nib.load(str(ct_nifti)).affine)
+
+
+def test_reader_refuses_unknown_files(tmp_path):
+    from napari_medsam._napari.reader import get_reader
+
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n")
+    assert get_reader(str(png)) is None
+    assert get_reader(str(tmp_path / "scan.nii.gz")) is not None
+
+
+def test_widget_exports_in_background(make_napari_viewer, ct_nifti, tmp_path, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open(str(ct_nifti), plugin="napari-medsam")
+    widget = _add_widget(viewer)
+    assert "CT" in widget.info.text()
+    widget.apply_window("lung")
+    assert tuple(viewer.layers[0].contrast_limits) == (-1350.0, 150.0)
+    layer = widget.add_labels_layer("organ")
+    layer.data[5, 5:10, 5:10] = 2
+    out = tmp_path / "organ.nii.gz"
+    worker = widget.export_labels(out)
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        pass
+    assert widget.last_saved == out
+    assert np.asarray(nib.load(str(out)).dataobj).max() == 2
+
+
+def _add_widget(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+    return widget
+
+
+def test_napari_start_with_plugin_does_not_import_torch(ct_nifti):
+    # A fresh interpreter: napari discovers the plugin, opens a scan and docks the widget.
+    code = textwrap.dedent(
+        f"""
+        import sys, napari
+        viewer = napari.Viewer(show=False)
+        viewer.open({str(ct_nifti)!r}, plugin="napari-medsam")
+        viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+        # napari itself imports skimage; torch, OpenCV and highdicom must stay out until used.
+        heavy = sorted(m for m in ("torch", "cv2", "highdicom") if m in sys.modules)
+        print("HEAVY", heavy)
+        viewer.close()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                            env={**os.environ})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HEAVY []" in result.stdout, result.stdout
