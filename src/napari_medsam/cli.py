@@ -102,11 +102,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .io import labels_format, load_volume, read_labels, save_labels
+    from .io import labels_format, load_volume, read_labels, require_dicom_source, save_labels
     from .io.segments import Segment, segments_for_labels, segments_from_json
 
     labels_format(args.out)  # refuse a bad output name before reading anything
     source = load_volume(args.source, series_uid=args.series_uid, volume_index=args.volume_index)
+    if labels_format(args.out) == "dicom-seg":
+        require_dicom_source(source, args.out)
     labels = read_labels(args.labels, like=source)
     names = _parse_names(args.names) if args.names else None
     overrides: list[Segment] | None = None
@@ -119,8 +121,6 @@ def _export(args: argparse.Namespace) -> int:
     if labels_format(args.out) == "dicom-seg":
         from .io.dicom_seg import write_dicom_seg
 
-        if not source.dicom_datasets:
-            save_labels(labels, source, args.out)  # raises the clear "needs a DICOM source" error
         out = write_dicom_seg(labels, source, args.out, segments=segments, segmentation_type=args.seg_type)
     else:
         out = save_labels(labels, source, args.out, segments=segments)

@@ -113,6 +113,18 @@ def labels_format(path: str | Path) -> str:
     )
 
 
+def require_dicom_source(like: "Volume", path: str | Path) -> None:
+    """Refuse DICOM-SEG output for a scan that did not come from a DICOM series."""
+    if not like.dicom_datasets:
+        stem = Path(path).name[: -len(".dcm")] if str(path).lower().endswith(".dcm") else Path(path).stem
+        raise LabelsWriteError(
+            f"DICOM-SEG must reference a DICOM series, but this image came from "
+            f"{like.source_format or 'a non-DICOM source'}"
+            f"{' (' + like.source_path.name + ')' if like.source_path else ''}. "
+            f"Save as NIfTI instead, e.g. {stem}.nii.gz."
+        )
+
+
 def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segments=None) -> Path:
     """Write ``labels`` (display order, ``like.shape``) next to the scan ``like`` was read from."""
     fmt = labels_format(path)
@@ -121,13 +133,7 @@ def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segment
 
         return write_nifti_labels(labels, like, path)
     if fmt == "dicom-seg":
-        if not like.dicom_datasets:
-            raise LabelsWriteError(
-                f"DICOM-SEG must reference a DICOM series, but this image came from "
-                f"{like.source_format or 'a non-DICOM source'}"
-                f"{' (' + like.source_path.name + ')' if like.source_path else ''}. "
-                f"Save as NIfTI instead, e.g. {Path(path).with_suffix('').name}.nii.gz."
-            )
+        require_dicom_source(like, path)
         from .dicom_seg import write_dicom_seg
 
         return write_dicom_seg(labels, like, path, segments=segments)

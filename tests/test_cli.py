@@ -1,0 +1,71 @@
+"""The napari-medsam command line: info and export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_medsam.cli import main
+
+
+@pytest.fixture
+def scan(tmp_path):
+    data = np.full((30, 26, 10), -1000, np.int16)
+    data[5:20, 5:20, 2:8] = 50
+    affine = np.array([[-0.75, 0, 0, 20.0], [0, 0.75, 0, -30.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_info_prints_geometry_json(scan, capsys):
+    assert main(["info", str(scan)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [10, 26, 30]
+    assert info["spacing_mm"] == [2.0, 0.75, 0.75]
+    assert info["source_format"] == "nifti"
+    assert info["modality"] == "CT"
+    assert info["file_to_display"] == ["slice <- k", "row <- -j", "column <- i"]
+    assert np.allclose(np.array(info["direction"]), [[0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    # The origin is the LPS position of display voxel (0, 0, 0): file voxel (0, 25, 0).
+    ras = nib.load(str(scan)).affine @ [0, 25, 0, 1]
+    assert np.allclose(info["origin_mm"], [-ras[0], -ras[1], ras[2]])
+
+
+def test_export_nifti_to_nifti_on_source_grid(scan, tmp_path, capsys):
+    volume_labels = np.zeros((30, 26, 10), np.uint8)
+    volume_labels[6:10, 6:10, 3:5] = 2
+    foreign = tmp_path / "labels_in.nii.gz"
+    nib.save(nib.Nifti1Image(volume_labels, nib.load(str(scan)).affine), str(foreign))
+    out = tmp_path / "labels_out.nii"
+    assert main(["export", str(foreign), "--source", str(scan), "--out", str(out), "--names", "2=liver"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["segments"] == [{"label": 2, "name": "liver", "voxels": 32}]
+    written = nib.load(str(out))
+    np.testing.assert_array_equal(written.affine, nib.load(str(scan)).affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), volume_labels)
+
+
+def test_export_errors_are_one_line_and_write_nothing(scan, tmp_path, capsys):
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), str(wrong))
+    out = tmp_path / "out.nii.gz"
+    assert main(["export", str(wrong), "--source", str(scan), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-medsam export: error:") and "\n" not in err and "grid" in err
+    assert not out.exists()
+    assert main(["export", str(scan), "--source", str(scan), "--out", str(tmp_path / "x.dcm")]) == 1
+    assert "DICOM-SEG must reference a DICOM series" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nothing.nii")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_help_for_every_subcommand():
+    for args in (["--help"], ["info", "--help"], ["export", "--help"], ["demo", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "napari_medsam.cli", *args], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: napari-medsam" in result.stdout
