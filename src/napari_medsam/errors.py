@@ -42,3 +42,7 @@ class LabelsWriteError(MedSamError):
 
 class LabelsMismatchError(LabelsWriteError):
     """A label volume does not fit the source image (shape, grid or value range)."""
+
+
+class DicomWriteError(MedSamError):
+    """An image volume could not be written as a DICOM series (bad folder, unsupported values)."""

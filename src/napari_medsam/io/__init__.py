@@ -42,7 +42,8 @@ def is_dicom_seg_file(path: str | Path) -> bool:
         header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - unreadable means "not a SEG" here; the reader reports it
         return False
-    return str(header.get("SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4"
+    # Segmentation Storage (BINARY/FRACTIONAL) and Label Map Segmentation Storage.
+    return str(header.get("SOPClassUID", "")) in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 
 
 def source_kind(path: str | Path) -> str:

@@ -1,0 +1,411 @@
+"""DICOM Segmentation (DICOM-SEG) export and import, built on highdicom.
+
+A label volume drawn on a DICOM series is saved as one Segmentation instance that references
+the source series image by image, so PACS and viewers (3D Slicer, OHIF) put it back on the
+right images. Display-order labels are matched to the source images purely by geometry: each
+source plane's ImagePositionPatient / ImageOrientationPatient / PixelSpacing is projected into the
+volume's display grid, which works whatever order the reader stacked the images in (axial,
+sagittal, flipped) and also finds display slices that have no source image (blank slices a
+reader inserted for missing instances).
+
+Two encodings: ``"labelmap"`` (default; Label Map Segmentation Storage, one frame per labelled
+source image, pixel value = label value, label values kept exactly) and ``"binary"``
+(Segmentation Storage, one 1-bit frame per segment and image; the most widely supported form).
+BINARY needs segment numbers 1..N without gaps, so label values are renumbered in ascending
+order when they have gaps (e.g. labels {1, 3} are stored as segments 1 and 2); the returned
+:class:`Segment` list of :func:`read_dicom_seg` then reports the stored numbers.
+
+Validation: BINARY output passes ``dciodvfy`` without errors. The dicom3tools release of 2022
+predates Label Map Segmentation Storage (2024), so for LABELMAP files it reports "Information
+Object Not found" and reads the background segment 0 as a numbering error; nothing else.
+
+Errors: a source without DICOM headers -> LabelsWriteError (save as NIfTI instead); labels of the
+wrong shape, negative, fractional or above 65535, or labels on a blank inserted slice ->
+LabelsMismatchError; an empty label volume -> LabelsWriteError ("nothing to save"); an
+unwritable target -> LabelsWriteError, the existing file untouched. Reading: not a SEG, corrupt
+or truncated -> VolumeReadError; a SEG that does not fit ``like`` -> LabelsMismatchError.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import LabelsMismatchError, LabelsWriteError
+from ..volume import Volume
+from ._common import checked_labels
+from .atomic import atomic_output
+from .segments import MAX_LABEL, Code, Segment, default_segment, present_labels
+
+__all__ = ["write_dicom_seg", "read_dicom_seg", "load_dicom_seg_volume", "SEGMENTATION_TYPES", "SEG_SOP_CLASSES"]
+
+# Both SOP classes are DICOM-SEG; file sniffers must accept both (Label Map is new in 2024).
+SEG_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
+}
+SEGMENTATION_TYPES = ("labelmap", "binary")
+ALGORITHM_TYPES = ("semiautomatic", "manual", "automatic")
+ALGORITHM_NAME = "napari-medsam"
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    like: Volume,
+    path: str | os.PathLike,
+    segments: list[Segment] | None = None,
+    *,
+    segmentation_type: str = "labelmap",
+    algorithm_type: str = "semiautomatic",
+    series_description: str = "napari-medsam segmentation",
+    series_number: int | None = None,
+    content_creator_name: str | None = None,
+    manufacturer: str = "napari-medsam",
+    model_name: str = "napari-medsam",
+    software_version: str = __version__,
+) -> Path:
+    """Save display-order ``labels`` drawn on the DICOM series ``like`` as one DICOM-SEG file.
+
+    ``segments`` describe label values (name, colour, codes); values present without a
+    description get :func:`default_segment`, and given segments whose label is absent are written
+    as empty segments. The default series number is the source's plus 1000.
+    """
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    seg_type = _choice(segmentation_type, SEGMENTATION_TYPES, "segmentation_type")
+    algo = _choice(algorithm_type, ALGORITHM_TYPES, "algorithm_type")
+    sources = _unique_sources(like)
+    labels = checked_labels(labels, like, max_value=MAX_LABEL)
+    present = present_labels(labels)
+    if not present:
+        raise LabelsWriteError("The label volume is empty: nothing to save. Draw or segment something first.")
+    described = _segments_to_write(present, segments)
+
+    try:
+        planes = [plane for ds in sources for plane in dataset_planes(ds)]
+    except ValueError as exc:
+        raise LabelsWriteError(f"Cannot place the labels on the source images: {exc}.") from exc
+    fits = _fit_all(planes, like)
+    frames = np.stack([labels[fit.index] for fit in fits])
+    _check_blank_slices(labels, fits)
+
+    numbers = [s.label for s in described]
+    if seg_type == "binary" and numbers != list(range(1, len(numbers) + 1)):
+        lut = np.zeros(max(numbers) + 1, dtype=np.uint16)
+        lut[numbers] = np.arange(1, len(numbers) + 1)
+        frames = lut[frames]
+        numbers = list(range(1, len(numbers) + 1))
+    frames = frames.astype(np.uint8 if max(numbers) <= 255 else np.uint16)
+
+    algorithm = None
+    if algo != "manual":
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=ALGORITHM_NAME, family=_artificial_intelligence(), version=software_version
+        )
+    descriptions = [
+        _segment_description(hd, number, s, algo.upper(), algorithm) for number, s in zip(numbers, described)
+    ]
+    texts = [s.name for s in described] + [series_description, content_creator_name or ""]
+    # Names may hold any character; UTF-8 then, rather than the source's (often Latin-1) set.
+    charset = {} if all(t.isascii() for t in texts) else {"specific_character_set": "ISO_IR 192"}
+    first = _with_type2_defaults(sources[0])
+    if series_number is None:
+        series_number = _source_series_number(first) + 1000
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[first, *sources[1:]],
+            pixel_array=frames,
+            segmentation_type=seg_type.upper(),
+            segment_descriptions=descriptions,
+            series_instance_uid=generate_uid(),
+            series_number=int(series_number),
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer=manufacturer,
+            manufacturer_model_name=model_name,
+            software_versions=software_version,
+            device_serial_number="0",
+            content_description=_lo(series_description),
+            content_creator_name=content_creator_name,
+            series_description=_lo(series_description),
+            **charset,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise LabelsWriteError(f"Could not build the DICOM-SEG from this series: {exc}.") from exc
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    return Path(path).expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# Plane geometry shared by the writer and the reader
+
+# Largest distance (in voxels) between a source pixel centre and the display voxel it is matched
+# to. Generous along the stack so rounded ImagePositionPatient values still match their slice.
+FIT_TOLERANCE = 0.25
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One image plane: pixel (r, c) lies at ``origin + r*dy*column_cosine + c*dx*row_cosine``."""
+
+    origin: np.ndarray
+    row_cosine: np.ndarray
+    column_cosine: np.ndarray
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), as PixelSpacing
+    rows: int
+    columns: int
+    sop_instance_uid: str = ""
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class PlaneFit:
+    """Where a plane sits in a display-order array: ``array[index]`` is its (rows, columns) image."""
+
+    index: tuple
+    stack_axis: int
+    stack_index: int
+    full: bool  # the plane covers the whole display slice
+
+
+def functional_group_value(ds, frame: int, sequence: str, keyword: str):
+    """An attribute of frame ``frame`` (0-based) of an enhanced multi-frame header, or None."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and i < len(items):
+            inner = items[i].get(sequence)
+            if inner and keyword in inner[0]:
+                return inner[0][keyword].value
+    return None
+
+
+def plane_from_values(position, orientation, spacing, rows: int, columns: int, uid: str = "", frame=None) -> Plane:
+    """A :class:`Plane` from ImagePositionPatient, ImageOrientationPatient and PixelSpacing values."""
+    if position is None or orientation is None or spacing is None:
+        raise ValueError(f"image {uid or '?'} has no ImagePositionPatient/ImageOrientationPatient/PixelSpacing")
+    position = np.asarray([float(v) for v in position])
+    orientation = np.asarray([float(v) for v in orientation])
+    spacing = tuple(float(v) for v in spacing)
+    if position.shape != (3,) or orientation.shape != (6,) or len(spacing) != 2 or min(spacing) <= 0:
+        raise ValueError(f"image {uid or '?'} has malformed plane geometry")
+    return Plane(
+        position, orientation[:3], orientation[3:], spacing, int(rows), int(columns), uid, frame  # type: ignore[arg-type]
+    )
+
+
+def dataset_planes(ds) -> list[Plane]:
+    """The image planes of one source header: one for a classic image, one per frame otherwise."""
+    uid = str(ds.get("SOPInstanceUID", ""))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        if frames > 1:
+            raise ValueError(f"multi-frame image {uid} has no per-frame plane positions")
+        geometry = (ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"))
+        return [plane_from_values(*geometry, ds.Rows, ds.Columns, uid)]
+    return [
+        plane_from_values(
+            functional_group_value(ds, f, "PlanePositionSequence", "ImagePositionPatient"),
+            functional_group_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"),
+            functional_group_value(ds, f, "PixelMeasuresSequence", "PixelSpacing"),
+            ds.Rows, ds.Columns, uid, f + 1,
+        )
+        for f in range(frames)
+    ]
+
+
+def _snap(step: np.ndarray) -> tuple[int, int]:
+    axis = int(np.argmax(np.abs(step)))
+    return axis, (1 if step[axis] > 0 else -1)
+
+
+def fit_plane(plane: Plane, like: Volume, tolerance: float = FIT_TOLERANCE) -> PlaneFit | None:
+    """Match every pixel of ``plane`` to a voxel of ``like``'s display grid; None if it does not fit."""
+    start = like.world_to_index(plane.origin)[0]
+    row_step = like.world_to_index(plane.origin + plane.column_cosine * plane.pixel_spacing[0])[0] - start
+    col_step = like.world_to_index(plane.origin + plane.row_cosine * plane.pixel_spacing[1])[0] - start
+    (row_axis, row_sign), (col_axis, col_sign) = _snap(row_step), _snap(col_step)
+    if row_axis == col_axis:
+        return None
+    base = np.rint(start)
+    unit_r, unit_c = np.zeros(3), np.zeros(3)
+    unit_r[row_axis], unit_c[col_axis] = row_sign, col_sign
+    shape = np.asarray(like.shape)
+    for i in (0, plane.rows - 1):
+        for j in (0, plane.columns - 1):
+            exact = start + i * row_step + j * col_step
+            snapped = base + i * unit_r + j * unit_c
+            if np.abs(exact - snapped).max() > tolerance or np.any(snapped < 0) or np.any(snapped >= shape):
+                return None
+    stack_axis = 3 - row_axis - col_axis
+    index: list = [0, 0, 0]
+    index[row_axis] = int(base[row_axis]) + row_sign * np.arange(plane.rows)[:, None]
+    index[col_axis] = int(base[col_axis]) + col_sign * np.arange(plane.columns)[None, :]
+    index[stack_axis] = int(base[stack_axis])
+    full = plane.rows == like.shape[row_axis] and plane.columns == like.shape[col_axis]
+    return PlaneFit(tuple(index), stack_axis, int(base[stack_axis]), full)
+
+
+# --------------------------------------------------------------------------------------------
+# Writer helpers
+
+
+def _lo(text: str) -> str:
+    """A DICOM LO value: at most 64 characters, no backslash (the value separator)."""
+    return " ".join(str(text).replace("\\", "/").split())[:64]
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    text = str(value).strip().lower()
+    if text not in allowed:
+        raise LabelsWriteError(f"Unknown {what} {value!r}: choose one of {', '.join(allowed)}.")
+    return text
+
+
+def _unique_sources(like: Volume) -> list:
+    datasets = [ds for ds in (like.dicom_datasets or []) if ds is not None]
+    if not datasets:
+        what = f"{like.source_format or 'non-DICOM'} image"
+        raise LabelsWriteError(
+            f"DICOM-SEG needs a DICOM source series, but this is a {what} without DICOM headers. "
+            "Save the labels as NIfTI (.nii.gz) instead."
+        )
+    unique: dict[str, object] = {}
+    for ds in datasets:
+        # An enhanced multi-frame source may appear once per display slice; keep it once.
+        unique.setdefault(str(ds.SOPInstanceUID), ds)
+    return list(unique.values())
+
+
+def _segments_to_write(present: list[int], segments: list[Segment] | None) -> list[Segment]:
+    given = {s.label: s for s in segments or []}
+    if len(given) != len(segments or []):
+        raise LabelsWriteError("Two segment descriptions have the same label value; give each label once.")
+    chosen = dict(given)
+    for value in present:
+        chosen.setdefault(value, default_segment(value))
+    return [chosen[v] for v in sorted(chosen)]
+
+
+def _fit_all(planes: list[Plane], like: Volume) -> list[PlaneFit]:
+    fits = []
+    for plane in planes:
+        fit = fit_plane(plane, like)
+        if fit is None:
+            raise LabelsMismatchError(
+                f"Source image {plane.sop_instance_uid} does not lie on the image grid "
+                f"({like.shape} voxels): the volume's geometry does not come from this series. "
+                "Reload the series and segment it again."
+            )
+        if not fit.full:
+            raise LabelsMismatchError(
+                f"Source image {plane.sop_instance_uid} covers only part of a display slice; the "
+                "volume was not built from this series. Reload the series and segment it again."
+            )
+        fits.append(fit)
+    axes = {fit.stack_axis for fit in fits}
+    positions = [(fit.stack_axis, fit.stack_index) for fit in fits]
+    if len(axes) != 1 or len(set(positions)) != len(positions):
+        raise LabelsMismatchError(
+            "The source images of this volume overlap or are not parallel, so the labels cannot "
+            "be assigned to them. Reload the series and segment it again."
+        )
+    return fits
+
+
+def _check_blank_slices(labels: np.ndarray, fits: list[PlaneFit]) -> None:
+    axis = fits[0].stack_axis
+    covered = np.zeros(labels.shape[axis], dtype=bool)
+    covered[[fit.stack_index for fit in fits]] = True
+    for index in np.flatnonzero(~covered):
+        if np.any(np.take(labels, int(index), axis=axis)):
+            raise LabelsMismatchError(
+                f"Display slice {int(index)} (axis {axis}) has labels but no source image (an instance "
+                "missing from the series was filled with a blank slice). DICOM-SEG can only label "
+                "existing images: erase the labels there or save as NIfTI (.nii.gz)."
+            )
+
+
+def _artificial_intelligence():
+    from pydicom.sr.codedict import codes
+
+    return codes.DCM.ArtificialIntelligence
+
+
+def _coded(code: Code):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=code.value, scheme_designator=code.scheme_designator, meaning=code.meaning)
+
+
+def _segment_description(hd, number: int, segment: Segment, algo: str, algorithm):
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=_lo(segment.name),
+        segmented_property_category=_coded(segment.category),
+        segmented_property_type=_coded(segment.type),
+        algorithm_type=algo,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*segment.color),
+    )
+    if segment.type_modifier is not None:
+        modifier = _coded(segment.type_modifier)
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+    return description
+
+
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+
+def _with_type2_defaults(ds):
+    """A copy of the first source header with empty values for absent Type 2 patient/study data."""
+    out = copy.deepcopy(ds)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    return out
+
+
+def _source_series_number(ds) -> int:
+    try:
+        return int(ds.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_dicom_seg(path: str | os.PathLike, like: Volume | None = None) -> tuple[np.ndarray, list[Segment]]:
+    """Label array (display order) and segments of a DICOM-SEG, on ``like``'s grid when given.
+
+    Frames are placed by their referenced SOP Instance UIDs; frames whose references are not in
+    ``like`` are placed by their plane position instead (a SEG made by another tool in the same
+    frame of reference). Overlapping BINARY segments: the higher segment number wins. Without
+    ``like`` the grid is the SEG's own (see :func:`load_dicom_seg_volume`).
+    """
+    from ._dicom_seg_read import SegFile
+
+    seg = SegFile.open(path)
+    if like is None:
+        volume = seg.to_volume()
+        return volume.array, seg.segments
+    return seg.labels_on(like), seg.segments
+
+
+def load_dicom_seg_volume(path: str | os.PathLike) -> tuple[Volume, list[Segment]]:
+    """A labels Volume on the SEG's own grid (display orientation) and its segments."""
+    from ._dicom_seg_read import SegFile
+
+    seg = SegFile.open(path)
+    return seg.to_volume(), seg.segments

@@ -1,0 +1,79 @@
+"""Choosing the compute device and the CPU thread count for the networks."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..errors import MedSamError
+
+__all__ = ["DeviceError", "available_devices", "resolve_device", "set_cpu_threads"]
+
+
+class DeviceError(MedSamError):
+    """The requested compute device does not exist or is not usable on this machine."""
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def available_devices() -> list[str]:
+    """Device names usable here, best first (e.g. ``["cuda:0", "cpu"]``)."""
+    names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if _mps_available():
+        names.append("mps")
+    names.append("cpu")
+    return names
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA, then Apple MPS, then CPU; an explicit name is checked to be usable."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "gpu":
+        text = "cuda"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match:
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {name!r} was requested but CUDA is not available (no NVIDIA GPU, or this "
+                "PyTorch build has no CUDA support); use 'auto' or 'cpu'"
+            )
+        index = int(match.group(1) or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
+        return torch.device("cuda", index)
+    if text == "mps":
+        if not _mps_available():
+            raise DeviceError(
+                "device 'mps' (Apple GPU) was requested but is not available here; use 'auto' or 'cpu'"
+            )
+        return torch.device("mps")
+    raise DeviceError(
+        f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' "
+        f"(available here: {', '.join(available_devices())})"
+    )
+
+
+def set_cpu_threads(n: int | None) -> int:
+    """Set torch's CPU thread count (``None``: one per CPU core) and return the count in effect."""
+    if n is None:
+        n = os.cpu_count() or 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DeviceError(f"the number of CPU threads must be a positive integer, got {n!r}")
+    torch.set_num_threads(n)
+    return torch.get_num_threads()

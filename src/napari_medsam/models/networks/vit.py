@@ -1,0 +1,233 @@
+"""SAM's ViT image encoder (Kirillov et al., "Segment Anything", 2023).
+
+A plain ViT over 16x16 patches of a 1024x1024 image (64x64 tokens) with learned absolute
+position embeddings and decomposed relative-position terms inside every attention layer. Most
+blocks attend inside 14x14 windows (the token grid is zero-padded to a multiple of 14); the
+blocks listed in ``global_attn_indexes`` attend over the whole grid. A small convolutional neck
+maps the tokens to the 256-channel image embedding shared by all SAM-family decoders.
+
+Parameter names follow the official checkpoints (``image_encoder.*``) so that those load with
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerNorm2d", "ViTImageEncoder", "VIT_PRESETS", "make_neck"]
+
+# (embed_dim, depth, num_heads, global_attn_indexes) of the published SAM encoders.
+VIT_PRESETS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of an NCHW tensor (SAM's ``LayerNorm2d``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise each pixel's channel vector, then scale and shift."""
+        # Two-pass mean/variance as in the reference, so results agree to float rounding.
+        centred = x - x.mean(dim=1, keepdim=True)
+        var = centred.pow(2).mean(dim=1, keepdim=True)
+        normed = centred / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * normed + self.bias[:, None, None]
+
+
+def make_neck(in_channels: int, out_channels: int = 256) -> nn.Sequential:
+    """1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d: the encoder-to-embedding neck of SAM."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+        LayerNorm2d(out_channels),
+        nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_channels),
+    )
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Tokens are kept channels-last (B, H, W, C) through the whole trunk.
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
+    """(2*size-1, C) table -> (size, size, C) with entry [i, j] = table[i - j + size - 1]."""
+    pos = torch.arange(size, device=table.device)
+    return table[pos[:, None] - pos[None, :] + (size - 1)]
+
+
+class _RelPosAttention(nn.Module):
+    """Multi-head self-attention over a (H, W) token grid with decomposed relative positions.
+
+    The score of query i against key j is ``scale*q_i.k_j + q_i.Rh[row_i,row_j] +
+    q_i.Rw[col_i,col_j]``. The two relative terms are folded into one matrix product by
+    appending them to the query and one-hot row/column selectors to the key, so
+    ``scaled_dot_product_attention`` can run without materialising an N x N bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+        head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.grid = grid
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        if height != self.grid or width != self.grid:
+            raise ValueError(f"attention built for a {self.grid}x{self.grid} grid got {height}x{width}")
+        tokens = height * width
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+
+        # Relative terms use the unscaled query, as in the reference formulation.
+        q_grid = q.reshape(batch * heads, height, width, -1)
+        rel_rows = torch.einsum("bhwc,hkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_h, height))
+        rel_cols = torch.einsum("bhwc,wkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_w, width))
+        query = torch.cat(
+            (
+                q * self.scale,
+                rel_rows.reshape(batch, heads, tokens, height),
+                rel_cols.reshape(batch, heads, tokens, width),
+            ),
+            dim=-1,
+        )
+        eye_rows = torch.eye(height, dtype=k.dtype, device=k.device)
+        eye_cols = torch.eye(width, dtype=k.dtype, device=k.device)
+        # Key j = (r, c) selects column r of the row terms and column c of the column terms.
+        pick_row = eye_rows[:, None, :].expand(height, width, height).reshape(tokens, height)
+        pick_col = eye_cols[None, :, :].expand(height, width, width).reshape(tokens, width)
+        key = torch.cat(
+            (
+                k,
+                pick_row.expand(batch, heads, tokens, height),
+                pick_col.expand(batch, heads, tokens, width),
+            ),
+            dim=-1,
+        )
+        if tokens >= 1024:
+            # Global blocks: with equal q/k/v widths SDPA can use its fused kernel, which never
+            # materialises the N x N scores; zero-padding v is cheaper than that matrix.
+            head_dim = v.shape[-1]
+            v_wide = F.pad(v, (0, query.shape[-1] - head_dim))
+            out = F.scaled_dot_product_attention(query, key, v_wide, scale=1.0)[..., :head_dim]
+        else:
+            out = F.scaled_dot_product_attention(query, key, v, scale=1.0)
+        out = out.transpose(1, 2).reshape(batch, height, width, dim)
+        return self.proj(out)
+
+
+def _to_windows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int, int]:
+    """(B, H, W, C) -> (B*nWin, size, size, C), zero-padding H and W up to multiples of size."""
+    batch, height, width, chans = x.shape
+    pad_h = (size - height % size) % size
+    pad_w = (size - width % size) % size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    rows, cols = (height + pad_h) // size, (width + pad_w) // size
+    x = x.view(batch, rows, size, cols, size, chans).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, size, size, chans), rows, cols
+
+
+def _from_windows(win: torch.Tensor, rows: int, cols: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`, cropping the padding away."""
+    size, chans = win.shape[1], win.shape[3]
+    batch = win.shape[0] // (rows * cols)
+    x = win.view(batch, rows, cols, size, size, chans).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, rows * size, cols * size, chans)
+    return x[:, :height, :width, :]
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window: int, grid: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.window = window  # 0 = global attention over the full grid
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _RelPosAttention(dim, num_heads, grid if window == 0 else window)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        if self.window:
+            height, width = y.shape[1:3]
+            # Padding tokens are zeros after the norm, exactly as in the reference encoder.
+            win, rows, cols = _to_windows(y, self.window)
+            y = _from_windows(self.attn(win), rows, cols, height, width)
+        else:
+            y = self.attn(y)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTImageEncoder(nn.Module):
+    """SAM ViT encoder: (B, 3, img, img) normalised image -> (B, 256, img/16, img/16) embedding."""
+
+    def __init__(
+        self,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        img_size: int = 1024,
+        patch_size: int = 16,
+        window_size: int = 14,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        grid = img_size // patch_size
+        globals_ = set(int(i) for i in global_attn_indexes)
+        if any(i < 0 or i >= depth for i in globals_):
+            raise ValueError(f"global_attn_indexes {sorted(globals_)} out of range for depth {depth}")
+        self.img_size = img_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.patch_embed = _PatchEmbed(patch_size, in_chans, embed_dim)
+        self.blocks = nn.ModuleList(
+            _Block(embed_dim, num_heads, 0 if i in globals_ else window_size, grid, mlp_ratio)
+            for i in range(depth)
+        )
+        self.neck = make_neck(embed_dim, out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode a normalised, padded image batch."""
+        tokens = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        # (B, H, W, C) -> NCHW view in channels-last memory; the convs accept it without a copy.
+        return self.neck(tokens.permute(0, 3, 1, 2))

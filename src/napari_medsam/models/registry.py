@@ -1,0 +1,233 @@
+"""The models napari-medsam knows: what each one is, where its weights come from, how to run it.
+
+This module is read by the UI at start-up to fill the model chooser, so it imports nothing
+heavy (no torch). Download and caching live in :mod:`napari_medsam.models.weights`, safe
+loading and architecture checks in :mod:`napari_medsam.models.checkpoint`.
+
+Checksums: a ``sha256`` is recorded only where the same value for the same file size was
+found in several independent public sources (none of the upstream projects publishes a
+SHA-256 itself; Zenodo publishes an MD5 for MedSAM). Where no such value was found the
+field is ``None`` and the hash of the downloaded file is only recorded, not checked. The hex
+suffix in Meta's file names (``..._01ec64``) is *not* a prefix of the file's SHA-256 and is
+not used as a check. See docs/models.md for the provenance of every value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MedSamError
+
+__all__ = [
+    "ARCHITECTURE_NAMES",
+    "MODELS",
+    "PIPELINE_NAMES",
+    "ModelSpec",
+    "get_model",
+    "list_models",
+    "recommended_model",
+]
+
+# Mirrors napari_medsam.models.networks.ARCHITECTURES without importing torch.
+ARCHITECTURE_NAMES: tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "tiny_vit", "lite_tiny_vit")
+# The official pre/post-processing families (napari_medsam.models.pipelines).
+PIPELINE_NAMES: tuple[str, ...] = ("sam", "medsam", "lite_medsam")
+_INPUT_SIZE = {"vit_b": 1024, "vit_l": 1024, "vit_h": 1024, "tiny_vit": 1024, "lite_tiny_vit": 256}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One downloadable model: its network, its pipeline and its official weight file."""
+
+    name: str
+    display_name: str
+    architecture: str
+    input_size: int
+    pipeline: str
+    urls: tuple[str, ...]
+    filename: str
+    size_bytes: int | None
+    sha256: str | None
+    license: str
+    citation: str
+    homepage: str
+    notes: str = ""
+    # Builder overrides for non-standard variants (e.g. the reduced depth-2 ViT-B test model),
+    # as (name, value) pairs so the spec stays hashable.
+    arch_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(f"{self.name}: unknown architecture {self.architecture!r}")
+        if self.pipeline not in PIPELINE_NAMES:
+            raise ValueError(f"{self.name}: unknown pipeline {self.pipeline!r}")
+        if self.input_size != _INPUT_SIZE[self.architecture]:
+            raise ValueError(
+                f"{self.name}: {self.architecture} takes {_INPUT_SIZE[self.architecture]} px input, "
+                f"not {self.input_size}"
+            )
+        if not self.urls:
+            raise ValueError(f"{self.name}: at least one download URL is needed")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
+            raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
+        if "/" in self.filename or "\\" in self.filename or not self.filename:
+            raise ValueError(f"{self.name}: filename must be a bare file name")
+
+    @property
+    def build_options(self) -> dict[str, Any]:
+        """Keyword overrides for ``build_network(self.architecture, **options)``."""
+        return dict(self.arch_options)
+
+
+_SAM_LICENSE = "Apache-2.0"
+_SAM_CITATION = (
+    "Kirillov A. et al. Segment Anything. ICCV 2023. arXiv:2304.02643"
+)
+_SAM_HOME = "https://github.com/facebookresearch/segment-anything"
+_MEDSAM_CITATION = (
+    "Ma J., He Y., Li F., Han L., You C., Wang B. Segment anything in medical images. "
+    "Nature Communications 15, 654 (2024). doi:10.1038/s41467-024-44824-z"
+)
+_GDRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
+
+_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="sam_vit_b",
+        display_name="SAM ViT-B",
+        architecture="vit_b",
+        input_size=1024,
+        pipeline="sam",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",),
+        filename="sam_vit_b_01ec64.pth",
+        size_bytes=375_042_383,
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        license=_SAM_LICENSE,
+        citation=_SAM_CITATION,
+        homepage=_SAM_HOME,
+        notes="Meta's general-purpose SAM, smallest ViT (91M parameters). Points and boxes. "
+        "Needs a GPU for interactive use; about 20 s per slice on a 2-core laptop CPU.",
+    ),
+    ModelSpec(
+        name="sam_vit_l",
+        display_name="SAM ViT-L",
+        architecture="vit_l",
+        input_size=1024,
+        pipeline="sam",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",),
+        filename="sam_vit_l_0b3195.pth",
+        size_bytes=1_249_524_607,
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        license=_SAM_LICENSE,
+        citation=_SAM_CITATION,
+        homepage=_SAM_HOME,
+        notes="Meta's SAM with the ViT-L encoder (308M parameters); GPU only in practice.",
+    ),
+    ModelSpec(
+        name="sam_vit_h",
+        display_name="SAM ViT-H",
+        architecture="vit_h",
+        input_size=1024,
+        pipeline="sam",
+        urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",),
+        filename="sam_vit_h_4b8939.pth",
+        size_bytes=2_564_550_879,
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        license=_SAM_LICENSE,
+        citation=_SAM_CITATION,
+        homepage=_SAM_HOME,
+        notes="Meta's largest SAM (636M parameters), the most accurate on natural images; "
+        "a GPU with at least 8 GB is recommended.",
+    ),
+    ModelSpec(
+        name="medsam",
+        display_name="MedSAM ViT-B",
+        architecture="vit_b",
+        input_size=1024,
+        pipeline="medsam",
+        urls=(
+            "https://zenodo.org/records/10689643/files/medsam_vit_b.pth?download=1",
+            _GDRIVE.format("1UAmWL88roYR7wKlnApw5Bcuzf2iQgk6_"),
+        ),
+        filename="medsam_vit_b.pth",
+        size_bytes=375_049_145,
+        sha256="34b34b78c1d18cb8c6bf84cf9c00e135d6d6c965699f3c0e31ef1bc9dcb5be74",
+        license="Apache-2.0 (MedSAM repository); the Zenodo deposit is listed as CC-BY-4.0",
+        citation=_MEDSAM_CITATION,
+        homepage="https://github.com/bowang-lab/MedSAM",
+        notes="SAM ViT-B fine-tuned on 1.57M medical image-mask pairs (CT, MRI, ultrasound, ...). "
+        "Box prompts. The best choice for CT/MRI on a GPU; slow on a CPU (like SAM ViT-B).",
+    ),
+    ModelSpec(
+        name="mobile_sam",
+        display_name="MobileSAM",
+        architecture="tiny_vit",
+        input_size=1024,
+        pipeline="sam",
+        urls=(
+            # The commit-pinned copy first: its bytes are the ones the checksum was taken from.
+            "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/"
+            "f706ad9c4eb7f219c00d9050e46328518ffb65d2/weights/mobile_sam.pt",
+            "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt",
+        ),
+        filename="mobile_sam.pt",
+        size_bytes=40_728_226,
+        sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        license="Apache-2.0",
+        citation="Zhang C. et al. Faster Segment Anything: Towards Lightweight SAM for Mobile "
+        "Applications. arXiv:2306.14289 (2023)",
+        homepage="https://github.com/ChaoningZhang/MobileSAM",
+        notes="SAM's decoder with a 5M-parameter TinyViT encoder distilled from SAM ViT-H. "
+        "Points and boxes, natural-image training. About 2 s per slice on a laptop CPU.",
+    ),
+    ModelSpec(
+        name="lite_medsam",
+        display_name="LiteMedSAM",
+        architecture="lite_tiny_vit",
+        input_size=256,
+        pipeline="lite_medsam",
+        urls=(
+            _GDRIVE.format("18Zed-TUTsmr2zc5CHUWd5Tu13nb6vq6z"),
+            "https://drive.google.com/uc?export=download&id=18Zed-TUTsmr2zc5CHUWd5Tu13nb6vq6z",
+        ),
+        filename="lite_medsam.pth",
+        size_bytes=None,
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        license="Apache-2.0",
+        citation=_MEDSAM_CITATION + "; LiteMedSAM: Ma J. et al. Efficient MedSAMs: Segment "
+        "Anything in Medical Images on Laptop. arXiv:2412.16085 (2024)",
+        homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+        notes="MedSAM distilled into a TinyViT encoder at 256x256 (about 10x faster than MedSAM). "
+        "Box prompts. The recommended model for CT/MRI on a CPU (about 2 s per slice).",
+    ),
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+if len(MODELS) != len(_SPECS):  # pragma: no cover - guards edits to the table above
+    raise RuntimeError("duplicate model names in the registry")
+
+
+def list_models() -> list[ModelSpec]:
+    """All registered models, in the order the UI lists them."""
+    return list(MODELS.values())
+
+
+def get_model(name: str | ModelSpec) -> ModelSpec:
+    """The spec registered under ``name`` (a spec passes through unchanged)."""
+    if isinstance(name, ModelSpec):
+        return name
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):
+        raise MedSamError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
+        ) from None
+
+
+def recommended_model(has_gpu: bool, medical: bool = True) -> ModelSpec:
+    """The default model for this machine: small TinyViT models on a CPU, ViT models on a GPU."""
+    if has_gpu:
+        return MODELS["medsam" if medical else "sam_vit_h"]
+    return MODELS["lite_medsam" if medical else "mobile_sam"]
