@@ -127,3 +127,41 @@ def test_napari_start_with_plugin_does_not_import_torch(ct_nifti):
                             env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_sample_data_opens_with_ground_truth(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-medsam", "ct_phantom")
+    image, truth = layers
+    assert image._type_string == "image" and truth._type_string == "labels"
+    assert image.data.shape == truth.data.shape
+    assert tuple(image.scale) == tuple(truth.scale)
+    assert set(np.unique(truth.data)) == {0, 1, 2, 3, 4, 5, 6, 7}
+    mr = viewer.open_sample("napari-medsam", "mr_phantom")
+    assert mr[0].data.ndim == 3
+
+
+def test_dicom_series_to_dicom_seg_and_back_through_napari(make_napari_viewer, sample_dir, tmp_path):
+    from dicom_validation import DCIODVFY, dciodvfy_report
+
+    viewer = make_napari_viewer()
+    image = viewer.open(str(sample_dir / "ct_phantom_dicom"), plugin="napari-medsam")[0]
+    volume = load_volume(sample_dir / "ct_phantom_dicom")
+    assert image.data.shape == volume.shape and volume.source_format == "dicom"
+    truth = load_volume(sample_dir / "ct_phantom_labels.nii.gz")
+    assert truth.same_grid(volume, atol_mm=1e-3)
+    widget = _add_widget(viewer)
+    layer = widget.add_labels_layer("organs")
+    layer.data = truth.array.astype(np.uint16)
+    layer.metadata["napari_medsam"]["names"] = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney",
+                                                 5: "aorta", 6: "vertebrae", 7: "lungs"}
+    out = tmp_path / "organs.dcm"
+    layer.save(str(out), plugin="napari-medsam")
+    if DCIODVFY:
+        errors, _ = dciodvfy_report(out)
+        assert errors == []
+    back = viewer.open(str(out), plugin="napari-medsam")[0]
+    assert back._type_string == "labels"
+    from napari_medsam.io import read_labels
+
+    np.testing.assert_array_equal(read_labels(out, like=volume), truth.array)

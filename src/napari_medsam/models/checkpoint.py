@@ -47,8 +47,8 @@ def describe_non_checkpoint(head: bytes) -> str | None:
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if stripped.startswith(b"<"):
         return (
-            "this looks like an HTML page, not a checkpoint: the download was probably a "
-            "login, quota or virus-scan page"
+            "this looks like an HTML page: the download was probably a login, quota or "
+            "virus-scan page instead of the checkpoint"
         )
     # torch.save writes a zip archive (PK) since 1.6 and a protocol-2 pickle (0x80) before.
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
