@@ -69,3 +69,45 @@ def test_console_script_help_for_every_subcommand():
     for args in (["--help"], ["info", "--help"], ["export", "--help"], ["demo", "--help"]):
         result = subprocess.run([sys.executable, "-m", "napari_medsam.cli", *args], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: napari-medsam" in result.stdout
+
+
+def test_info_on_a_dicom_series(sample_dir, capsys):
+    assert main(["info", str(sample_dir / "ct_phantom_dicom")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source_format"] == "dicom" and info["modality"] == "CT"
+    assert info["number_of_instances"] == info["shape"][0]
+    assert info["series_instance_uid"].startswith("1.2.") or info["series_instance_uid"][0].isdigit()
+    assert info["file_axes"] == ["column", "row", "slice"]
+    assert info["file_to_display"] == ["slice <- slice", "row <- row", "column <- column"]
+
+
+def test_export_nifti_labels_to_dicom_seg(sample_dir, tmp_path, capsys):
+    import pydicom
+
+    from napari_medsam.io import load_volume, read_labels
+
+    out = tmp_path / "organs.dcm"
+    args = ["export", str(sample_dir / "ct_phantom_labels.nii.gz"), "--source", str(sample_dir / "ct_phantom_dicom"),
+            "--out", str(out), "--names", "1=liver,2=spleen,3=right kidney,4=left kidney,5=aorta,6=vertebrae,7=lungs"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summary["segments"]][:2] == ["liver", "spleen"]
+    series = load_volume(sample_dir / "ct_phantom_dicom")
+    truth = load_volume(sample_dir / "ct_phantom_labels.nii.gz")
+    np.testing.assert_array_equal(read_labels(out, like=series), truth.array)
+    seg = pydicom.dcmread(str(out), stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.metadata["series_uid"]
+    assert seg.FrameOfReferenceUID == series.metadata["frame_of_reference_uid"]
+    assert seg.SegmentSequence[-1].SegmentLabel == "lungs"
+
+
+@pytest.mark.slow
+def test_demo_opens_napari_with_the_panel(tmp_path):
+    shot = tmp_path / "demo.png"
+    result = subprocess.run([sys.executable, "-m", "napari_medsam.cli", "demo", "--screenshot", str(shot)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size[0] > 800 and image.size[1] > 500

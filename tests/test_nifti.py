@@ -227,6 +227,20 @@ def test_unwritable_path_and_full_disk_lose_nothing(tmp_path, monkeypatch):
                 save_labels(labels, vol, readonly / "l.nii.gz")
     finally:
         readonly.chmod(0o700)
+    a_file = tmp_path / "scan.nii.gz"
+    with pytest.raises(LabelsWriteError, match="is a file, not a folder"):
+        save_labels(labels, vol, a_file / "l.nii.gz")
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    import tempfile
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkstemp", no_permission)
+        with pytest.raises(LabelsWriteError, match="permission denied"):
+            save_labels(labels, vol, tmp_path / "denied.nii.gz")
+    assert not (tmp_path / "denied.nii.gz").exists()
     existing = tmp_path / "existing.nii.gz"
     existing.write_bytes(b"previous content")
 

@@ -22,6 +22,8 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise LabelsWriteError(f"Cannot write {target}: it is a folder. Give a file name.")
+    if parent.exists() and not parent.is_dir():
+        raise LabelsWriteError(f"Cannot write {target}: {parent} is a file, not a folder.")
     if not parent.exists():
         raise LabelsWriteError(
             f"Cannot write {target}: the folder {parent} does not exist. Create it or choose another path."
@@ -51,10 +53,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     OSErrors (e.g. ENOSPC, EACCES) become :class:`LabelsWriteError` with a plain message.
     """
     target = check_writable_target(path)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".partial{_suffix(target)}", dir=target.parent or "."
-    )
-    os.close(fd)
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=f".partial{_suffix(target)}", dir=target.parent or "."
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise LabelsWriteError(_explain_os_error(exc, target)) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp

@@ -116,7 +116,8 @@ def choose_series(
     if series_uid is None and file is None:
         warnings += [
             f"{where} also holds image series {other.label()}; it was not read (the largest series is "
-            f"opened by default). Open it with series_uid={other.key!r}."
+            f"opened by default). Open it with series_uid={other.key!r} (CLI: --series-uid), or in "
+            f"napari open one of its files, e.g. {Path(str(other.files[0])).name}."
             for other in images
             if _group_id(other) != group
         ]
