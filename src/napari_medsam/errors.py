@@ -46,3 +46,15 @@ class LabelsMismatchError(LabelsWriteError):
 
 class DicomWriteError(MedSamError):
     """An image volume could not be written as a DICOM series (bad folder, unsupported values)."""
+
+
+class WeightsError(MedSamError):
+    """A weight file is missing, not a checkpoint, corrupt, or for a different model."""
+
+
+class DownloadCancelled(WeightsError):
+    """The user cancelled a download; the partial file is kept so the next try resumes."""
+
+
+class DeviceError(MedSamError):
+    """The requested compute device does not exist or is not usable on this machine."""

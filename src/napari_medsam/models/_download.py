@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .. import __version__
-from .checkpoint import WeightsError
+from ..errors import DownloadCancelled, WeightsError
 from .registry import ModelSpec
 
 ProgressCallback = Callable[[int, Union[int, None]], None]
@@ -30,9 +30,6 @@ _LOCK_STALE_S = 120.0  # a lock not refreshed for this long belongs to a dead pr
 _HEARTBEAT_S = 5.0
 _MAX_STALLS = 3  # attempts in a row that make no progress before a URL is given up
 
-
-class DownloadCancelled(WeightsError):
-    """The user cancelled a download; the partial file is kept so the next try resumes."""
 
 
 class UrlFailed(Exception):

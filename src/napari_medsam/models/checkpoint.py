@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MedSamError
+from ..errors import MedSamError, WeightsError
 from .registry import ModelSpec, get_model, list_models
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,9 +35,6 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
 _KEY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 _SHOW = 5  # how many example keys an error message lists
 
-
-class WeightsError(MedSamError):
-    """A weight file is missing, not a checkpoint, corrupt, or for a different model."""
 
 
 def describe_non_checkpoint(head: bytes) -> str | None:
@@ -167,20 +164,23 @@ def _encoder_keys(shapes: Mapping[str, tuple[int, ...]]) -> set[tuple[str, tuple
     return items or set(shapes.items())
 
 
-def _closest(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str, float] | None:
-    """(architecture, display names of its registry models, similarity 0..1) closest to ``shapes``."""
+def _closest(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str, float, bool] | None:
+    """The registry architecture nearest to ``shapes``: (arch, display names, share of the
+    file's image-encoder entries it explains, exact match)."""
     try:
         names: dict[str, list[str]] = {}
         for spec in list_models():
             names.setdefault(spec.architecture, []).append(spec.display_name)
         found = _encoder_keys(shapes)
-        best: tuple[str, str, float] | None = None
+        best: tuple[tuple[float, float], tuple[str, str, float, bool]] | None = None
         for arch, arch_names in names.items():
             ref = _encoder_keys(expected_state(arch))
-            score = len(found & ref) / max(len(found | ref), 1)
-            if best is None or score > best[2]:
-                best = (arch, " / ".join(arch_names), score)
-        return best
+            common = len(found & ref)
+            share = common / max(len(found), 1)
+            rank = (share, common / max(len(found | ref), 1))
+            if best is None or rank > best[0]:
+                best = (rank, (arch, " / ".join(arch_names), share, found == ref))
+        return None if best is None else best[1]
     except Exception:  # the hint is a courtesy; never hide the real error behind a builder failure
         return None
 
@@ -204,11 +204,12 @@ def check_architecture(
     if misshaped:
         shown = ", ".join(f"{k} {list(found[k])} instead of {list(want[k])}" for k in misshaped[:_SHOW])
         parts.append(f"{len(misshaped)} with the wrong shape (e.g. {shown})")
-    message = f"these weights do not fit {model_name}: " + "; ".join(parts) + "."
+    details = " Details: " + "; ".join(parts) + "."
+    message = f"these weights do not fit {model_name}."
     guess = _closest(found)
     wanted = _closest(want)
-    same_family = wanted is not None and guess is not None and wanted[0] == guess[0] and wanted[2] == 1.0
-    if guess is not None and guess[2] == 1.0 and not same_family:
+    same_family = wanted is not None and guess is not None and wanted[0] == guess[0] and wanted[3]
+    if guess is not None and guess[3] and not same_family:
         message += f" This file looks like a {guess[1]} checkpoint, not {model_name}; choose that model."
     elif guess is not None and guess[2] >= 0.5:
         message += (
@@ -217,6 +218,7 @@ def check_architecture(
         )
     else:
         message += " It does not look like a checkpoint of any model napari-medsam knows."
+    message += details
     raise WeightsError(message)
 
 

@@ -7,13 +7,10 @@ import re
 
 import torch
 
-from ..errors import MedSamError
+from ..errors import DeviceError
 
 __all__ = ["DeviceError", "available_devices", "resolve_device", "set_cpu_threads"]
 
-
-class DeviceError(MedSamError):
-    """The requested compute device does not exist or is not usable on this machine."""
 
 
 def _mps_available() -> bool:

@@ -4,9 +4,9 @@ This module is read by the UI at start-up to fill the model chooser, so it impor
 heavy (no torch). Download and caching live in :mod:`napari_medsam.models.weights`, safe
 loading and architecture checks in :mod:`napari_medsam.models.checkpoint`.
 
-Checksums: a ``sha256`` is recorded only where the same value for the same file size was
-found in several independent public sources (none of the upstream projects publishes a
-SHA-256 itself; Zenodo publishes an MD5 for MedSAM). Where no such value was found the
+Checksums: a ``sha256`` is recorded only where the same value for the same file was found in
+several independent public sources (none of the upstream projects publishes a SHA-256
+itself; Zenodo publishes an MD5 for MedSAM). Where no such value was found the
 field is ``None`` and the hash of the downloaded file is only recorded, not checked. The hex
 suffix in Meta's file names (``..._01ec64``) is *not* a prefix of the file's SHA-256 and is
 not used as a check. See docs/models.md for the provenance of every value.
@@ -139,7 +139,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_SAM_CITATION,
         homepage=_SAM_HOME,
         notes="Meta's largest SAM (636M parameters), the most accurate on natural images; "
-        "a GPU with at least 8 GB is recommended.",
+        "needs a GPU with several GB of memory.",
     ),
     ModelSpec(
         name="medsam",
