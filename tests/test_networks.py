@@ -20,6 +20,7 @@ from napari_medsam.errors import MedSamError
 from napari_medsam.models import pipelines as P
 from napari_medsam.models.networks import build_network, load_network
 from napari_medsam.models.networks.tiny_vit import TinyViTImageEncoder
+from napari_medsam.models.networks.vit import ViTImageEncoder
 
 GOLDEN = Path(
     os.environ.get("NAPARI_MEDSAM_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden")
@@ -133,6 +134,51 @@ def test_tiny_vit_attention_bias_tracks_parameters():
     assert torch.all(attn.bias_matrix() == 0.25)
 
 
+@pytest.mark.parametrize(("grid", "heads_batch", "block"), [(14, 6, 3 * 6 * 196), (20, 2, 1 << 22)])
+def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block):
+    # The CPU path (query rows in blocks, here also a ragged last block) and the fused-kernel
+    # path used on GPUs must both give softmax(q.k + rel_h[key row] + rel_w[key col]) @ v.
+    from napari_medsam.models.networks import vit
+
+    monkeypatch.setattr(vit, "_SCORE_BLOCK", block)
+    gen = torch.Generator().manual_seed(3)
+    tokens = grid * grid
+    q, k, v = (torch.randn(heads_batch, tokens, 64, generator=gen) for _ in range(3))
+    rel_rows = torch.randn(heads_batch, tokens, grid, generator=gen)
+    rel_cols = torch.randn(heads_batch, tokens, grid, generator=gen)
+    scores = (q @ k.transpose(1, 2)).view(heads_batch, tokens, grid, grid)
+    scores = scores + rel_rows[..., None] + rel_cols[:, :, None, :]
+    expected = scores.view(heads_batch, tokens, tokens).softmax(-1) @ v
+    for attend in (vit._attend_blocked, vit._attend_fused):
+        torch.testing.assert_close(attend(q, k, v, rel_rows, rel_cols), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_calls_equal_one_at_a_time():
+    torch.manual_seed(0)
+    # A small ViT whose 16x16 grid is padded to 28x28 in the windowed block (window 14).
+    enc = ViTImageEncoder(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256).eval()
+    with torch.no_grad():
+        for block in enc.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    images = torch.randn(2, 3, 256, 256)
+    with torch.inference_mode():
+        both = enc(images)
+        singles = torch.cat([enc(images[i : i + 1]) for i in range(2)])
+    assert both.shape == (2, 256, 16, 16)
+    torch.testing.assert_close(both, singles, atol=1e-5, rtol=1e-5)
+
+    net = build_network("lite_tiny_vit").eval()
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[[10.0, 20.0, 120.0, 200.0]], [[50.0, 60.0, 70.0, 90.0]], [[0.0, 0.0, 255.0, 255.0]]])
+    with torch.inference_mode():
+        logits, iou = net.decode(embedding, boxes=boxes)
+        one_by_one = [net.decode(embedding, boxes=boxes[i : i + 1]) for i in range(3)]
+    assert logits.shape == (3, 1, 256, 256) and iou.shape == (3, 1)
+    torch.testing.assert_close(logits, torch.cat([o[0] for o in one_by_one]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(iou, torch.cat([o[1] for o in one_by_one]), atol=1e-6, rtol=1e-5)
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
@@ -182,6 +228,13 @@ def _check_sam_predictor_flow(net, golden) -> None:
     with torch.inference_mode():
         embedding = net.encode_image(prepared.tensor)
     _close(embedding, golden["image_embedding"], atol=EMBED_ATOL, rtol=0)
+
+    # Postprocessing alone, fed the official low-res logits, must reproduce the official output
+    # almost bit for bit (far tighter than the network tolerance, so the step order is pinned).
+    official_low_res = torch.from_numpy(golden["a_low_res_logits"])[None]
+    upscaled = P.sam_postprocess(official_low_res, prepared.input_size, original)[0].numpy()
+    np.testing.assert_allclose(upscaled, golden["a_upscaled_logits"], atol=2e-8, rtol=0)
+    _assert_mask(upscaled > 0, golden["a_masks"], upscaled, 0.0, max_flips=2, margin=1e-7)
 
     box = P.sam_apply_boxes(golden["box"], original)
     points = P.sam_apply_coords(golden["point_coords"], original)
@@ -239,6 +292,12 @@ def test_medsam_golden(vit_b_depth2):
         embedding = vit_b_depth2.encode_image(prepared.tensor)
     _close(embedding, golden["image_embedding"], atol=EMBED_ATOL, rtol=0)
 
+    # Sigmoid-then-upsample vs upsample-then-sigmoid differs by ~1e-7 here: pin it with the
+    # official logits and a tight tolerance.
+    official_prob = P.medsam_postprocess(torch.from_numpy(golden["low_res_logits"]), prepared.original_size)
+    np.testing.assert_allclose(official_prob[0, 0].numpy(), golden["prob_upsampled"], atol=2e-8, rtol=0)
+    _assert_mask(official_prob[0, 0].numpy() > 0.5, golden["medsam_seg"], official_prob[0, 0].numpy(), 0.5, 2, 1e-7)
+
     box = P.medsam_scale_boxes(golden["box"], prepared.original_size)
     np.testing.assert_array_equal(box, golden["box_1024"])
     with torch.inference_mode():
@@ -274,6 +333,11 @@ def test_lite_medsam_golden():
         with torch.inference_mode():
             low_res, iou = net.decode(embedding, boxes=torch.from_numpy(box)[None, None])
             prob, mask = P.logits_to_mask("lite_medsam", low_res, prepared)
+        official_prob = P.lite_medsam_postprocess(
+            torch.from_numpy(golden["low_res_logits"][i : i + 1]), prepared.input_size, prepared.original_size
+        )[0, 0].numpy()
+        np.testing.assert_allclose(official_prob, golden["prob_upsampled"][i], atol=2e-8, rtol=0)
+        _assert_mask(official_prob > 0.5, golden["masks"][i], official_prob, 0.5, max_flips=2, margin=1e-7)
         _close(low_res[0], golden["low_res_logits"][i], **LOGIT_TOL)
         _close(iou[0], golden["iou_predictions"][i], **LOGIT_TOL)
         _close(prob[0, 0], golden["prob_upsampled"][i], **LOGIT_TOL)

@@ -122,6 +122,8 @@ class _WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window = window
+        self.scale = self.head_dim**-0.5
+        self._offset_cache: dict[torch.device, torch.Tensor] = {}
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -129,19 +131,31 @@ class _WindowAttention(nn.Module):
         # which is the order in which the reference enumerates them.
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
 
+    def _offset_index(self, device: torch.device) -> torch.Tensor:
+        # A constant of the window size, cached per device as a plain attribute: it is not a
+        # buffer, so it never enters state_dict() and is never left uninitialised by to_empty().
+        index = self._offset_cache.get(device)
+        if index is None:
+            pos = torch.arange(self.window, device=device)
+            rows = pos.repeat_interleave(self.window)
+            cols = pos.repeat(self.window)
+            index = (rows[:, None] - rows[None, :]).abs() * self.window + (cols[:, None] - cols[None, :]).abs()
+            self._offset_cache[device] = index
+        return index
+
     def bias_matrix(self) -> torch.Tensor:
-        """(heads, N, N) additive attention bias for the current ``attention_biases``."""
-        pos = torch.arange(self.window, device=self.attention_biases.device)
-        rows = pos.repeat_interleave(self.window)
-        cols = pos.repeat(self.window)
-        offset = (rows[:, None] - rows[None, :]).abs() * self.window + (cols[:, None] - cols[None, :]).abs()
-        return self.attention_biases[:, offset]
+        """(heads, N, N) additive attention bias, gathered from the live ``attention_biases``."""
+        return self.attention_biases[:, self._offset_index(self.attention_biases.device)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias_matrix().to(q.dtype))
+        # Explicit softmax attention in the reference's order of operations. For these small
+        # windows it measured a few per cent faster than SDPA with a float mask, which on the CPU
+        # takes the unfused path and copies q/k/v.
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).add_(self.bias_matrix())
+        out = torch.matmul(scores.softmax(dim=-1), v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 

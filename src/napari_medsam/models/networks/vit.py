@@ -83,13 +83,67 @@ def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
     return table[pos[:, None] - pos[None, :] + (size - 1)]
 
 
+# Floats in one block of attention scores on the CPU path (16 MB): small enough to stay in
+# cache while the relative-position terms are added and the softmax runs.
+_SCORE_BLOCK = 1 << 22
+
+
+def _attend_blocked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor
+) -> torch.Tensor:
+    """Exact reference-order attention, a block of query rows at a time.
+
+    ``q`` (already scaled), ``k``, ``v``: (BH, N, C); ``rel_rows`` (BH, N, H) and ``rel_cols``
+    (BH, N, W) with N = H * W. Scores are ``q.k + rel_rows[key row] + rel_cols[key column]``.
+    """
+    heads_batch, tokens, _ = q.shape
+    height, width = rel_rows.shape[-1], rel_cols.shape[-1]
+    out = torch.empty_like(v)
+    keys_t = k.transpose(1, 2)
+    step = max(1, min(tokens, _SCORE_BLOCK // (heads_batch * tokens)))
+    for start in range(0, tokens, step):
+        stop = min(start + step, tokens)
+        scores = torch.bmm(q[:, start:stop], keys_t)
+        grid = scores.view(heads_batch, stop - start, height, width)
+        grid.add_(rel_rows[:, start:stop, :, None]).add_(rel_cols[:, start:stop, None, :])
+        torch.bmm(scores.softmax(dim=-1), v, out=out[:, start:stop])
+    return out
+
+
+def _attend_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor
+) -> torch.Tensor:
+    """Same result through ``scaled_dot_product_attention`` without an N x N bias tensor.
+
+    The relative terms are appended to the query and one-hot row/column selectors to the key,
+    so one dot product yields the whole score. q, k and v are zero-padded to one width that is
+    a multiple of 8, which the fused GPU kernels require.
+    """
+    heads_batch, tokens, head_dim = q.shape
+    height, width = rel_rows.shape[-1], rel_cols.shape[-1]
+    eye_h = torch.eye(height, dtype=k.dtype, device=k.device)
+    eye_w = torch.eye(width, dtype=k.dtype, device=k.device)
+    # Key j = (r, c) selects entry r of the row terms and entry c of the column terms.
+    pick_row = eye_h[:, None, :].expand(height, width, height).reshape(tokens, height)
+    pick_col = eye_w[None, :, :].expand(height, width, width).reshape(tokens, width)
+    query = torch.cat((q, rel_rows, rel_cols), dim=-1)
+    key = torch.cat(
+        (k, pick_row.expand(heads_batch, -1, -1), pick_col.expand(heads_batch, -1, -1)), dim=-1
+    )
+    wide = -(-query.shape[-1] // 8) * 8
+    query = F.pad(query, (0, wide - query.shape[-1]))
+    key = F.pad(key, (0, wide - key.shape[-1]))
+    value = F.pad(v, (0, wide - head_dim))
+    return F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
+
+
 class _RelPosAttention(nn.Module):
     """Multi-head self-attention over a (H, W) token grid with decomposed relative positions.
 
     The score of query i against key j is ``scale*q_i.k_j + q_i.Rh[row_i,row_j] +
-    q_i.Rw[col_i,col_j]``. The two relative terms are folded into one matrix product by
-    appending them to the query and one-hot row/column selectors to the key, so
-    ``scaled_dot_product_attention`` can run without materialising an N x N bias.
+    q_i.Rw[col_i,col_j]`` (Rh, Rw gathered from the learned tables by offset). On the CPU the
+    scores are formed block by block in the reference's order of operations; elsewhere the
+    fused SDPA kernels are used (see :func:`_attend_fused`).
     """
 
     def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool = True) -> None:
@@ -110,45 +164,17 @@ class _RelPosAttention(nn.Module):
         if height != self.grid or width != self.grid:
             raise ValueError(f"attention built for a {self.grid}x{self.grid} grid got {height}x{width}")
         tokens = height * width
-        heads = self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, batch * self.num_heads, tokens, -1).unbind(0)
 
         # Relative terms use the unscaled query, as in the reference formulation.
-        q_grid = q.reshape(batch * heads, height, width, -1)
+        q_grid = q.reshape(-1, height, width, q.shape[-1])
         rel_rows = torch.einsum("bhwc,hkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_h, height))
         rel_cols = torch.einsum("bhwc,wkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_w, width))
-        query = torch.cat(
-            (
-                q * self.scale,
-                rel_rows.reshape(batch, heads, tokens, height),
-                rel_cols.reshape(batch, heads, tokens, width),
-            ),
-            dim=-1,
-        )
-        eye_rows = torch.eye(height, dtype=k.dtype, device=k.device)
-        eye_cols = torch.eye(width, dtype=k.dtype, device=k.device)
-        # Key j = (r, c) selects column r of the row terms and column c of the column terms.
-        pick_row = eye_rows[:, None, :].expand(height, width, height).reshape(tokens, height)
-        pick_col = eye_cols[None, :, :].expand(height, width, width).reshape(tokens, width)
-        key = torch.cat(
-            (
-                k,
-                pick_row.expand(batch, heads, tokens, height),
-                pick_col.expand(batch, heads, tokens, width),
-            ),
-            dim=-1,
-        )
-        if tokens >= 1024:
-            # Global blocks: with equal q/k/v widths SDPA can use its fused kernel, which never
-            # materialises the N x N scores; zero-padding v is cheaper than that matrix.
-            head_dim = v.shape[-1]
-            v_wide = F.pad(v, (0, query.shape[-1] - head_dim))
-            out = F.scaled_dot_product_attention(query, key, v_wide, scale=1.0)[..., :head_dim]
-        else:
-            out = F.scaled_dot_product_attention(query, key, v, scale=1.0)
-        out = out.transpose(1, 2).reshape(batch, height, width, dim)
-        return self.proj(out)
+        attend = _attend_blocked if x.device.type == "cpu" else _attend_fused
+        out = attend(q * self.scale, k, v, rel_rows.reshape(-1, tokens, height), rel_cols.reshape(-1, tokens, width))
+        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(batch, height, width, dim))
 
 
 def _to_windows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int, int]:
