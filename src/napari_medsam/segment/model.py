@@ -1,0 +1,191 @@
+"""A loaded SAM-family model: network + pipeline + device, image in, masks out.
+
+``SamModel.encode`` runs the pipeline's official preprocessing and the image encoder;
+``SamModel.decode`` maps prompts into the model frame, runs prompt encoder and mask decoder,
+and brings the low-resolution logits back to the image's size. The default ("fast") way back
+samples the 256x256 logits once, directly at each output pixel, with the same coordinate
+mapping as the official two-step resize (to 1024, crop, to the image size): a 512x512 mask
+costs a few milliseconds instead of ~50. ``exact=True`` runs the official steps instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import pipelines
+
+LOW_RES = 256
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Sizes that map prompts into, and masks out of, the model frame."""
+
+    original_size: tuple[int, int]  # (H, W) of the image given to the model
+    input_size: tuple[int, int]  # (h, w) of the resized image inside the model's square input
+
+
+@dataclass
+class Decoded:
+    """Decoder output for one prompt set, best mask first."""
+
+    masks: np.ndarray  # (K, H, W) bool
+    scores: np.ndarray  # (K,) predicted IoU
+    low_res_logits: np.ndarray  # (K, 256, 256) float32
+    logits: np.ndarray | None = field(default=None, repr=False)  # (K, H, W) full-size scores
+
+
+class SamModel:
+    """A network in eval mode with its pipeline ("sam", "medsam", "lite_medsam") and device."""
+
+    def __init__(self, network: torch.nn.Module, pipeline: str, *, name: str = "", signature: str = "",
+                 device: torch.device | str = "cpu") -> None:
+        self.network = network.eval()
+        self.pipeline = "sam" if pipeline == "mobile_sam" else pipeline
+        self.name = name or pipeline
+        self.signature = signature or f"{self.name}:unsigned:{id(network)}"
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        self.image_size = int(network.image_size)
+        self._dense_pe: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, name: str, weights: str | Path | None = None, *, device: Any = "auto",
+                        download: bool = True, progress=None, cancel=None) -> "SamModel":
+        """Load a registry model (downloading its weights on first use unless ``download=False``)."""
+        from ..models.checkpoint import load_network
+        from ..models.device import resolve_device
+        from ..models.registry import get_model
+        from ..models.weights import resolve_weights
+        from .cache_keys import file_signature
+
+        spec = get_model(name)
+        path = resolve_weights(spec, weights, download=download, progress=progress, cancel=cancel)
+        target = resolve_device(device)
+        network = load_network(spec, path, device=target)
+        return cls(network, spec.pipeline, name=spec.name, signature=f"{spec.name}:{file_signature(path)}",
+                   device=target)
+
+    # ------------------------------------------------------------------ geometry
+    def geometry(self, height: int, width: int) -> ImageGeometry:
+        """Where an (height, width) image lands inside the model's input square."""
+        if self.pipeline == "medsam":
+            return ImageGeometry((height, width), (self.image_size, self.image_size))
+        return ImageGeometry((height, width), pipelines.resized_shape(height, width, self.image_size))
+
+    # ------------------------------------------------------------------ encoder
+    @torch.inference_mode()
+    def encode(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image -> (1, 256, 64, 64) float32 embedding (numpy, on the CPU)."""
+        prepared = pipelines.prepare_image(self.pipeline, rgb)
+        tensor = prepared.tensor.to(self.device)
+        if self.device.type == "cpu":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return self.network.encode_image(tensor).float().cpu().numpy()
+
+    # ------------------------------------------------------------------ decoder
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: np.ndarray | torch.Tensor,
+        geometry: ImageGeometry,
+        *,
+        points_xy: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box_xyxy: np.ndarray | None = None,
+        mask_logits: np.ndarray | None = None,
+        multimask: bool = False,
+        out_size: tuple[int, int] | None = None,
+        exact: bool = False,
+        keep_logits: bool = False,
+    ) -> Decoded:
+        """Prompts in image pixels (x = column, y = row) -> masks at ``out_size`` (default: image size)."""
+        emb = torch.as_tensor(embedding, dtype=torch.float32, device=self.device)
+        coords = labels = boxes = masks_in = None
+        if points_xy is not None and len(points_xy):
+            scaled = pipelines.scale_points(self.pipeline, np.asarray(points_xy, np.float64), geometry.original_size)
+            coords = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)[None]
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=self.device)[None]
+        if box_xyxy is not None:
+            scaled = pipelines.scale_boxes(self.pipeline, np.asarray(box_xyxy, np.float64).reshape(1, 4),
+                                           geometry.original_size)
+            boxes = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)[:, None, :]
+        if mask_logits is not None:
+            masks_in = torch.as_tensor(np.asarray(mask_logits, np.float32), device=self.device).reshape(1, 1, LOW_RES, LOW_RES)
+        if coords is None and boxes is None and masks_in is None:
+            raise ValueError("give at least one point, a box or a previous mask")
+        low_res, iou = self.network.decode(emb, coords, labels, boxes, masks_in, multimask_output=multimask)
+        order = torch.argsort(iou[0], descending=True) if multimask else torch.arange(iou.shape[1])
+        low_res, iou = low_res[:, order], iou[:, order]
+        target = tuple(out_size or geometry.original_size)
+        if exact:
+            prepared = pipelines.PreparedImage(torch.empty(0), tuple(target), geometry.input_size)
+            scores, masks = pipelines.logits_to_mask(self.pipeline, low_res, prepared)
+        else:
+            scores = self._fast_upsample(low_res, geometry, target)
+            masks = scores > 0.0
+        return Decoded(
+            masks=masks[0].cpu().numpy(),
+            scores=iou[0].float().cpu().numpy(),
+            low_res_logits=low_res[0].float().cpu().numpy(),
+            logits=scores[0].float().cpu().numpy() if keep_logits else None,
+        )
+
+    def _fast_upsample(self, low_res: torch.Tensor, geometry: ImageGeometry, out_size: tuple[int, int]) -> torch.Tensor:
+        """The official resize chain as two small matrix products: (K, 256, 256) -> (K, H, W) scores.
+
+        Bilinear resizing is separable and linear, so "to 1024, crop, to (H, W)" is one matrix
+        per axis; the result equals the official chain up to float rounding. Scores are
+        thresholded at 0 (for MedSAM: sigmoid first, then resize, minus 0.5, as its script does).
+        """
+        rows, cols = _chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device)
+        values = torch.sigmoid(low_res) if self.pipeline == "medsam" else low_res
+        out = torch.matmul(torch.matmul(rows, values), cols.transpose(0, 1))
+        return out - 0.5 if self.pipeline == "medsam" else out
+
+
+def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of 1D bilinear resizing as torch's interpolate(align_corners=False) does it."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = src - low
+    matrix = np.zeros((out_size, in_size))
+    np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), high), frac)
+    return matrix
+
+
+_MATRIX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis matrices taking the 256 low-res logits to the output size via the pipeline's steps."""
+    key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device))
+    cached = _MATRIX_CACHE.get(key)
+    if cached is None:
+        mats = []
+        for extent, out in zip(input_size, out_size):
+            if pipeline == "sam":  # 256 -> model size, crop to the image, -> output size
+                up = _resize_matrix(LOW_RES, image_size)[:extent]
+                mats.append(_resize_matrix(extent, out) @ up)
+            elif pipeline == "medsam":  # the whole 256 field stretched to the output size
+                mats.append(_resize_matrix(LOW_RES, out))
+            else:  # lite_medsam: crop the 256 field to the image, -> output size
+                full = np.zeros((out, LOW_RES))
+                full[:, :extent] = _resize_matrix(extent, out)
+                mats.append(full)
+        cached = tuple(torch.as_tensor(m, dtype=torch.float32, device=device) for m in mats)
+        if len(_MATRIX_CACHE) > 32:
+            _MATRIX_CACHE.clear()
+        _MATRIX_CACHE[key] = cached
+    return cached

@@ -1,0 +1,158 @@
+"""SamModel and SlicePredictor: golden equivalence through the engine, caching, geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medsam.models import pipelines
+from napari_medsam.models.networks.sam import build_network
+from napari_medsam.segment.intensity import ct_window
+from napari_medsam.segment.model import SamModel
+from napari_medsam.segment.predictor import Prompts, SlicePredictor
+
+
+def tiny_model(pipeline: str = "sam", seed: int = 0) -> SamModel:
+    """A one-block ViT of the real code with random weights: fast, for mechanics tests."""
+    torch.manual_seed(seed)
+    net = build_network("vit_b", embed_dim=64, depth=1, num_heads=2, global_attn_indexes=[0])
+    return SamModel(net, pipeline, name=f"tiny-{pipeline}", signature=f"tiny-{pipeline}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def mobile_sam(golden_dir):
+    from napari_medsam.models.checkpoint import load_network
+
+    torch.set_num_threads(2)
+    net = load_network("mobile_sam", golden_dir / "mobile_sam_random.pt")
+    return SamModel(net, "sam", name="mobile_sam", signature="golden-mobile-sam")
+
+
+def test_engine_reproduces_official_mobile_sam(golden_dir, mobile_sam):
+    golden = np.load(golden_dir / "mobile_sam_golden.npz")
+    image = golden["image"]
+    embedding = mobile_sam.encode(image)
+    np.testing.assert_allclose(embedding, golden["image_embedding"], atol=1e-4)
+    geometry = mobile_sam.geometry(*image.shape[:2])
+    assert geometry.input_size == tuple(golden["input_size"])
+    # (a) box, exact official post-processing: the same mask up to pixels on the threshold.
+    a = mobile_sam.decode(golden["image_embedding"], geometry, box_xyxy=golden["box"], exact=True, keep_logits=True)
+    np.testing.assert_allclose(a.low_res_logits, golden["a_low_res_logits"][0:1], atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(a.scores, golden["a_iou_predictions"], atol=1e-6)
+    flips = a.masks != golden["a_masks"]
+    assert flips.sum() <= 20 and np.all(np.abs(golden["a_upscaled_logits"][flips]) < 1e-5)
+    # (b) one positive + one negative point, three masks, best first.
+    b = mobile_sam.decode(golden["image_embedding"], geometry, points_xy=golden["point_coords"],
+                          point_labels=golden["point_labels"], multimask=True, exact=True)
+    order = np.argsort(-golden["b_iou_predictions"])
+    np.testing.assert_allclose(b.scores, golden["b_iou_predictions"][order], atol=1e-6)
+    assert (b.masks != golden["b_masks"][order]).sum() <= 30
+    # (c) box + the previous low-res logits as a mask prompt.
+    c = mobile_sam.decode(golden["image_embedding"], geometry, box_xyxy=golden["box"],
+                          mask_logits=golden["c_mask_input"], exact=True)
+    np.testing.assert_allclose(c.low_res_logits, golden["c_low_res_logits"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c"])
+def test_fast_upsampling_equals_the_official_chain(golden_dir, mobile_sam, case):
+    golden = np.load(golden_dir / "mobile_sam_golden.npz")
+    geometry = mobile_sam.geometry(*golden["image"].shape[:2])
+    low = torch.as_tensor(golden[f"{case}_low_res_logits"])[None]
+    fast = mobile_sam._fast_upsample(low, geometry, geometry.original_size)[0].numpy()
+    official = pipelines.sam_postprocess(low, geometry.input_size, geometry.original_size)[0].numpy()
+    np.testing.assert_allclose(fast, official, atol=1e-6)
+    assert np.array_equal(fast > 0, golden[f"{case}_masks"]) or (
+        np.abs(official[(fast > 0) != golden[f"{case}_masks"]]).max() < 1e-6
+    )
+
+
+@pytest.mark.parametrize("pipeline", ["medsam", "lite_medsam"])
+def test_fast_upsampling_equals_medsam_chains(golden_dir, pipeline):
+    golden = np.load(golden_dir / f"{pipeline}_golden.npz")
+    low = torch.as_tensor(golden["low_res_logits"]).reshape(-1, 1, 256, 256)
+    shape = golden["image"].shape[:2] if pipeline == "medsam" else golden["hu_slice"].shape
+    model = tiny_model(pipeline)
+    if pipeline == "lite_medsam":
+        model.image_size = 256
+    geometry = model.geometry(*shape)
+    fast = model._fast_upsample(low.transpose(0, 1), geometry, tuple(shape))[0].numpy()
+    if pipeline == "medsam":
+        official = pipelines.medsam_postprocess(low, tuple(shape))[:, 0].numpy()
+        np.testing.assert_allclose(fast + 0.5, official, atol=1e-7)
+        flips = (fast[0] > 0) != golden["medsam_seg"].astype(bool)
+        assert flips.sum() <= 20 and np.all(np.abs(official[0][flips] - 0.5) < 1e-6)
+    else:
+        official = pipelines.lite_medsam_postprocess(low, geometry.input_size, tuple(shape))[:, 0].numpy()
+        np.testing.assert_allclose(torch.sigmoid(torch.as_tensor(fast)).numpy(), official, atol=1e-7)
+        flips = (fast > 0) != golden["masks"].astype(bool)
+        assert flips.sum() <= 20 and np.all(np.abs(official[flips] - 0.5) < 1e-6)
+
+
+def _volume():
+    rng = np.random.default_rng(0)
+    vol = rng.normal(40, 10, (6, 48, 40)).astype(np.int16)
+    vol[:, 10:30, 12:28] += 200
+    return vol
+
+
+def test_embeddings_are_cached_per_slice_and_mapping(monkeypatch):
+    model = tiny_model()
+    calls = []
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda rgb: calls.append(rgb.shape) or original(rgb))
+    predictor = SlicePredictor(model, _volume(), mapping=ct_window("soft tissue"))
+    first = predictor.embed(2)
+    again = predictor.embed(2)
+    assert len(calls) == 1 and np.array_equal(first, again)
+    assert predictor.is_embedded(2) and not predictor.is_embedded(3)
+    predictor.set_mapping(ct_window("bone"))
+    assert not predictor.is_embedded(2)
+    predictor.embed(2)
+    assert len(calls) == 2
+    predictor.set_mapping(ct_window("soft tissue"))
+    assert predictor.is_embedded(2)  # the old window's embedding was kept
+
+
+def test_predict_returns_masks_on_the_slice_grid_best_first():
+    predictor = SlicePredictor(tiny_model(), _volume(), mapping=ct_window("soft tissue"))
+    out = predictor.predict(3, Prompts(points=[[20, 20], [5, 5]], positive=[True, False]), multimask=True)
+    assert out.masks.shape == (3, 48, 40) and out.masks.dtype == bool
+    assert np.all(np.diff(out.scores) <= 0)
+    assert out.low_res_logits.shape == (3, 256, 256)
+    boxed = predictor.predict(3, Prompts(box=[30, 28, 10, 12]))  # corners in any order
+    assert boxed.masks.shape == (1, 48, 40)
+    again = predictor.predict(3, Prompts(box=[10, 12, 30, 28], mask_logits=boxed.low_res_logits[0]))
+    assert again.masks.shape == (1, 48, 40)
+    with pytest.raises(ValueError, match="outside"):
+        predictor.predict(3, Prompts(points=[[60, 5]]))
+    with pytest.raises(ValueError, match="no prompt"):
+        predictor.predict(3, Prompts())
+    with pytest.raises(IndexError):
+        predictor.embed(6)
+
+
+def test_anisotropic_planes_are_resampled_to_square_pixels():
+    volume = _volume()
+    predictor = SlicePredictor(tiny_model(), volume, mapping=ct_window("soft tissue"), axis=1,
+                               spacing_mm=(3.0, 0.75, 0.75))
+    assert predictor.slice_shape == (6, 40)
+    assert predictor.model_image(10).shape == (24, 40, 3)  # 6 slices x 3 mm = 24 px of 0.75 mm
+    out = predictor.predict(10, Prompts(points=[[3, 20]]))
+    assert out.masks.shape == (1, 6, 40)
+
+
+def test_medsam_and_lite_medsam_pipelines_run_through_the_predictor(golden_dir):
+    from napari_medsam.models.checkpoint import load_network
+
+    golden = np.load(golden_dir / "lite_medsam_golden.npz")
+    net = load_network("lite_medsam", golden_dir / "lite_medsam_random.pth")
+    model = SamModel(net, "lite_medsam", name="lite_medsam", signature="golden-lite")
+    image = golden["img_3c"]
+    embedding = model.encode(image)
+    np.testing.assert_allclose(embedding, golden["image_embedding"], atol=1e-4)
+    geometry = model.geometry(*image.shape[:2])
+    for i, box in enumerate(golden["boxes"]):
+        out = model.decode(golden["image_embedding"], geometry, box_xyxy=box, exact=True)
+        np.testing.assert_allclose(out.low_res_logits[0], golden["low_res_logits"][i, 0], atol=1e-6, rtol=1e-4)
+        assert (out.masks[0] != golden["masks"][i].astype(bool)).sum() <= 20
