@@ -111,3 +111,30 @@ def test_demo_opens_napari_with_the_panel(tmp_path):
 
     with Image.open(shot) as image:
         assert image.size[0] > 800 and image.size[1] > 500
+
+
+def test_models_lists_the_registry(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MEDSAM_WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "mobile_sam.pt").write_bytes(b"placeholder")
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam", "mobile_sam", "lite_medsam"} <= set(rows)
+    assert rows["mobile_sam"]["cached"] and not rows["medsam"]["cached"]
+    assert rows["medsam"]["path"] == str(tmp_path / "medsam_vit_b.pth")
+
+
+def test_download_from_a_file_url(golden_dir, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from napari_medsam.models import registry
+
+    spec = registry.get_model("lite_medsam")
+    local = dataclasses.replace(spec, urls=((golden_dir / "lite_medsam_random.pth").as_uri(),), sha256=None,
+                                size_bytes=None)
+    monkeypatch.setitem(registry.MODELS, "lite_medsam", local)
+    assert main(["download", "lite_medsam", "--weights-dir", str(tmp_path)]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(tmp_path / spec.filename)
+    assert (tmp_path / spec.filename).read_bytes() == (golden_dir / "lite_medsam_random.pth").read_bytes()
+    assert main(["download", "no_such_model"]) == 1
+    assert "no_such_model" in capsys.readouterr().err

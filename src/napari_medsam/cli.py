@@ -54,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(export)
 
+    models = sub.add_parser(
+        "models",
+        help="list the models, their weight files and whether they are in the cache",
+        description="List the SAM-family models napari-medsam knows, with input size, pipeline, license, "
+        "weight file and whether it is already in the weight cache ($NAPARI_MEDSAM_WEIGHTS_DIR or the user cache).",
+    )
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    download = sub.add_parser(
+        "download",
+        help="download a model's official weights into the cache (progress on stderr)",
+        description="Download (or resume) a model's official weight file into the weight cache, verify its "
+        "checksum and print where it is. Without network access, place the file there yourself.",
+    )
+    download.add_argument("model", help="model name, see `napari-medsam models`")
+    download.add_argument("--weights-dir", help="cache folder (default: $NAPARI_MEDSAM_WEIGHTS_DIR or the user cache)")
+
     demo = sub.add_parser(
         "demo",
         help="open napari with the CT phantom and the napari-medsam panel",
@@ -75,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             return _info(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "models":
+            return _models(args)
+        if args.command == "download":
+            return _download(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -131,6 +152,36 @@ def _export(args: argparse.Namespace) -> int:
         "segments": [{"label": s.label, "name": s.name, "voxels": int((labels == s.label).sum())} for s in segments],
     }
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models.registry import list_models
+    from .models.weights import cached_path, is_cached
+
+    rows = [
+        {"name": spec.name, "display_name": spec.display_name, "architecture": spec.architecture,
+         "input_size": spec.input_size, "pipeline": spec.pipeline, "license": spec.license,
+         "size_mb": round(spec.size_bytes / 1e6, 1) if spec.size_bytes else None,
+         "cached": is_cached(spec), "path": str(cached_path(spec)), "url": spec.urls[0]}
+        for spec in list_models()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = "cached" if row["cached"] else "not downloaded"
+        size = f"{row['size_mb']} MB" if row["size_mb"] else "size unpublished"
+        print(f"{row['name']:<12} {row['display_name']:<28} {row['input_size']:>5}px  {size:<17} {state}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .models.weights import resolve_weights, tqdm_progress
+
+    path = resolve_weights(args.model, download=True, progress=tqdm_progress(args.model),
+                           cache_dir=args.weights_dir)
+    print(path)
     return 0
 
 
