@@ -165,3 +165,17 @@ def test_dicom_series_to_dicom_seg_and_back_through_napari(make_napari_viewer, s
     from napari_medsam.io import read_labels
 
     np.testing.assert_array_equal(read_labels(out, like=volume), truth.array)
+
+
+def test_bad_file_in_napari_gives_a_clear_notification(make_napari_viewer, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 50)
+    viewer = make_napari_viewer()
+    before = len(notification_manager.records)
+    with pytest.raises(Exception):
+        viewer.open(str(bad), plugin="napari-medsam")
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("broken.nii.gz" in m and ("corrupt" in m or "truncated" in m) for m in messages), messages
+    assert len(viewer.layers) == 0
