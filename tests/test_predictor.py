@@ -156,3 +156,16 @@ def test_medsam_and_lite_medsam_pipelines_run_through_the_predictor(golden_dir):
         out = model.decode(golden["image_embedding"], geometry, box_xyxy=box, exact=True)
         np.testing.assert_allclose(out.low_res_logits[0], golden["low_res_logits"][i, 0], atol=1e-6, rtol=1e-4)
         assert (out.masks[0] != golden["masks"][i].astype(bool)).sum() <= 20
+
+
+def test_from_checkpoint_loads_a_local_weight_file(golden_dir):
+    model = SamModel.from_checkpoint("lite_medsam", weights=golden_dir / "lite_medsam_random.pth", device="cpu",
+                                     download=False, threads=2)
+    assert model.pipeline == "lite_medsam" and model.image_size == 256
+    assert model.signature.startswith("lite_medsam:lite_medsam_random.pth:")
+    assert torch.get_num_threads() == 2
+    from napari_medsam.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="LiteMedSAM|MobileSAM"):
+        SamModel.from_checkpoint("mobile_sam", weights=golden_dir / "lite_medsam_random.pth", device="cpu",
+                                 download=False)

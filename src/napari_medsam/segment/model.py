@@ -57,10 +57,16 @@ class SamModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, name: str, weights: str | Path | None = None, *, device: Any = "auto",
-                        download: bool = True, progress=None, cancel=None) -> "SamModel":
-        """Load a registry model (downloading its weights on first use unless ``download=False``)."""
+                        download: bool = True, progress=None, cancel=None, threads: int | None = None) -> "SamModel":
+        """Load a registry model (downloading its weights on first use unless ``download=False``).
+
+        ``threads`` sets torch's CPU thread count (default: leave torch's choice).
+        """
         from ..models.checkpoint import load_network
-        from ..models.device import resolve_device
+        from ..models.device import resolve_device, set_cpu_threads
+
+        if threads is not None:
+            set_cpu_threads(threads)
         from ..models.registry import get_model
         from ..models.weights import resolve_weights
         from .cache_keys import file_signature
