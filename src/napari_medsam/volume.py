@@ -16,6 +16,7 @@ Conventions (see docs/formats.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,27 @@ def display_geometry(
             vec = -vec
         direction[:, d] = vec
     return spacing, tuple(origin), direction  # type: ignore[return-value]
+
+
+class DisplayGrid(NamedTuple):
+    """The display-order grid of a file grid: axis mapping, shape and LPS geometry."""
+
+    axes: AxisMapping
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    direction: np.ndarray
+
+
+def display_grid(
+    file_shape: tuple[int, ...], file_spacing, file_origin, file_direction
+) -> DisplayGrid:
+    """Reorient a file grid (LPS unit vectors ``file_direction[:, f]``) to display order."""
+    file_direction = np.asarray(file_direction, dtype=float).reshape(3, 3)
+    axes = reorientation_from_direction(file_direction)
+    spacing, origin, direction = display_geometry(
+        tuple(file_shape), np.asarray(file_spacing, dtype=float), np.asarray(file_origin, dtype=float),
+        file_direction, axes,
+    )
+    shape = tuple(int(file_shape[axes.file_axis[d]]) for d in range(3))
+    return DisplayGrid(axes, shape, spacing, origin, direction)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.multival import MultiValue
 
 from ..errors import LabelsMismatchError, VolumeReadError
-from ..volume import Volume, display_geometry, reorientation_from_direction
+from ..volume import Volume, display_grid
 from .dicom_seg import SEG_SOP_CLASSES, Plane, functional_group_value, dataset_planes, fit_plane, plane_from_values
 from .segments import Code, Segment, default_segment, palette_color
 
@@ -269,10 +269,8 @@ def _grid_for(planes: list[Plane], ds, path: Path) -> Volume:
     file_direction = np.column_stack([first.row_cosine, first.column_cosine, normal])
     file_spacing = np.array([first.pixel_spacing[1], first.pixel_spacing[0], step])
     origin = first.origin + (positions[0] - along[0]) * normal
-    axes = reorientation_from_direction(file_direction)
-    spacing_d, origin_d, direction = display_geometry(file_shape, file_spacing, origin, file_direction, axes)
-    shape = tuple(file_shape[axes.file_axis[d]] for d in range(3))
+    grid = display_grid(file_shape, file_spacing, origin, file_direction)
     return Volume(
-        np.zeros(shape, dtype=np.uint8), spacing_d, origin_d, direction, modality="SEG",
-        source_format="dicom-seg", source_path=path, axes=axes, file_axis_names=("column", "row", "slice"),
+        np.zeros(grid.shape, dtype=np.uint8), grid.spacing_mm, grid.origin_mm, grid.direction, modality="SEG",
+        source_format="dicom-seg", source_path=path, axes=grid.axes, file_axis_names=("column", "row", "slice"),
     )

@@ -33,7 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from ..errors import DicomSeriesError, MedSamError, NotAVolumeError
-from ..volume import Volume, display_geometry, reorientation_from_direction
+from ..volume import Volume, display_grid
 from .dicom_planes import Plane, collect_planes, file_direction, slice_grid
 from .dicom_scan import DicomScanResult, DicomSeriesInfo, functional_group_value, scan_dicom
 
@@ -273,14 +273,11 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
     row_spacing, col_spacing = planes[0].spacing
     file_shape = (cols, rows, n_grid)
     file_spacing = np.array([col_spacing, row_spacing, slice_spacing])
-    axes = reorientation_from_direction(file_axes)
-    spacing, origin, direction = display_geometry(
-        file_shape, file_spacing, planes[0].position, file_axes, axes
-    )
+    grid = display_grid(file_shape, file_spacing, planes[0].position, file_axes)
+    axes, spacing, origin, direction = grid.axes, grid.spacing_mm, grid.origin_mm, grid.direction
 
     integral = all(p.slope == int(p.slope) and p.intercept == int(p.intercept) for p in planes)
-    display_shape = tuple(file_shape[axes.file_axis[d]] for d in range(3))
-    array = np.empty(display_shape, dtype=np.int16 if integral else np.float32)  # the one big allocation
+    array = np.empty(grid.shape, dtype=np.int16 if integral else np.float32)  # the one big allocation
     grid = axes.to_file(array)  # a view: writing stack plane k fills the display array in place
     datasets: list[Dataset | None] = [None] * n_grid
     frames: list[int | None] = [None] * n_grid

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MultipleVolumesError, NotAVolumeError, VolumeReadError
-from ..volume import Volume, display_geometry, reorientation_from_direction
+from ..volume import Volume, display_grid
 from ._common import checked_labels, file_affine_lps, guess_modality, split_affine
 from .atomic import atomic_output
 
@@ -59,20 +59,19 @@ def read_itk(path: str | Path, *, volume_index: int | None = None) -> Volume:
     spacing = np.array(image.GetSpacing(), dtype=float)
     origin = np.array(image.GetOrigin(), dtype=float)
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    axes = reorientation_from_direction(direction)
-    spacing_d, origin_d, direction_d = display_geometry(file_array.shape, spacing, origin, direction, axes)
-    display = np.ascontiguousarray(axes.to_display(file_array))
+    grid = display_grid(file_array.shape, spacing, origin, direction)
+    display = np.ascontiguousarray(grid.axes.to_display(file_array))
     modality, unit = _modality(reader, display)
     return Volume(
         array=display,
-        spacing_mm=spacing_d,
-        origin_mm=origin_d,
-        direction=direction_d,
+        spacing_mm=grid.spacing_mm,
+        origin_mm=grid.origin_mm,
+        direction=grid.direction,
         modality=modality,
         intensity_unit=unit,
         source_format="nrrd" if path.suffix.lower() in (".nrrd", ".nhdr") else "metaimage",
         source_path=path,
-        axes=axes,
+        axes=grid.axes,
         file_axis_names=("i", "j", "k"),
         metadata={"file_shape": tuple(int(s) for s in file_array.shape), "volume_index": volume_index, "warnings": []},
     )

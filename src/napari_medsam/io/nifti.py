@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MultipleVolumesError, NotAVolumeError, VolumeReadError
-from ..volume import LPS_TO_RAS, Volume, display_geometry, reorientation_from_direction
+from ..volume import LPS_TO_RAS, Volume, display_grid
 from ._common import checked_labels, guess_modality, split_affine
 from .atomic import atomic_output
 
@@ -59,23 +59,20 @@ def read_nifti(path: str | Path, *, volume_index: int | None = None) -> Volume:
         raise VolumeReadError(f"{path.name} has an unusable affine: {exc}.") from exc
     direction_lps = LPS_TO_RAS[:3, :3] @ direction_ras
     origin_lps = LPS_TO_RAS[:3, :3] @ origin_ras
-    axes = reorientation_from_direction(direction_lps)
-    spacing_d, origin_d, direction_d = display_geometry(
-        file_array.shape, spacing, origin_lps, direction_lps, axes
-    )
-    display = np.ascontiguousarray(axes.to_display(file_array))
+    grid = display_grid(file_array.shape, spacing, origin_lps, direction_lps)
+    display = np.ascontiguousarray(grid.axes.to_display(file_array))
     modality, unit = guess_modality(display)
     header = image.header.copy()
     return Volume(
         array=display,
-        spacing_mm=spacing_d,
-        origin_mm=origin_d,
-        direction=direction_d,
+        spacing_mm=grid.spacing_mm,
+        origin_mm=grid.origin_mm,
+        direction=grid.direction,
         modality=modality,
         intensity_unit=unit,
         source_format="nifti",
         source_path=path,
-        axes=axes,
+        axes=grid.axes,
         file_axis_names=("i", "j", "k"),
         nifti_affine=affine,
         nifti_header=header,
