@@ -58,3 +58,7 @@ class DownloadCancelled(WeightsError):
 
 class DeviceError(MedSamError):
     """The requested compute device does not exist or is not usable on this machine."""
+
+
+class PropagationError(MedSamError):
+    """Propagation cannot start: no usable key slice, or labels/locked mask that do not fit the image."""
