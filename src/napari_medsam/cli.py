@@ -54,6 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_source_options(export)
 
+    segment = sub.add_parser(
+        "segment",
+        help="segment a scan from a prompt file (optionally propagating through the volume)",
+        description="Segment IMAGE with a SAM-family model from the prompts in PROMPTS.json and write the "
+        "label volume LABELS on exactly the input's grid (.nii/.nii.gz; .dcm DICOM-SEG for a DICOM series). "
+        "Progress goes to stderr, a JSON summary to stdout. See docs/cli.md for the prompt file format.",
+    )
+    segment.add_argument("image", help="NIfTI file, DICOM series folder or file, NRRD or MHA")
+    segment.add_argument("--prompts", required=True, help="PROMPTS.json (see docs/cli.md)")
+    segment.add_argument("--out", required=True, help="output labels: .nii, .nii.gz, .dcm, .nrrd or .mha")
+    segment.add_argument("--model", default="lite_medsam", help="model name (napari-medsam models); default lite_medsam")
+    segment.add_argument("--checkpoint", help="a local weight file for --model (otherwise the cache/download)")
+    segment.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    segment.add_argument("--threads", type=int, help="CPU threads for torch")
+    segment.add_argument("--window", help="CT window preset (soft tissue, liver, lung, mediastinum, bone, brain), "
+                         "LEVEL/WIDTH in HU, or 'percentile' (default: soft tissue for CT, percentile for MR)")
+    segment.add_argument("--propagate", action="store_true", help="propagate every object through the volume")
+    segment.add_argument("--zrange", nargs=2, type=int, metavar=("Z0", "Z1"),
+                         help="limit propagation to slices Z0..Z1 (display slice indices along the object's plane)")
+    segment.add_argument("--cache", help="folder for the on-disk embedding cache (reused across runs)")
+    _add_source_options(segment)
+
     models = sub.add_parser(
         "models",
         help="list the models, their weight files and whether they are in the cache",
@@ -92,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "segment":
+            return _segment(args)
         if args.command == "models":
             return _models(args)
         if args.command == "download":
@@ -153,6 +177,88 @@ def _export(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    import time
+
+    from .io import labels_format, load_volume, require_dicom_source, save_labels
+    from .io.atomic import check_writable_target
+    from .io.segments import segments_for_labels
+    from .segment.cache import DiskCache, EmbeddingCache, MemoryCache
+    from .segment.headless import segment_volume
+    from .segment.model import SamModel
+    from .segment.prompt_file import load_prompt_file
+
+    started = time.perf_counter()
+    labels_format(args.out)
+    check_writable_target(args.out)  # fail before minutes of computing, not after
+    volume = load_volume(args.image, series_uid=args.series_uid, volume_index=args.volume_index)
+    if labels_format(args.out) == "dicom-seg":
+        require_dicom_source(volume, args.out)
+    objects = load_prompt_file(args.prompts, volume)
+    mapping = _mapping(args.window, volume)
+    from .models.weights import tqdm_progress
+
+    model = SamModel.from_checkpoint(args.model, args.checkpoint, device=args.device,
+                                     progress=tqdm_progress(f"downloading {args.model}"), threads=args.threads)
+    cache = EmbeddingCache(MemoryCache(), DiskCache(args.cache) if args.cache else None)
+    bar = _slice_progress()
+    try:
+        labels, summaries = segment_volume(
+            volume, objects, model, mapping=mapping, propagate_objects=args.propagate,
+            z_range=tuple(args.zrange) if args.zrange else (None, None), cache=cache, progress=bar,
+        )
+    finally:
+        bar.close()
+    names = {o.label: o.name for o in objects}
+    out = save_labels(labels, volume, args.out, segments=segments_for_labels(labels, names=names))
+    warnings = [f"{s.name} (label {s.label}): the model found nothing" for s in summaries if not s.voxels]
+    print(json.dumps({
+        "written": str(out), "model": args.model, "device": str(model.device), "window": mapping.name,
+        "propagate": args.propagate, "seconds": round(time.perf_counter() - started, 3),
+        "objects": [s.as_dict() for s in summaries], "warnings": warnings,
+    }, indent=2))
+    return 0
+
+
+def _mapping(window: str | None, volume):
+    from .errors import MedSamError
+    from .segment.intensity import ct_window, default_mapping, percentile_mapping, window_level_width
+
+    if window is None:
+        return default_mapping(volume.array, volume.modality)
+    if window.lower() == "percentile":
+        return percentile_mapping(volume.array)
+    if "/" in window:
+        try:
+            level, width = (float(v) for v in window.split("/"))
+            return window_level_width(level, width)
+        except ValueError:
+            raise MedSamError(f"--window {window!r}: give LEVEL/WIDTH in HU, e.g. 40/400") from None
+    try:
+        return ct_window(window)
+    except ValueError as exc:
+        raise MedSamError(str(exc)) from None
+
+
+class _slice_progress:
+    """A tqdm bar on stderr fed by the engine's progress(done, total, message) callbacks."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="slice", file=sys.stderr, leave=False, disable=None)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        self.bar.set_description(message[:40], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _models(args: argparse.Namespace) -> int:
