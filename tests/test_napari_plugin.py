@@ -179,3 +179,19 @@ def test_bad_file_in_napari_gives_a_clear_notification(make_napari_viewer, tmp_p
     messages = [str(n.message) for n in notification_manager.records[before:]]
     assert any("broken.nii.gz" in m and ("corrupt" in m or "truncated" in m) for m in messages), messages
     assert len(viewer.layers) == 0
+
+
+def test_download_progress_shows_a_napari_progress_bar(make_napari_viewer):
+    from napari.utils import progress
+
+    from napari_medsam._napari.progress import download_progress
+
+    make_napari_viewer()
+    callback = download_progress("downloading lite_medsam")
+    callback(0, 1000)
+    bar = callback._bar
+    assert isinstance(bar, progress) and bar.total == 1000
+    callback(400, 1000)
+    assert bar.n == 400
+    callback(1000, 1000)  # complete: the bar closes itself
+    assert bar.n == 1000

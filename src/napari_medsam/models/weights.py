@@ -231,19 +231,21 @@ def resolve_weights(
 class _TqdmProgress:
     """A progress callback that draws a tqdm bar on stderr (for the CLI)."""
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, factory=None) -> None:
         self.desc = desc
+        self._factory = factory  # a tqdm-like class (napari's progress in the UI); None = tqdm on stderr
         self._bar = None
         self._shown = 0
 
     def __call__(self, done: int, total: int | None) -> None:
-        from tqdm import tqdm
-
         if self._bar is None:
-            self._bar = tqdm(
-                total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, leave=True,
-            )
+            options = dict(total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024)
+            if self._factory is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(**options, file=sys.stderr, leave=True)
+            else:
+                self._bar = self._factory(**options)
         elif total is not None and self._bar.total != total:
             self._bar.total = total
         if done < self._shown:  # a restart from zero (the server ignored a resume request)
