@@ -62,3 +62,7 @@ class DeviceError(MedSamError):
 
 class PropagationError(MedSamError):
     """Propagation cannot start: no usable key slice, or labels/locked mask that do not fit the image."""
+
+
+class SessionError(MedSamError):
+    """An interactive-segmentation request does not fit the session (unknown object, slice or prompt)."""
