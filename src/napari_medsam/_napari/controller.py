@@ -1,12 +1,13 @@
 """Interactive segmentation in napari: prompt layers in, masks into a Labels layer out.
 
-A :class:`SegmentationController` adds two layers on the scan's grid: "<scan> points" (click =
-include, Shift- or Alt-click = exclude; napari's Points "add" mode ignores modifiers, so both
-are free) and "<scan> boxes" (rectangles). Every prompt remembers the plane it was made in
-(feature ``axis``: 0 axial, 1 coronal, 2 sagittal, the not-displayed axis of the 2D view) and
-the label value that was selected then (feature ``label``); its slice is its coordinate along
-that axis. Prompts of one (axis, slice, label) form a group; whenever a group changes, its slice
-is predicted again and the best mask replaces that label on that slice.
+A :class:`SegmentationController` adds two prompt layers on the scan's grid (see
+:mod:`.prompt_layers`): "<scan> points" (click = include, Shift- or Alt-click = exclude) and
+"<scan> boxes" (rectangles). Every prompt remembers the plane it was made in and the object
+(label value) selected then. Prompts of one (axis, slice, object) form a group; whenever a group
+changes, that slice is predicted again and written through a
+:class:`~napari_medsam.segment.session.SegmentationSession`, which keeps the objects table,
+protects hand-painted voxels and gives per-object undo/redo. After an undo, the prompt layers
+are rewritten from the session, so markers and masks always agree.
 
 The encoder never runs on the Qt thread: a slice without a cached embedding is embedded by
 an :class:`~.workers.EmbeddingQueue` worker and predicted when it returns; landing on a slice
@@ -16,18 +17,31 @@ starts embedding it ahead of the first click. The decoder (a few ms) runs on the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 from psygnal import Signal
 
-from ..errors import LabelsMismatchError, NotAVolumeError
+from ..errors import LabelsMismatchError, MedSamError, NotAVolumeError
 from ..segment.cache import EmbeddingCache, volume_signature
 from ..segment.cache_memory import MemoryCache
 from ..segment.intensity import IntensityMapping, default_mapping
 from ..segment.model import SamModel
 from ..segment.predictor import Prompts, SliceMasks, SlicePredictor
+from ..segment.session import SegmentationSession
+from ..segment.session_state import SessionChange, SlicePrompts
 from .layers import volume_from_layer_meta
+from .prompt_layers import (
+    NEGATIVE_COLOR,
+    POSITIVE_COLOR,
+    UNASSIGNED,
+    Key,
+    add_prompt_layers,
+    collect_groups,
+    point_defaults,
+    write_group,
+)
 from .workers import EmbeddingQueue
 
 log = logging.getLogger(__name__)
@@ -35,22 +49,28 @@ log = logging.getLogger(__name__)
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 # Modifiers that turn a click on the points layer into an exclude (negative) point.
 NEGATIVE_MODIFIERS = ("Shift", "Alt")
-POSITIVE_COLOR = "lime"
-NEGATIVE_COLOR = "red"
-UNASSIGNED = -1
+__all__ = ["AXIS_NAMES", "NEGATIVE_COLOR", "POSITIVE_COLOR", "SegmentationController", "SHORTCUTS"]
 
-Key = tuple[int, int, int]  # (axis, slice index, label value)
+# key -> (controller method, description); bound on the prompt layers, the labels layer and the viewer.
+SHORTCUTS = {
+    "Control-Z": ("undo", "undo the active object's last change"),
+    "Control-Shift-Z": ("redo", "redo the active object's last undone change"),
+    "N": ("next_object", "select the next object"),
+    "Shift-N": ("previous_object", "select the previous object"),
+    "C": ("cycle_mask", "show the next candidate mask of an ambiguous prompt"),
+}
 
 
 class SegmentationController:
-    """Wires prompt layers, a SAM model and a Labels layer into click-to-segment."""
+    """Wires prompt layers, a SAM model, a segmentation session and a Labels layer into click-to-segment."""
 
     status_changed = Signal(str)
-    mask_written = Signal(object)  # (axis, index, label)
+    mask_written = Signal(object)  # (axis, index, label) after a prediction was written
+    changed = Signal(object)  # every SessionChange, after the layers show it
 
     def __init__(self, viewer: Any, image_layer: Any, labels_layer: Any, model: SamModel, *,
                  mapping: IntensityMapping | None = None, cache: EmbeddingCache | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, bind_keys: bool = True) -> None:
         array = np.asarray(image_layer.data)
         if array.ndim != 3 or image_layer.rgb:
             raise NotAVolumeError(f"layer {image_layer.name!r} has shape {array.shape}: "
@@ -58,30 +78,36 @@ class SegmentationController:
         if tuple(labels_layer.data.shape) != array.shape:
             raise LabelsMismatchError(f"labels layer {labels_layer.name!r} has shape {tuple(labels_layer.data.shape)} "
                                       f"but the scan has {array.shape}: make a new label layer on the scan's grid")
+        if not isinstance(labels_layer.data, np.ndarray):
+            raise LabelsMismatchError(f"labels layer {labels_layer.name!r} is not held in memory "
+                                      f"({type(labels_layer.data).__name__}): make a new label layer on the scan's grid")
         self.viewer = viewer
         self.image_layer = image_layer
         self.labels_layer = labels_layer
         self.model = model
-        self.overwrite = overwrite
         volume = volume_from_layer_meta(image_layer.metadata)
         self._array = array
         self._spacing = tuple(float(s) for s in (volume.spacing_mm if volume is not None
                                                  else np.abs(np.asarray(image_layer.scale, float)[-3:])))
         self.mapping = mapping or default_mapping(array, volume.modality if volume is not None else "OT")
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache())
+        self.session = SegmentationSession(labels_layer.data, overwrite=overwrite)
         self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
-        self._groups: dict[Key, tuple] = {}
-        self._results: dict[Key, SliceMasks] = {}
-        self._choice: dict[Key, int] = {}
+        self._groups: dict[Key, SlicePrompts] = {}
         self._waiting: set[Key] = set()
         self._last_key: Key | None = None
+        self._own_edit = 0  # >0 while the controller itself edits the session (layers already agree)
+        self._syncing = False  # True while prompt layers are rewritten from the session
+        self._pending_paint: list[list] = []  # napari paint atoms not yet recorded
+        self._quiet_selection = False
         self.status = "ready"
         self._closed = False
         self.queue = EmbeddingQueue(self._embed_job, on_start=self._on_embed_start, on_done=self._on_embedded,
                                     on_error=self._on_embed_error)
-        self.points_layer, self.boxes_layer = self._add_prompt_layers()
+        self.points_layer, self.boxes_layer = add_prompt_layers(viewer, image_layer)
         self._connections: list[tuple[Any, Any]] = []
+        self._bound: list[tuple[Any, str]] = []
         # Rows each prompt layer had before its current edit: napari appends new prompts at the end.
         self._sizes = {id(self.points_layer): 0, id(self.boxes_layer): 0}
         for layer in (self.points_layer, self.boxes_layer):
@@ -90,36 +116,44 @@ class SegmentationController:
         self._connect(viewer.dims.events.current_step, self._on_view_changed)
         self._connect(viewer.dims.events.order, self._on_view_changed)
         self._connect(viewer.dims.events.ndisplay, self._on_view_changed)
+        self._connect(labels_layer.events.paint, self._on_paint)
+        self._connect(labels_layer.events.selected_label, self._on_selected_label)
+        self._unsubscribe = self.session.on_change(self._on_session_change)
         # First in the list: runs on press, before the Points "add" mode callback adds the point.
         self.points_layer.mouse_drag_callbacks.insert(0, self._on_points_press)
+        if bind_keys:
+            self._bind_keys()
+        if self.session.active is None and labels_layer.selected_label > 0:
+            self.session.add_object(value=int(labels_layer.selected_label))
+        elif self.session.active is not None:
+            labels_layer.selected_label = self.session.active
+        self._update_colormap()
         self._on_view_changed()
 
-    # ------------------------------------------------------------------ layers
-    def _add_prompt_layers(self) -> tuple[Any, Any]:
-        import pandas as pd
+    @property
+    def overwrite(self) -> bool:
+        """Whether predictions may take voxels of other objects."""
+        return self.session.overwrite
 
-        image = self.image_layer
-        grid = dict(scale=image.scale, translate=image.translate, rotate=image.rotate, shear=image.shear,
-                    affine=image.affine.affine_matrix)
-        size = max(3.0, min(self._array.shape[1:]) / 40.0)
-        features = pd.DataFrame({"positive": pd.Series([], dtype=bool), "axis": pd.Series([], dtype=int),
-                                 "label": pd.Series([], dtype=int)})
-        defaults = {"positive": True, "axis": UNASSIGNED, "label": 0}
-        boxes = self.viewer.add_shapes(
-            ndim=3, name=f"{image.name} boxes", edge_color="yellow", face_color="transparent",
-            edge_width=max(1.0, size / 4), features=features.drop(columns="positive"),
-            feature_defaults={k: v for k, v in defaults.items() if k != "positive"}, **grid)
-        points = self.viewer.add_points(
-            np.zeros((0, 3)), ndim=3, name=f"{image.name} points", size=size, features=features,
-            feature_defaults=defaults, face_color="positive",
-            face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR}, border_color="white", **grid)
-        points.mode = "add"
-        self.viewer.layers.selection.active = points
-        return points, boxes
+    @overwrite.setter
+    def overwrite(self, value: bool) -> None:
+        self.session.overwrite = bool(value)
 
     def _connect(self, emitter: Any, callback: Any) -> None:
         emitter.connect(callback)
         self._connections.append((emitter, callback))
+
+    def _bind_keys(self) -> None:
+        for target in (self.points_layer, self.boxes_layer, self.labels_layer, self.viewer):
+            for key, (method, _) in SHORTCUTS.items():
+                target.bind_key(key, lambda _target, method=method: self._shortcut(method), overwrite=True)
+                self._bound.append((target, key))
+
+    def _shortcut(self, method: str) -> None:
+        try:
+            getattr(self, method)()
+        except MedSamError as error:
+            self._set_status(str(error))
 
     def close(self) -> None:
         """Disconnect from napari and stop background work; every layer stays as it is."""
@@ -129,6 +163,10 @@ class SegmentationController:
         for emitter, callback in self._connections:
             emitter.disconnect(callback)
         self._connections.clear()
+        for target, key in self._bound:
+            target.bind_key(key, None)
+        self._bound.clear()
+        self._unsubscribe()
         if self._on_points_press in self.points_layer.mouse_drag_callbacks:
             self.points_layer.mouse_drag_callbacks.remove(self._on_points_press)
         self.queue.close()
@@ -179,6 +217,12 @@ class SegmentationController:
             self._predictors[axis] = self._make_predictor(axis, self._signature)
         return self._predictors[axis]
 
+    def scan_signature(self) -> str:
+        """The scan's cache signature (hashes the voxels the first time: call it from a worker)."""
+        if self._signature is None:
+            self._signature = volume_signature(self._array, self._spacing)
+        return self._signature
+
     def is_embedded(self, axis: int, index: int) -> bool:
         """True when the slice's embedding is cached (never hashes the scan on the Qt thread)."""
         return self._signature is not None and self.predictor(axis).is_embedded(index)
@@ -210,12 +254,15 @@ class SegmentationController:
     def _on_embed_error(self, axis: int, index: int, error: Exception) -> None:
         self._waiting = {k for k in self._waiting if k[:2] != (axis, index)}
         self._set_status(f"embedding slice {index} ({AXIS_NAMES[axis]}) failed: {error}")
+        from napari.utils.notifications import show_error
+
+        show_error(f"Embedding slice {index} failed: {error}. Your labels and prompts are unchanged.")
 
     # ------------------------------------------------------------------ prompts
     def _on_points_press(self, layer: Any, event: Any):
         """Shift/Alt at press time makes the point napari is about to add a negative one."""
         negative = any(m in event.modifiers for m in NEGATIVE_MODIFIERS)
-        layer.feature_defaults = {"positive": not negative, "axis": UNASSIGNED, "label": 0}
+        layer.feature_defaults = point_defaults(not negative)
         yield
         while event.type == "mouse_move":
             yield
@@ -227,9 +274,11 @@ class SegmentationController:
 
     def _reset_point_default(self) -> None:
         if not self._closed:
-            self.points_layer.feature_defaults = {"positive": True, "axis": UNASSIGNED, "label": 0}
+            self.points_layer.feature_defaults = point_defaults(True)
 
     def _on_prompts_event(self, layer: Any, event: Any = None) -> None:
+        if self._syncing:
+            return
         action = str(getattr(event, "action", "") or "")
         if action.endswith("ING"):  # ADDING/CHANGING/REMOVING: remember the size, the data are not final yet
             self._sizes[id(layer)] = len(layer.data)
@@ -243,15 +292,24 @@ class SegmentationController:
         """Predict every (axis, slice, label) group of prompts that changed since the last call."""
         if self._closed:
             return
-        # A rectangle being dragged out is not final: keep the boxes as they were until it is.
-        groups = self._collect_groups(include_boxes=not getattr(self.boxes_layer, "_is_creating", False))
+        groups = self._read_groups()
         changed = [k for k in set(groups) | set(self._groups) if groups.get(k) != self._groups.get(k)]
         self._groups = groups
         for key in sorted(changed):
             self._update_slice(key)
 
+    def _read_groups(self) -> dict[Key, SlicePrompts]:
+        # A rectangle being dragged out is not final: keep the boxes as they were until it is.
+        creating = getattr(self.boxes_layer, "_is_creating", False)
+        groups = collect_groups(self.points_layer, None if creating else self.boxes_layer, self._array.shape)
+        if creating:
+            for key, old in self._groups.items():
+                if old.box is not None:
+                    groups[key] = SlicePrompts(groups.get(key, SlicePrompts()).points, old.box)
+        return groups
+
     def _claim_new(self, layer: Any, first: int) -> None:
-        """Rows ``first:`` are new prompts: they belong to the current plane and the selected label.
+        """Rows ``first:`` are new prompts: they belong to the current plane and the active object.
 
         Assigned here rather than through feature defaults, which napari copies from whatever
         prompt is selected.
@@ -259,126 +317,217 @@ class SegmentationController:
         if len(layer.data) <= first:
             return
         plane = self.current_plane()
+        label = int(self.labels_layer.selected_label)
+        if label > 0 and label not in self.session:
+            self.session.add_object(value=label)
         features = layer.features
         features.iloc[first:, features.columns.get_loc("axis")] = UNASSIGNED if plane is None else plane[0]
-        features.iloc[first:, features.columns.get_loc("label")] = int(self.labels_layer.selected_label)
-
-    def _collect_groups(self, include_boxes: bool) -> dict[Key, tuple]:
-        """{(axis, index, label): (points tuple, box tuple or None)} from both prompt layers."""
-        shape = self._array.shape
-        points: dict[Key, list] = {}
-        data = np.asarray(self.points_layer.data, float).reshape(-1, 3)
-        features = self.points_layer.features
-        for coord, axis, label, positive in zip(data, features["axis"], features["label"], features["positive"]):
-            axis = int(axis)
-            if axis == UNASSIGNED:
-                continue
-            index = int(round(coord[axis]))
-            row, col = (coord[a] for a in range(3) if a != axis)
-            rows, cols = (shape[a] for a in range(3) if a != axis)
-            if 0 <= index < shape[axis] and -0.5 <= row <= rows - 0.5 and -0.5 <= col <= cols - 0.5:
-                points.setdefault((axis, index, int(label)), []).append((float(row), float(col), bool(positive)))
-        boxes: dict[Key, tuple] = {}
-        previous_boxes = {k: v[1] for k, v in self._groups.items() if v[1] is not None}
-        if include_boxes:
-            features = self.boxes_layer.features
-            for vertices, axis, label in zip(self.boxes_layer.data, features["axis"], features["label"]):
-                axis = int(axis)
-                if axis == UNASSIGNED:
-                    continue
-                vertices = np.asarray(vertices, float)
-                index = int(round(float(vertices[:, axis].mean())))
-                if not 0 <= index < shape[axis]:
-                    continue
-                inplane = vertices[:, [a for a in range(3) if a != axis]]
-                limits = np.array([s - 0.5 for a, s in enumerate(shape) if a != axis])
-                low = np.clip(inplane.min(0), -0.5, limits)
-                high = np.clip(inplane.max(0), -0.5, limits)
-                if np.all(high > low):  # the newest box of a group wins
-                    boxes[(axis, index, int(label))] = (float(low[0]), float(low[1]), float(high[0]), float(high[1]))
-        else:
-            boxes = previous_boxes
-        return {k: (tuple(points.get(k, ())), boxes.get(k)) for k in set(points) | set(boxes)}
+        features.iloc[first:, features.columns.get_loc("label")] = label
 
     # ------------------------------------------------------------------ masks
+    @contextmanager
+    def _editing(self) -> Iterator[None]:
+        self._own_edit += 1
+        try:
+            yield
+        finally:
+            self._own_edit -= 1
+
     def _update_slice(self, key: Key) -> None:
         axis, index, label = key
         group = self._groups.get(key)
-        if group is None:  # its last prompt was removed: so is the mask it made
-            self._results.pop(key, None)
+        if label <= 0:
+            return
+        if group is None or group.empty:  # its last prompt was removed: so is the mask it made
             self._waiting.discard(key)
-            self.write_mask(axis, index, np.zeros(self._slice_shape(axis), bool), label)
+            if label in self.session:
+                with self._editing():
+                    self.session.clear_slice(label, axis, index)
             return
         if not self.is_embedded(axis, index):
             self._waiting.add(key)
             self.queue.request(axis, index, urgent=True)
             return
-        points, box = group
-        multimask = box is None and len(points) == 1  # SAM's rule: one click is ambiguous
-        masks = self.predictor(axis).predict(index, self._prompts(group), multimask=multimask)
-        self._results[key] = masks
-        self._choice[key] = 0
+        self._record_paint()
+        if label not in self.session:
+            self.session.add_object(value=label, select=False)
+        multimask = group.box is None and len(group.points) == 1  # SAM's rule: one click is ambiguous
+        masks = self.predictor(axis).predict(index, as_prompts(group), multimask=multimask)
+        points = [(r, c) for r, c, _ in group.points] or None
+        positive = [p for _, _, p in group.points] or None
+        with self._editing(), self.session.group():
+            self.session.set_prompts(label, axis, index, points, positive, group.box)
+            self.session.apply_prediction(label, axis, index, masks)
         self._last_key = key
-        self.write_mask(axis, index, masks.masks[0], label)
-
-    @staticmethod
-    def _prompts(group: tuple) -> Prompts:
-        points, box = group
-        coords = np.array([(r, c) for r, c, _ in points], float).reshape(-1, 2) if points else None
-        flags = np.array([p for _, _, p in points], bool) if points else None
-        return Prompts(points=coords, positive=flags, box=None if box is None else np.array(box))
-
-    def _slice_shape(self, axis: int) -> tuple[int, int]:
-        return tuple(s for a, s in enumerate(self._array.shape) if a != axis)  # type: ignore[return-value]
-
-    def write_mask(self, axis: int, index: int, mask: np.ndarray, label: int) -> None:
-        """Make ``label`` cover exactly ``mask`` on one slice (other labels kept unless ``overwrite``).
-
-        The single place where model output enters the labels: an object/undo session takes over here.
-        """
-        label = int(label)
-        where: list[Any] = [slice(None)] * 3
-        where[axis] = int(index)
-        plane = np.asarray(self.labels_layer.data[tuple(where)])
-        owned = plane == label
-        allowed = np.ones_like(owned) if self.overwrite else (plane == 0) | owned
-        target = np.asarray(mask, bool) & allowed
-        change = target != owned
-        if label == 0 or not change.any():
-            self.mask_written.emit((axis, index, label))
-            return
-        rows, cols = np.nonzero(change)
-        values = np.where(target[rows, cols], label, 0)
-        indices: list[np.ndarray] = [rows, cols]
-        indices.insert(axis, np.full(rows.shape, int(index)))
-        self.labels_layer.data_setitem(tuple(indices), values)
         self.mask_written.emit((axis, index, label))
+
+    def _focus_key(self) -> Key | None:
+        """The (axis, slice, object) the mask buttons act on: the active object on the shown slice, else the last prediction."""
+        plane, active = self.current_plane(), self.session.active
+        if plane is not None and active is not None and self.session.candidate(active, *plane) is not None:
+            return (*plane, active)
+        key = self._last_key
+        if key is not None and key[2] in self.session and self.session.candidate(key[2], key[0], key[1]) is not None:
+            return key
+        return None
 
     @property
     def last_masks(self) -> SliceMasks | None:
-        """The candidates of the most recent prediction, best first."""
-        return None if self._last_key is None else self._results.get(self._last_key)
+        """All candidates of the prediction the mask buttons act on, best first."""
+        key = self._focus_key()
+        return None if key is None else self.session.candidate(key[2], key[0], key[1]).masks
 
     @property
     def current_iou(self) -> float | None:
-        """The model's predicted IoU of the candidate now shown for the most recent prediction."""
-        masks = self.last_masks
-        return None if masks is None else float(masks.scores[self._choice.get(self._last_key, 0)])
+        """The model's predicted IoU of the candidate now shown there."""
+        key = self._focus_key()
+        return None if key is None else self.session.predicted_iou(key[2], key[0], key[1])
 
     def cycle_mask(self) -> float | None:
-        """Show the next candidate mask of the most recent prediction; returns its predicted IoU."""
-        key = self._last_key
-        masks = self._results.get(key) if key is not None else None
-        if key is None or masks is None:
+        """Show the next candidate mask of that prediction; returns its predicted IoU."""
+        key = self._focus_key()
+        if key is None:
             return None
         axis, index, label = key
-        if len(masks.scores) == 1 and key in self._groups:
-            # A single-mask prediction: add the three multimask candidates to cycle through.
-            extra = self.predictor(axis).predict(index, self._prompts(self._groups[key]), multimask=True)
-            masks = SliceMasks(np.concatenate([masks.masks, extra.masks]), np.concatenate([masks.scores, extra.scores]),
-                               np.concatenate([masks.low_res_logits, extra.low_res_logits]), index=index, axis=axis)
-            self._results[key] = masks
-        choice = (self._choice.get(key, 0) + 1) % len(masks.scores)
-        self._choice[key] = choice
-        self.write_mask(axis, index, masks.masks[choice], label)
-        return float(masks.scores[choice])
+        cand = self.session.candidate(label, axis, index)
+        group = self._groups.get(key)
+        with self._editing():
+            if cand.count == 1 and group is not None and not group.empty:
+                # A single-mask prediction: add the three multimask candidates to cycle through.
+                extra = self.predictor(axis).predict(index, as_prompts(group), multimask=True)
+                masks = SliceMasks(np.concatenate([cand.masks.masks, extra.masks]),
+                                   np.concatenate([cand.masks.scores, extra.scores]),
+                                   np.concatenate([cand.masks.low_res_logits, extra.low_res_logits]),
+                                   index=index, axis=axis)
+                self.session.apply_prediction(label, axis, index, masks, choice=1)
+                return float(masks.scores[1])
+            return self.session.cycle_candidate(label, axis, index)[1]
+
+    # ------------------------------------------------------------------ objects, undo, clearing
+    def undo(self) -> None:
+        """Undo the active object's last change (prompts, masks, hand edits, propagation)."""
+        self._record_paint()
+        self.session.undo()
+
+    def redo(self) -> None:
+        """Redo the active object's last undone change."""
+        self._record_paint()
+        self.session.redo()
+
+    def next_object(self) -> None:
+        """Select the next object (wrapping)."""
+        self.session.next_object(1)
+
+    def previous_object(self) -> None:
+        """Select the previous object (wrapping)."""
+        self.session.next_object(-1)
+
+    def _plane_or_error(self) -> tuple[int, int]:
+        plane = self.current_plane()
+        if plane is None:
+            raise MedSamError("Show a 2D slice of the scan first.")
+        return plane
+
+    def _active_or_error(self) -> int:
+        if self.session.active is None:
+            raise MedSamError("Add an object first.")
+        return self.session.active
+
+    def clear_slice(self) -> None:
+        """Remove the active object's prompts and model-made mask on the shown slice (hand paint stays)."""
+        self.session.clear_slice(self._active_or_error(), *self._plane_or_error())
+
+    def accept_slice(self) -> None:
+        """Keep the active object's mask on the shown slice and remove its prompt markers."""
+        self.session.clear_prompts(self._active_or_error(), *self._plane_or_error())
+
+    def clear_object(self) -> None:
+        """Remove all of the active object's voxels and prompts (undoable)."""
+        self.session.clear_object(self._active_or_error())
+
+    def delete_object(self) -> None:
+        """Remove the active object from the table with its voxels and prompts (undoable with its value)."""
+        self.session.delete_object(self._active_or_error())
+
+    # ------------------------------------------------------------------ session -> layers
+    def _on_session_change(self, change: SessionChange) -> None:
+        if self._closed:
+            return
+        if change.regions:
+            self.labels_layer.refresh()
+        if change.prompts and not self._own_edit:
+            self._sync_prompts({(axis, index, obj) for obj, axis, index in change.prompts})
+        if change.objects:
+            self._update_colormap()
+        if change.active or change.objects:
+            active = self.session.active
+            if active is not None and self.labels_layer.selected_label != active:
+                self.labels_layer.selected_label = active
+        self.changed.emit(change)
+
+    def _sync_prompts(self, keys: set[Key]) -> None:
+        """Rewrite the prompt layers' rows of ``keys`` from the session (after undo, redo or clearing)."""
+        self._syncing = True
+        try:
+            for key in sorted(keys):
+                axis, index, obj = key
+                prompts = self.session.slice_prompts(obj, axis, index) if obj in self.session else None
+                write_group(self.points_layer, self.boxes_layer, key, prompts)
+        finally:
+            self._syncing = False
+            self._sizes = {id(self.points_layer): len(self.points_layer.data),
+                           id(self.boxes_layer): len(self.boxes_layer.data)}
+        self._groups = self._read_groups()
+
+    def _update_colormap(self) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors: dict[Any, Any] = {None: (0.8, 0.8, 0.8, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for obj in self.session.objects:
+            colors[obj.value] = (*(c / 255.0 for c in obj.color), 1.0)
+        self._quiet_selection = True  # napari re-announces the selected label with a new colormap
+        try:
+            self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
+        finally:
+            self._quiet_selection = False
+
+    # ------------------------------------------------------------------ labels layer -> session
+    def _on_paint(self, event: Any) -> None:
+        """A brush, eraser, fill or polygon stroke: its voxels become hand-made (never overwritten) and undoable.
+
+        napari emits ``paint`` for a single dab or fill *before* it writes the voxels, so the
+        atoms are recorded once control is back in the event loop (or before the next edit).
+        """
+        self._pending_paint.append(list(event.value))
+        if len(self._pending_paint) == 1:
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(0, self._record_paint)
+
+    def _record_paint(self) -> None:
+        pending, self._pending_paint = self._pending_paint, []
+        if self._closed:
+            return
+        for atoms in pending:
+            try:
+                with self._editing():
+                    self.session.record_paint(atoms)
+            except MedSamError as error:
+                log.warning("could not record a hand edit: %s", error)
+                self._set_status(f"hand edit not recorded for undo: {error}")
+
+    def _on_selected_label(self, event: Any = None) -> None:
+        value = int(self.labels_layer.selected_label)
+        if self._quiet_selection or value <= 0 or value == self.session.active:
+            return
+        if value in self.session:
+            self.session.select(value)
+        else:
+            self.session.add_object(value=value)
+
+
+def as_prompts(group: SlicePrompts) -> Prompts:
+    """The predictor's Prompts for a slice's prompt group."""
+    coords = np.array([(r, c) for r, c, _ in group.points], float).reshape(-1, 2) if group.points else None
+    flags = np.array([p for _, _, p in group.points], bool) if group.points else None
+    return Prompts(points=coords, positive=flags, box=None if group.box is None else np.array(group.box))
