@@ -23,3 +23,11 @@ def golden_dir() -> Path:
 def sample_dir() -> Path:
     """The committed sample_data/ folder."""
     return REPO / "sample_data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path_factory, monkeypatch) -> Path:
+    """Every test reads and writes the dock widget's settings in its own empty folder."""
+    folder = tmp_path_factory.mktemp("medsam-config")
+    monkeypatch.setenv("NAPARI_MEDSAM_CONFIG_DIR", str(folder))
+    return folder

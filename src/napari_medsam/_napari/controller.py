@@ -139,6 +139,16 @@ class SegmentationController:
     def overwrite(self, value: bool) -> None:
         self.session.overwrite = bool(value)
 
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing (slice, row, column) in mm."""
+        return self._spacing  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of the scan (slice, row, column)."""
+        return tuple(self._array.shape)  # type: ignore[return-value]
+
     def _connect(self, emitter: Any, callback: Any) -> None:
         emitter.connect(callback)
         self._connections.append((emitter, callback))
