@@ -30,8 +30,8 @@ from ..segment.intensity import IntensityMapping, default_mapping
 from ..segment.model import SamModel
 from ..segment.predictor import Prompts, SliceMasks, SlicePredictor
 from ..segment.session import SegmentationSession
-from ..segment.session_state import SessionChange, SlicePrompts
-from .layers import volume_from_layer_meta
+from ..segment.session_state import SlicePrompts
+from .layers import META_KEY, volume_from_layer_meta
 from .prompt_layers import (
     NEGATIVE_COLOR,
     POSITIVE_COLOR,
@@ -40,8 +40,9 @@ from .prompt_layers import (
     add_prompt_layers,
     collect_groups,
     point_defaults,
-    write_group,
+
 )
+from .controller_session import SessionEditsMixin
 from .workers import EmbeddingQueue
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ SHORTCUTS = {
 }
 
 
-class SegmentationController:
+class SegmentationController(SessionEditsMixin):
     """Wires prompt layers, a SAM model, a segmentation session and a Labels layer into click-to-segment."""
 
     status_changed = Signal(str)
@@ -91,7 +92,8 @@ class SegmentationController:
                                                  else np.abs(np.asarray(image_layer.scale, float)[-3:])))
         self.mapping = mapping or default_mapping(array, volume.modality if volume is not None else "OT")
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache())
-        self.session = SegmentationSession(labels_layer.data, overwrite=overwrite)
+        names, colors = _known_segments(labels_layer.metadata)
+        self.session = SegmentationSession(labels_layer.data, names=names, colors=colors, overwrite=overwrite)
         self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
         self._groups: dict[Key, SlicePrompts] = {}
@@ -128,6 +130,7 @@ class SegmentationController:
         elif self.session.active is not None:
             labels_layer.selected_label = self.session.active
         self._update_colormap()
+        self._update_segments()
         self._on_view_changed()
 
     @property
@@ -232,6 +235,12 @@ class SegmentationController:
         if self._signature is None:
             self._signature = volume_signature(self._array, self._spacing)
         return self._signature
+
+    def set_model(self, model: SamModel) -> None:
+        """Predict with another model from now on (its embeddings are cached apart from the old one's)."""
+        self.model = model
+        self._predictors.clear()
+        self._on_view_changed()
 
     def is_embedded(self, axis: int, index: int) -> bool:
         """True when the slice's embedding is cached (never hashes the scan on the Qt thread)."""
@@ -413,127 +422,15 @@ class SegmentationController:
                 return float(masks.scores[1])
             return self.session.cycle_candidate(label, axis, index)[1]
 
-    # ------------------------------------------------------------------ objects, undo, clearing
-    def undo(self) -> None:
-        """Undo the active object's last change (prompts, masks, hand edits, propagation)."""
-        self._record_paint()
-        self.session.undo()
-
-    def redo(self) -> None:
-        """Redo the active object's last undone change."""
-        self._record_paint()
-        self.session.redo()
-
-    def next_object(self) -> None:
-        """Select the next object (wrapping)."""
-        self.session.next_object(1)
-
-    def previous_object(self) -> None:
-        """Select the previous object (wrapping)."""
-        self.session.next_object(-1)
-
-    def _plane_or_error(self) -> tuple[int, int]:
-        plane = self.current_plane()
-        if plane is None:
-            raise MedSamError("Show a 2D slice of the scan first.")
-        return plane
-
-    def _active_or_error(self) -> int:
-        if self.session.active is None:
-            raise MedSamError("Add an object first.")
-        return self.session.active
-
-    def clear_slice(self) -> None:
-        """Remove the active object's prompts and model-made mask on the shown slice (hand paint stays)."""
-        self.session.clear_slice(self._active_or_error(), *self._plane_or_error())
-
-    def accept_slice(self) -> None:
-        """Keep the active object's mask on the shown slice and remove its prompt markers."""
-        self.session.clear_prompts(self._active_or_error(), *self._plane_or_error())
-
-    def clear_object(self) -> None:
-        """Remove all of the active object's voxels and prompts (undoable)."""
-        self.session.clear_object(self._active_or_error())
-
-    def delete_object(self) -> None:
-        """Remove the active object from the table with its voxels and prompts (undoable with its value)."""
-        self.session.delete_object(self._active_or_error())
-
-    # ------------------------------------------------------------------ session -> layers
-    def _on_session_change(self, change: SessionChange) -> None:
-        if self._closed:
-            return
-        if change.regions:
-            self.labels_layer.refresh()
-        if change.prompts and not self._own_edit:
-            self._sync_prompts({(axis, index, obj) for obj, axis, index in change.prompts})
-        if change.objects:
-            self._update_colormap()
-        if change.active or change.objects:
-            active = self.session.active
-            if active is not None and self.labels_layer.selected_label != active:
-                self.labels_layer.selected_label = active
-        self.changed.emit(change)
-
-    def _sync_prompts(self, keys: set[Key]) -> None:
-        """Rewrite the prompt layers' rows of ``keys`` from the session (after undo, redo or clearing)."""
-        self._syncing = True
-        try:
-            for key in sorted(keys):
-                axis, index, obj = key
-                prompts = self.session.slice_prompts(obj, axis, index) if obj in self.session else None
-                write_group(self.points_layer, self.boxes_layer, key, prompts)
-        finally:
-            self._syncing = False
-            self._sizes = {id(self.points_layer): len(self.points_layer.data),
-                           id(self.boxes_layer): len(self.boxes_layer.data)}
-        self._groups = self._read_groups()
-
-    def _update_colormap(self) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
-
-        colors: dict[Any, Any] = {None: (0.8, 0.8, 0.8, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
-        for obj in self.session.objects:
-            colors[obj.value] = (*(c / 255.0 for c in obj.color), 1.0)
-        self._quiet_selection = True  # napari re-announces the selected label with a new colormap
-        try:
-            self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
-        finally:
-            self._quiet_selection = False
-
-    # ------------------------------------------------------------------ labels layer -> session
-    def _on_paint(self, event: Any) -> None:
-        """A brush, eraser, fill or polygon stroke: its voxels become hand-made (never overwritten) and undoable.
-
-        napari emits ``paint`` for a single dab or fill *before* it writes the voxels, so the
-        atoms are recorded once control is back in the event loop (or before the next edit).
-        """
-        self._pending_paint.append(list(event.value))
-        if len(self._pending_paint) == 1:
-            from qtpy.QtCore import QTimer
-
-            QTimer.singleShot(0, self._record_paint)
-
-    def _record_paint(self) -> None:
-        pending, self._pending_paint = self._pending_paint, []
-        if self._closed:
-            return
-        for atoms in pending:
-            try:
-                with self._editing():
-                    self.session.record_paint(atoms)
-            except MedSamError as error:
-                log.warning("could not record a hand edit: %s", error)
-                self._set_status(f"hand edit not recorded for undo: {error}")
-
-    def _on_selected_label(self, event: Any = None) -> None:
-        value = int(self.labels_layer.selected_label)
-        if self._quiet_selection or value <= 0 or value == self.session.active:
-            return
-        if value in self.session:
-            self.session.select(value)
-        else:
-            self.session.add_object(value=value)
+def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
+    """Names and colours a label layer already carries (e.g. read from a DICOM-SEG)."""
+    meta = (metadata or {}).get(META_KEY) or {}
+    names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
+    colors = {}
+    for segment in meta.get("segments") or []:
+        names.setdefault(int(segment.label), segment.name)
+        colors[int(segment.label)] = segment.color
+    return names, colors
 
 
 def as_prompts(group: SlicePrompts) -> Prompts:

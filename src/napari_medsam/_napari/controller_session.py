@@ -1,0 +1,165 @@
+"""The session side of the interactive controller: objects, undo/redo, clearing, hand paint, layer sync.
+
+A mixin of :class:`~.controller.SegmentationController`: everything here goes through its
+:class:`~napari_medsam.segment.session.SegmentationSession` and keeps the napari layers (prompt
+markers, the Labels layer's colours, selected label and segment metadata) in step with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import MedSamError
+from ..segment.session_state import SessionChange
+from .layers import META_KEY
+from .prompt_layers import Key, write_group
+
+log = logging.getLogger(__name__)
+
+
+class SessionEditsMixin:
+    """Session-facing methods of the controller (see the module docstring)."""
+
+    session: Any
+    labels_layer: Any
+    points_layer: Any
+    boxes_layer: Any
+    _closed: bool
+    _own_edit: int
+    _syncing: bool
+    _pending_paint: list
+    _quiet_selection: bool
+
+    # ------------------------------------------------------------------ objects, undo, clearing
+    def undo(self) -> None:
+        """Undo the active object's last change (prompts, masks, hand edits, propagation)."""
+        self._record_paint()
+        self.session.undo()
+
+    def redo(self) -> None:
+        """Redo the active object's last undone change."""
+        self._record_paint()
+        self.session.redo()
+
+    def next_object(self) -> None:
+        """Select the next object (wrapping)."""
+        self.session.next_object(1)
+
+    def previous_object(self) -> None:
+        """Select the previous object (wrapping)."""
+        self.session.next_object(-1)
+
+    def _plane_or_error(self) -> tuple[int, int]:
+        plane = self.current_plane()
+        if plane is None:
+            raise MedSamError("Show a 2D slice of the scan first.")
+        return plane
+
+    def _active_or_error(self) -> int:
+        if self.session.active is None:
+            raise MedSamError("Add an object first.")
+        return self.session.active
+
+    def clear_slice(self) -> None:
+        """Remove the active object's prompts and model-made mask on the shown slice (hand paint stays)."""
+        self.session.clear_slice(self._active_or_error(), *self._plane_or_error())
+
+    def accept_slice(self) -> None:
+        """Keep the active object's mask on the shown slice and remove its prompt markers."""
+        self.session.clear_prompts(self._active_or_error(), *self._plane_or_error())
+
+    def clear_object(self) -> None:
+        """Remove all of the active object's voxels and prompts (undoable)."""
+        self.session.clear_object(self._active_or_error())
+
+    def delete_object(self) -> None:
+        """Remove the active object from the table with its voxels and prompts (undoable with its value)."""
+        self.session.delete_object(self._active_or_error())
+
+    # ------------------------------------------------------------------ session -> layers
+    def _on_session_change(self, change: SessionChange) -> None:
+        if self._closed:
+            return
+        if change.regions:
+            self.labels_layer.refresh()
+        if change.prompts and not self._own_edit:
+            self._sync_prompts({(axis, index, obj) for obj, axis, index in change.prompts})
+        if change.objects:
+            self._update_colormap()
+            self._update_segments()
+        if change.active or change.objects:
+            active = self.session.active
+            if active is not None and self.labels_layer.selected_label != active:
+                self.labels_layer.selected_label = active
+        self.changed.emit(change)
+
+    def _sync_prompts(self, keys: set[Key]) -> None:
+        """Rewrite the prompt layers' rows of ``keys`` from the session (after undo, redo or clearing)."""
+        self._syncing = True
+        try:
+            for key in sorted(keys):
+                axis, index, obj = key
+                prompts = self.session.slice_prompts(obj, axis, index) if obj in self.session else None
+                write_group(self.points_layer, self.boxes_layer, key, prompts)
+        finally:
+            self._syncing = False
+            self._sizes = {id(self.points_layer): len(self.points_layer.data),
+                           id(self.boxes_layer): len(self.boxes_layer.data)}
+        self._groups = self._read_groups()
+
+    def _update_segments(self) -> None:
+        """Keep the objects' names and colours in the layer's metadata: the writers name segments after them."""
+        from ..io.segments import default_segment
+
+        objects = self.session.objects
+        meta = dict(self.labels_layer.metadata.get(META_KEY) or {})
+        meta["names"] = {o.value: o.name for o in objects}
+        meta["segments"] = [default_segment(o.value, o.name, o.color) for o in objects]
+        self.labels_layer.metadata[META_KEY] = meta
+
+    def _update_colormap(self) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors: dict[Any, Any] = {None: (0.8, 0.8, 0.8, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for obj in self.session.objects:
+            colors[obj.value] = (*(c / 255.0 for c in obj.color), 1.0)
+        self._quiet_selection = True  # napari re-announces the selected label with a new colormap
+        try:
+            self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
+        finally:
+            self._quiet_selection = False
+
+    # ------------------------------------------------------------------ labels layer -> session
+    def _on_paint(self, event: Any) -> None:
+        """A brush, eraser, fill or polygon stroke: its voxels become hand-made (never overwritten) and undoable.
+
+        napari emits ``paint`` for a single dab or fill *before* it writes the voxels, so the
+        atoms are recorded once control is back in the event loop (or before the next edit).
+        """
+        self._pending_paint.append(list(event.value))
+        if len(self._pending_paint) == 1:
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(0, self._record_paint)
+
+    def _record_paint(self) -> None:
+        pending, self._pending_paint = self._pending_paint, []
+        if self._closed:
+            return
+        for atoms in pending:
+            try:
+                with self._editing():
+                    self.session.record_paint(atoms)
+            except MedSamError as error:
+                log.warning("could not record a hand edit: %s", error)
+                self._set_status(f"hand edit not recorded for undo: {error}")
+
+    def _on_selected_label(self, event: Any = None) -> None:
+        value = int(self.labels_layer.selected_label)
+        if self._quiet_selection or value <= 0 or value == self.session.active:
+            return
+        if value in self.session:
+            self.session.select(value)
+        else:
+            self.session.add_object(value=value)

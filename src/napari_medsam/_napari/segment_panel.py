@@ -1,0 +1,224 @@
+"""The "Segment" group of the dock widget: state of the model on this slice, mask actions, undo, precompute."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from ..errors import MedSamError
+
+HELP = ("Click: include point  ·  Shift/Alt-click: exclude point  ·  boxes: select the boxes layer, press R and drag\n"
+        "C: next candidate mask  ·  Ctrl+Z / Ctrl+Shift+Z: undo / redo (active object)  ·  N / Shift+N: next / previous object")
+
+
+def precompute_job(controller: Any, axis: int, first: int, last: int):
+    """Worker generator: embed slices ``first..last`` along ``axis`` (cached ones are skipped); yields each index."""
+    predictor = controller._make_predictor(axis, controller.scan_signature())
+    for index in range(first, last + 1):
+        predictor.embed(index)
+        yield index
+
+
+class SegmentPanel(QGroupBox):
+    """Mask actions for the active object on the shown slice, undo/redo and volume precompute."""
+
+    error = Signal(str)
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__("Segment", parent)
+        self.controller = None
+        self.worker = None
+        self.state = QLabel("no model")
+        self.state.setWordWrap(True)
+        self.help = QLabel(HELP)
+        self.help.setWordWrap(True)
+        self.help.setStyleSheet("color: gray; font-size: 10px")
+        self.overwrite = QCheckBox("overwrite other objects")
+        self.overwrite.setToolTip("Let a prediction take voxels that belong to other objects")
+        self.iou = QLabel("")
+        self.cycle_button = QPushButton("Next mask (C)")
+        self.cycle_button.setToolTip("SAM gives several masks for an ambiguous prompt: show the next one")
+        self.accept_button = QPushButton("Accept slice")
+        self.accept_button.setToolTip("Keep the mask on this slice and remove its prompt markers")
+        self.clear_slice_button = QPushButton("Clear slice")
+        self.clear_slice_button.setToolTip("Remove the active object's prompts and model mask on this slice")
+        self.clear_object_button = QPushButton("Clear object")
+        self.clear_object_button.setToolTip("Remove all voxels and prompts of the active object")
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("Ctrl+Z: undo the active object's last change")
+        self.redo_button = QPushButton("Redo")
+        self.redo_button.setToolTip("Ctrl+Shift+Z")
+        grid = QGridLayout()
+        grid.addWidget(self.cycle_button, 0, 0)
+        grid.addWidget(self.iou, 0, 1)
+        grid.addWidget(self.accept_button, 1, 0)
+        grid.addWidget(self.clear_slice_button, 1, 1)
+        grid.addWidget(self.clear_object_button, 2, 0)
+        undo_row = QHBoxLayout()
+        undo_row.addWidget(self.undo_button)
+        undo_row.addWidget(self.redo_button)
+        grid.addLayout(undo_row, 2, 1)
+
+        self.first = QSpinBox()
+        self.last = QSpinBox()
+        for box in (self.first, self.last):
+            box.setMinimum(0)
+        self.precompute_button = QPushButton("Precompute")
+        self.precompute_button.setToolTip("Embed these slices of the current plane in the background "
+                                          "(cached slices are skipped, so a cancelled run resumes)")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        pre = QHBoxLayout()
+        pre.addWidget(QLabel("slices"))
+        pre.addWidget(self.first)
+        pre.addWidget(QLabel("to"))
+        pre.addWidget(self.last)
+        pre.addWidget(self.precompute_button)
+        pre.addWidget(self.cancel_button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.state)
+        layout.addWidget(self.overwrite)
+        layout.addLayout(grid)
+        layout.addLayout(pre)
+        layout.addWidget(self.help)
+
+        self.cycle_button.clicked.connect(lambda: self._call("cycle_mask"))
+        self.accept_button.clicked.connect(lambda: self._call("accept_slice"))
+        self.clear_slice_button.clicked.connect(lambda: self._call("clear_slice"))
+        self.clear_object_button.clicked.connect(lambda: self._call("clear_object"))
+        self.undo_button.clicked.connect(lambda: self._call("undo"))
+        self.redo_button.clicked.connect(lambda: self._call("redo"))
+        self.overwrite.toggled.connect(self._on_overwrite)
+        self.precompute_button.clicked.connect(self.precompute)
+        self.cancel_button.clicked.connect(self.cancel_precompute)
+        self.set_controller(None)
+
+    # ------------------------------------------------------------------ wiring
+    def set_controller(self, controller: Any) -> None:
+        """Act on ``controller`` (None: disabled)."""
+        old = self.controller
+        if old is not None:
+            for signal, slot in ((old.changed, self._refresh), (old.status_changed, self._on_status)):
+                try:
+                    signal.disconnect(slot)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+            try:
+                old.viewer.dims.events.order.disconnect(self._update_range)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self.cancel_precompute()
+        self.controller = controller
+        for widget in (self.cycle_button, self.accept_button, self.clear_slice_button, self.clear_object_button,
+                       self.undo_button, self.redo_button, self.precompute_button, self.overwrite):
+            widget.setEnabled(controller is not None)
+        if controller is None:
+            self.state.setText("Load a model and pick a scan to start.")
+            self.iou.setText("")
+            return
+        controller.changed.connect(self._refresh)
+        controller.status_changed.connect(self._on_status)
+        controller.viewer.dims.events.order.connect(self._update_range)
+        self.overwrite.setChecked(controller.overwrite)
+        self._on_status(controller.status)
+        self._update_range()
+        self._refresh()
+
+    def _call(self, method: str) -> None:
+        if self.controller is None:
+            return
+        try:
+            result = getattr(self.controller, method)()
+        except MedSamError as error:
+            self.error.emit(str(error))
+            return
+        if method == "cycle_mask" and result is None:
+            self.error.emit("No prediction to cycle on this slice: click on the object first.")
+        self._refresh()
+
+    def _on_overwrite(self, checked: bool) -> None:
+        if self.controller is not None:
+            self.controller.overwrite = checked
+
+    def _on_status(self, text: str) -> None:
+        self.state.setText(f"Model: {text}")
+
+    def _refresh(self, change: Any = None) -> None:
+        controller = self.controller
+        if controller is None:
+            return
+        masks, iou = controller.last_masks, controller.current_iou
+        if masks is None or iou is None:
+            self.iou.setText("")
+        else:
+            self.iou.setText(f"predicted IoU {iou:.2f} ({len(masks.scores)} mask{'s' if len(masks.scores) > 1 else ''})")
+        session = controller.session
+        has_object = session.active is not None
+        self.undo_button.setEnabled(has_object and session.can_undo())
+        self.redo_button.setEnabled(has_object and session.can_redo())
+        self.clear_object_button.setEnabled(has_object)
+
+    def _update_range(self, event: Any = None) -> None:
+        controller = self.controller
+        if controller is None:
+            return
+        plane = controller.current_plane()
+        axis = 0 if plane is None else plane[0]
+        top = controller.shape[axis] - 1
+        for box in (self.first, self.last):
+            box.setMaximum(top)
+        self.first.setValue(0)
+        self.last.setValue(top)
+
+    # ------------------------------------------------------------------ precompute
+    def precompute(self) -> Any:
+        """Embed the chosen slices of the shown plane in a napari worker with a progress bar; returns the worker."""
+        from napari.qt.threading import create_worker
+
+        controller = self.controller
+        if controller is None or self.worker is not None:
+            return self.worker
+        plane = controller.current_plane()
+        axis = 0 if plane is None else plane[0]
+        first, last = sorted((self.first.value(), self.last.value()))
+        total = last - first + 1
+        worker = create_worker(precompute_job, controller, axis, first, last,
+                               _progress={"total": total, "desc": "Embedding slices"})
+        done = [0]
+
+        def step(index: int) -> None:
+            done[0] += 1
+            self.state.setText(f"Precomputing: slice {index} ({done[0]}/{total})")
+
+        worker.yielded.connect(step)
+        worker.errored.connect(lambda exc: self.error.emit(f"Precompute failed: {exc}"))
+        worker.finished.connect(lambda: self._precompute_finished(done[0], total))
+        self.worker = worker
+        self.precompute_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def cancel_precompute(self) -> None:
+        """Stop the precompute after the slice being embedded (the slices done stay cached)."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _precompute_finished(self, done: int, total: int) -> None:
+        self.worker = None
+        self.cancel_button.setEnabled(False)
+        self.precompute_button.setEnabled(self.controller is not None)
+        word = "done" if done == total else "cancelled"
+        self.state.setText(f"Precompute {word}: {done}/{total} slices embedded")
