@@ -68,6 +68,9 @@ class SegmentationSession(PromptsMixin, EditsMixin):
                  colors: Mapping[int, Any] | None = None, overwrite: bool = False, lock_existing: bool = False,
                  max_history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
         self.labels = _check_labels(labels)
+        if isinstance(max_history_bytes, bool) or not isinstance(max_history_bytes, int | np.integer) \
+                or max_history_bytes < 0:
+            raise SessionError(f"max_history_bytes must be a whole number of bytes >= 0, got {max_history_bytes!r}.")
         self.overwrite = bool(overwrite)  # model predictions may take other objects' voxels
         self.locks = LockMap(labels.shape)
         self.history = History(max_history_bytes)
@@ -122,7 +125,7 @@ class SegmentationSession(PromptsMixin, EditsMixin):
     @property
     def deleted_objects(self) -> list[int]:
         """Values of deleted objects whose deletion can still be undone (``undo(value)``)."""
-        return sorted(v for v in self._deleted if self.history.can_undo(v))
+        return sorted(v for v in self._deleted if self.can_undo(v))
 
     def _live(self, value: Any) -> int:
         if isinstance(value, SegObject):
@@ -135,7 +138,7 @@ class SegmentationSession(PromptsMixin, EditsMixin):
         return int(value)
 
     def _free_value(self) -> int:
-        taken = set(self._objects) | {v for v in self._deleted if self.history.can_undo(v)}
+        taken = set(self._objects) | set(self.deleted_objects)
         value = 1
         while value in taken:
             value += 1
@@ -149,6 +152,7 @@ class SegmentationSession(PromptsMixin, EditsMixin):
         if value in self._deleted:  # the value is reused: the old object can no longer be restored
             self._deleted.discard(value)
             self.history.forget(value)
+            self._pending.pop(value, None)  # its delete may still wait for the end of a group
         name = str(name).strip() if name is not None and str(name).strip() else f"object {value}"
         if color is None:
             color = default_segment(value, name).color if value <= MAX_LABEL else palette_color(value)
@@ -280,7 +284,10 @@ class SegmentationSession(PromptsMixin, EditsMixin):
     def _owner(self, obj: int | None) -> int | None:
         if obj is None:
             return self._active
-        value = int(obj.value if isinstance(obj, SegObject) else obj)
+        value = obj.value if isinstance(obj, SegObject) else obj
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise SessionError(f"An object is given by its label value (an integer), not {obj!r}.")
+        value = int(value)
         if value not in self._objects and value not in self._deleted:
             raise SessionError(f"There is no object {value} in the session (nor a deleted one to restore).")
         return value

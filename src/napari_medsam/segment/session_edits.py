@@ -54,13 +54,15 @@ class EditsMixin:
             return
         where = shift(box, tuple(s.start for s in region))
         patch = Patch(where)
-        if changed is not None and changed[box].any():
+        locks_change = lock_changed is not None and bool(lock_changed[box].any())
+        # The labels are kept with a lock change even where they did not change: replay checks them.
+        if changed is not None and (changed[box].any() or locks_change):
             patch.before, patch.after = np.array(before[box]), np.array(after[box])  # type: ignore[index]
             if write_labels:
                 mask = changed[box]
                 view = self.labels[where]
                 view[mask] = patch.after[mask]
-        if lock_changed is not None and lock_changed[box].any():
+        if locks_change:
             patch.lock_before, patch.lock_after = np.array(lock_before[box]), np.array(lock_after[box])  # type: ignore[index]
             self.locks.put(where, patch.lock_after, where=lock_changed[box])
         step.patches.append(patch)
@@ -129,7 +131,11 @@ class EditsMixin:
         return self._record_hand([(voxels, per_voxel(old_values, len(voxels), "old values"), new)], obj)
 
     def record_paint(self, atoms: Sequence, *, obj: int | None = None) -> Step | None:
-        """Record the atoms of a napari Labels ``paint`` event (``event.value``) as one hand edit."""
+        """Record the atoms of a napari Labels ``paint`` event (``event.value``) as one hand edit.
+
+        The labels may hold the edit already (a brush stroke) or not yet (napari emits ``paint``
+        before writing a single edit made outside a stroke): the new values are written here too.
+        """
         return self._record_hand(atoms_to_voxels(atoms, self.shape), obj)
 
     def _record_hand(self, parts: list, obj: int | None) -> Step | None:
@@ -144,7 +150,10 @@ class EditsMixin:
         painted = [int(v) for v in np.unique(new) if v != 0]
         added = [self._insert(v, None, None) for v in painted if v not in self._objects]
         if added:
-            self._emit(SessionChange("adopt", None, objects=True))
+            was = self._active
+            if self._active is None:  # as adopt() does: a session with objects has an active one
+                self._active = added[0].value
+            self._emit(SessionChange("adopt", None, objects=True, active=self._active != was))
         if obj is not None:
             owner: int | None = self._live(obj)
         elif len(painted) == 1 and not np.any(new == 0):
@@ -152,16 +161,19 @@ class EditsMixin:
         else:
             owner = self._active if self._active is not None else (painted[0] if painted else None)
         step = Step(owner or 0, "manual")
-        for z, (rows, cols, first_old) in group_by_plane(voxels, old).items():
+        for z, (rows, cols, first_old, last_new) in group_by_plane(voxels, old, new).items():
             r0, c0 = int(rows.min()), int(cols.min())
             region = (slice(z, z + 1), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
+            # The new values come from the edit, not the labels: napari emits ``paint`` before it
+            # writes the labels for a single edit outside a stroke (data_setitem, paint(), fill()).
             after = np.array(self.labels[region])
+            after[0, rows - r0, cols - c0] = last_new
             before = after.copy()
             before[0, rows - r0, cols - c0] = first_old
             lock_before = self.locks.get(region)
             lock_after = lock_before.copy()
             lock_after[0, rows - r0, cols - c0] = True
-            self._add_patch(step, region, before, after, lock_before, lock_after, write_labels=False)
+            self._add_patch(step, region, before, after, lock_before, lock_after)
         if owner is None:  # nobody to give the step to: the voxels are still hand-made
             return None
         return self._commit(step)
@@ -178,7 +190,8 @@ class EditsMixin:
         lock_before = self.locks.get(region)
         release = lock_before if obj is None else lock_before & (self.labels[region] == owner)
         step = Step(owner or 0, "unlock")
-        self._add_patch(step, region, lock_before=lock_before, lock_after=lock_before & ~release)
+        current = np.array(self.labels[region])
+        self._add_patch(step, region, current, current, lock_before, lock_before & ~release)
         return None if owner is None else self._commit(step)
 
     # ------------------------------------------------------------------ clearing

@@ -42,20 +42,19 @@ class Patch:
 
     def replay(self, labels: np.ndarray, locks: LockMap, undo: bool) -> None:
         """Put the box back as it was (``undo``) or as the step left it, voxel by voxel where nothing else changed it."""
-        restored = None
-        changed = None
+        held = None
         if self.before is not None and self.after is not None:
             source, target = (self.after, self.before) if undo else (self.before, self.after)
             current = labels[self.region]
-            changed = self.before != self.after
-            restored = changed & (current == source)
+            held = current == source  # nobody changed the voxel since this step (or its undo)
+            restored = held & (self.before != self.after)
             current[restored] = target[restored]
         if self.lock_before is not None and self.lock_after is not None:
             source, target = (self.lock_after, self.lock_before) if undo else (self.lock_before, self.lock_after)
             flags = (self.lock_before != self.lock_after) & (locks.get(self.region) == source)
-            if changed is not None:
-                # A voxel whose label was kept (someone edited it since) keeps its lock too.
-                flags &= ~changed | restored
+            if held is not None:
+                # A voxel someone edited since keeps its lock: the lock belongs to that later edit now.
+                flags &= held
             locks.put(self.region, target, where=flags)
 
 

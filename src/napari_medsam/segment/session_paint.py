@@ -85,8 +85,13 @@ def atoms_to_voxels(atoms: Sequence, shape: tuple[int, int, int]) -> list[tuple[
     return out
 
 
-def group_by_plane(voxels: np.ndarray, old: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{axial index: (rows, cols, old values)} with each voxel once, keeping its FIRST old value (its state before the edit)."""
+def group_by_plane(voxels: np.ndarray, old: np.ndarray,
+                   new: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """{axial index: (rows, cols, old values, new values)} with each voxel once.
+
+    A voxel edited several times in one stroke keeps its FIRST old value (its state before the
+    edit) and its LAST new value (its state after it).
+    """
     out = {}
     if not len(voxels):
         return out
@@ -95,5 +100,7 @@ def group_by_plane(voxels: np.ndarray, old: np.ndarray) -> dict[int, tuple[np.nd
         rows, cols = voxels[sel, 1], voxels[sel, 2]
         linear = rows * (int(cols.max()) + 1) + cols
         _, first = np.unique(linear, return_index=True)
-        out[int(z)] = (rows[first], cols[first], old[sel][first])
+        _, from_end = np.unique(linear[::-1], return_index=True)  # same sorted order as ``first``
+        last = len(linear) - 1 - from_end
+        out[int(z)] = (rows[first], cols[first], old[sel][first], new[sel][last])
     return out

@@ -8,6 +8,7 @@ pixels ``(row, column)`` as in :mod:`.predictor`. Every change is one undo step 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,10 +29,15 @@ class PromptsMixin:
     _predictions: dict[int, dict[Key, Candidate]]
 
     # ------------------------------------------------------------------ checks
-    def _check_slice(self, axis: Any, index: Any) -> Key:
+    @staticmethod
+    def _check_axis(axis: Any) -> int:
         if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or int(axis) not in (0, 1, 2):
             raise SessionError(f"axis must be 0, 1 or 2, got {axis!r}.")
-        n = self.labels.shape[int(axis)]
+        return int(axis)
+
+    def _check_slice(self, axis: Any, index: Any) -> Key:
+        axis = self._check_axis(axis)
+        n = self.labels.shape[axis]
         if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= int(index) < n:
             raise SessionError(f"Slice {index!r} is outside 0..{n - 1} along axis {axis}.")
         return int(axis), int(index)
@@ -51,7 +57,10 @@ class PromptsMixin:
         return r, c
 
     def _check_box(self, axis: int, box: Any) -> tuple[float, float, float, float]:
-        values = np.asarray(box, dtype=float).reshape(-1) if box is not None else np.zeros(0)
+        try:
+            values = np.asarray(box, dtype=float).reshape(-1) if box is not None else np.zeros(0)
+        except (TypeError, ValueError):
+            values = np.zeros(0)
         if values.size != 4:
             raise SessionError(f"A box is (row0, col0, row1, col1), got {box!r}.")
         r0, c0 = self._check_point(axis, values[0], values[1])
@@ -86,9 +95,8 @@ class PromptsMixin:
 
     def prompted_slices(self, obj: int, axis: int) -> list[int]:
         """Indices of the slices along ``axis`` where ``obj`` has prompts, sorted."""
-        if int(axis) not in (0, 1, 2):
-            raise SessionError(f"axis must be 0, 1 or 2, got {axis!r}.")
-        return sorted(i for a, i in self._prompts[self._live(obj)] if a == int(axis))
+        axis = self._check_axis(axis)
+        return sorted(i for a, i in self._prompts[self._live(obj)] if a == axis)
 
     def candidate(self, obj: int, axis: int, index: int) -> Candidate | None:
         """The kept prediction of ``obj`` on one slice (all candidates, which one is applied), or None."""
@@ -106,7 +114,8 @@ class PromptsMixin:
 
     def predicted_slices(self, obj: int, axis: int) -> list[int]:
         """Indices of the slices along ``axis`` where ``obj`` has a kept prediction, sorted."""
-        return sorted(i for a, i in self._predictions[self._live(obj)] if a == int(axis))
+        axis = self._check_axis(axis)
+        return sorted(i for a, i in self._predictions[self._live(obj)] if a == axis)
 
     # ------------------------------------------------------------------ changing prompts
     def _put_prompts(self, step: Step, value: int, key: Key, record: SlicePrompts | None) -> None:
@@ -141,15 +150,20 @@ class PromptsMixin:
         self._put_prompts(step, value, key, edit(record))
         return self._commit(step)
 
+    def _target(self, obj: Any, axis: Any, index: Any) -> int:
+        """Check the object and the slice before a prompt's coordinates (they depend on the axis); returns the axis."""
+        self._live(obj)
+        return self._check_slice(axis, index)[0]
+
     def add_point(self, obj: int, axis: int, index: int, row: float, col: float, positive: bool = True) -> int:
         """Add a positive (include) or negative (exclude) point on one slice; returns its position in the list."""
-        r, c = self._check_point(int(axis), row, col)
+        r, c = self._check_point(self._target(obj, axis, index), row, col)
         self._edit_prompts(obj, axis, index, lambda p: SlicePrompts(p.points + ((r, c, bool(positive)),), p.box))
         return len(self.slice_prompts(obj, axis, index).points) - 1
 
     def move_point(self, obj: int, axis: int, index: int, i: int, row: float, col: float) -> None:
         """Move point ``i`` of that slice to (row, col), keeping its sign."""
-        r, c = self._check_point(int(axis), row, col)
+        r, c = self._check_point(self._target(obj, axis, index), row, col)
         i = self._point_index(obj, axis, index, i)
         self._edit_prompts(obj, axis, index, lambda p: SlicePrompts(
             p.points[:i] + ((r, c, p.points[i][2]),) + p.points[i + 1:], p.box))
@@ -167,7 +181,7 @@ class PromptsMixin:
 
     def set_box(self, obj: int, axis: int, index: int, box: Sequence[float]) -> None:
         """Set the box (row0, col0, row1, col1) of that slice, replacing any earlier box."""
-        corners = self._check_box(int(axis), box)
+        corners = self._check_box(self._target(obj, axis, index), box)
         self._edit_prompts(obj, axis, index, lambda p: SlicePrompts(p.points, corners))
 
     def clear_box(self, obj: int, axis: int, index: int) -> None:
@@ -177,8 +191,11 @@ class PromptsMixin:
     def set_prompts(self, obj: int, axis: int, index: int, points: Any = None, positive: Any = None,
                     box: Any = None) -> None:
         """Replace all prompts of that slice at once (e.g. synced from a Points and a Shapes layer)."""
-        axis_i = int(axis)
-        pts = np.zeros((0, 2)) if points is None else np.asarray(points, float).reshape(-1, 2)
+        axis_i = self._target(obj, axis, index)
+        try:
+            pts = np.zeros((0, 2)) if points is None else np.asarray(points, float).reshape(-1, 2)
+        except (TypeError, ValueError):
+            raise SessionError(f"The points must be (row, column) pairs of numbers, got {points!r}.") from None
         signs = np.ones(len(pts), bool) if positive is None else np.asarray(positive, bool).reshape(-1)
         if len(signs) != len(pts):
             raise SessionError(f"{len(pts)} points but {len(signs)} positive/negative flags.")
@@ -202,4 +219,10 @@ def check_masks(masks: Any, slice_shape: tuple[int, int]) -> SliceMasks:
     if len(np.asarray(masks.scores).reshape(-1)) != array.shape[0]:
         raise SessionError(f"The prediction has {array.shape[0]} masks but {len(np.asarray(masks.scores).reshape(-1))} "
                            "scores.")
+    logits = np.asarray(masks.low_res_logits)
+    if logits.ndim != 3 or logits.shape[0] != array.shape[0]:
+        raise SessionError(f"The prediction has {array.shape[0]} masks but {logits.shape[0] if logits.ndim else 0} "
+                           "low-res logits; each candidate needs its (256, 256) logits.")
+    if not all(isinstance(a, np.ndarray) for a in (masks.masks, masks.scores, masks.low_res_logits)):
+        masks = replace(masks, masks=array, scores=np.asarray(masks.scores).reshape(-1), low_res_logits=logits)
     return masks
