@@ -1,0 +1,133 @@
+"""Prompt-to-mask-on-screen in a real napari window, for a slice whose embedding is cached.
+
+    xvfb-run -a python benchmarks/bench_interactive.py [--model mobile_sam] [--size 512] [--repeat 20]
+
+A click is added to the controller's points layer the way napari's "add" mode adds it; the
+clock stops when the mask is in the Labels layer AND the canvas has drawn it (a forced
+render of the vispy canvas). Also prints the parts: decoder, session write, layer refresh,
+and the largest event-loop gap while a slice is embedded in the background. Networks get
+random weights (speed does not depend on the values). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main() -> None:
+    """Build a viewer with a synthetic CT, click repeatedly, print the timings."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobile_sam")
+    parser.add_argument("--size", type=int, default=512, help="slice size in pixels (square)")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    import napari
+    import numpy as np
+    import torch
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_medsam._napari.controller import SegmentationController
+    from napari_medsam.models.networks.sam import build_network
+    from napari_medsam.models.registry import get_model
+    from napari_medsam.segment.model import SamModel
+    from napari_medsam.segment.predictor import SlicePredictor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = get_model(args.model)
+    torch.manual_seed(0)
+    model = SamModel(build_network(spec.architecture, **spec.build_options), spec.pipeline, name=args.model,
+                     signature=f"bench-{args.model}")
+    rng = np.random.default_rng(0)
+    n = args.size
+    volume = rng.normal(40, 20, size=(6, n, n)).astype(np.int16)
+    yy, xx = np.mgrid[:n, :n]
+    volume[:, (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 5) ** 2] += 120  # a bright disc to click on
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    image = viewer.add_image(volume, name="ct", contrast_limits=(-160, 240))
+    labels = viewer.add_labels(np.zeros(volume.shape, np.uint8), name="labels")
+    labels.selected_label = 1
+    app = QApplication.instance()
+    controller = SegmentationController(viewer, image, labels, model)
+    canvas = viewer.window._qt_viewer.canvas
+
+    def wait(condition, timeout=600.0):
+        end = time.perf_counter() + timeout
+        while not condition() and time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.002)
+
+    end = time.perf_counter() + 2.0  # let the window show and draw its first frames
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
+    # Event-loop gaps while the encoder works in its worker thread.
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    viewer.dims.set_point(0, 2)  # landing on slice 2 starts its embedding in the background
+    start = time.perf_counter()
+    wait(lambda: controller.queue.running is None and controller.is_embedded(0, 2))
+    encode_s = time.perf_counter() - start
+    timer.stop()
+    gap_ms = max(np.diff(ticks)) * 1000 if len(ticks) > 1 else float("nan")
+
+    predictor = controller.predictor(0)
+    decode_ms, write_ms, refresh_ms, total_ms = [], [], [], []
+    original_predict = SlicePredictor.predict
+    original_refresh = labels.refresh
+
+    def timed_predict(self, *a, **k):
+        t = time.perf_counter()
+        out = original_predict(self, *a, **k)
+        decode_ms.append((time.perf_counter() - t) * 1000)
+        return out
+
+    def timed_refresh(*a, **k):
+        t = time.perf_counter()
+        out = original_refresh(*a, **k)
+        refresh_ms.append((time.perf_counter() - t) * 1000)
+        return out
+
+    SlicePredictor.predict = timed_predict
+    labels.refresh = timed_refresh
+    centre = n / 2
+    for i in range(args.repeat + 1):
+        controller.points_layer.data = np.zeros((0, 3))
+        app.processEvents()
+        row, col = centre + rng.uniform(-n / 10, n / 10, 2)
+        before = len(decode_ms)
+        t0 = time.perf_counter()
+        controller.points_layer.add([2, row, col])  # -> prediction -> session -> labels refresh
+        t1 = time.perf_counter()
+        canvas._scene_canvas.render()  # the frame that shows the mask
+        t2 = time.perf_counter()
+        if i == 0 or len(decode_ms) == before:
+            continue  # warm-up, or no prediction happened
+        total_ms.append((t2 - t0) * 1000)
+        write_ms.append((t1 - t0) * 1000 - decode_ms[-1] - refresh_ms[-1])
+    SlicePredictor.predict = original_predict
+    assert predictor is not None
+    print(f"model {args.model} (random weights), slice {n}x{n}, {torch.get_num_threads()} torch threads")
+    print(f"embedding one slice in the background: {encode_s * 1000:.0f} ms; "
+          f"largest event-loop gap meanwhile: {gap_ms:.0f} ms")
+    print(f"click -> mask drawn on the canvas: median {statistics.median(total_ms):.1f} ms, "
+          f"max {max(total_ms):.1f} ms over {len(total_ms)} clicks")
+    print(f"  of which decoder {statistics.median(decode_ms[1:]):.1f} ms, labels layer refresh "
+          f"{statistics.median(refresh_ms[1:]):.1f} ms, layer events + session write "
+          f"{statistics.median(write_ms):.1f} ms, canvas render the rest")
+    controller.close()
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
