@@ -138,3 +138,30 @@ def test_multimask_cycle_is_undoable(scene, qtbot):
     assert iou == pytest.approx(float(controller.last_masks.scores[1]))
     controller.undo()
     np.testing.assert_array_equal(labels.data, best)
+
+
+def test_a_2d_image_segments_like_one_slice(make_napari_viewer, model, qtbot):
+    from napari_medsam._napari.controller import SegmentationController
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    image = viewer.add_image((rng.normal(size=(24, 32)) * 200).astype(np.float32), name="xray")
+    labels = viewer.add_labels(np.zeros((24, 32), np.uint8), name="seg")
+    labels.selected_label = 1
+    controller = SegmentationController(viewer, image, labels, model)
+    try:
+        assert controller.points_layer.ndim == 2 and controller.current_plane() == (0, 0)
+        controller.points_layer.add([10, 12])
+        settle(qtbot, controller)
+        np.testing.assert_array_equal(labels.data == 1, controller.last_masks.masks[0])
+        controller.boxes_layer.add_rectangles(np.array([[2, 3], [2, 20], [15, 20], [15, 3]], float))
+        settle(qtbot, controller)
+        assert controller.boxes_layer.features["axis"].tolist() == [0]
+        controller.undo()
+        assert len(controller.boxes_layer.data) == 0 and len(controller.points_layer.data) == 1
+        labels.paint((1, 1), 1)  # hand paint on a 2D layer is recorded too
+        qtbot.wait(20)
+        assert controller.session.locked_mask()[0, 1, 1]
+    finally:
+        qtbot.waitUntil(lambda: controller.queue.running is None, timeout=30000)
+        controller.close()

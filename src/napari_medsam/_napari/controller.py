@@ -73,9 +73,10 @@ class SegmentationController(SessionEditsMixin):
                  mapping: IntensityMapping | None = None, cache: EmbeddingCache | None = None,
                  overwrite: bool = False, bind_keys: bool = True) -> None:
         array = np.asarray(image_layer.data)
-        if array.ndim != 3 or image_layer.rgb:
-            raise NotAVolumeError(f"layer {image_layer.name!r} has shape {array.shape}: "
-                                  "interactive segmentation needs a scalar 3D image layer")
+        if array.ndim not in (2, 3) or image_layer.rgb:
+            raise NotAVolumeError(f"layer {image_layer.name!r} has shape {array.shape}"
+                                  f"{' (RGB)' if image_layer.rgb else ''}: interactive segmentation needs a "
+                                  "scalar 3D (or 2D) image layer")
         if tuple(labels_layer.data.shape) != array.shape:
             raise LabelsMismatchError(f"labels layer {labels_layer.name!r} has shape {tuple(labels_layer.data.shape)} "
                                       f"but the scan has {array.shape}: make a new label layer on the scan's grid")
@@ -87,13 +88,17 @@ class SegmentationController(SessionEditsMixin):
         self.labels_layer = labels_layer
         self.model = model
         volume = volume_from_layer_meta(image_layer.metadata)
+        # A 2D image is a volume of one slice; the session edits the 2D labels through a 3D view.
+        self.flat = array.ndim == 2
+        array = array[None] if self.flat else array
         self._array = array
+        scale = np.abs(np.asarray(image_layer.scale, float))
         self._spacing = tuple(float(s) for s in (volume.spacing_mm if volume is not None
-                                                 else np.abs(np.asarray(image_layer.scale, float)[-3:])))
+                                                 else ([1.0, *scale[-2:]] if self.flat else scale[-3:])))
         self.mapping = mapping or default_mapping(array, volume.modality if volume is not None else "OT")
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache())
         names, colors = _known_segments(labels_layer.metadata)
-        self.session = SegmentationSession(labels_layer.data, names=names, colors=colors, overwrite=overwrite)
+        self.session = SegmentationSession(labels_layer.data[None] if self.flat else labels_layer.data, names=names, colors=colors, overwrite=overwrite)
         self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
         self._groups: dict[Key, SlicePrompts] = {}
@@ -190,6 +195,8 @@ class SegmentationController(SessionEditsMixin):
         dims = self.viewer.dims
         if dims.ndisplay != 2:
             return None
+        if self.flat:
+            return 0, 0
         offset = dims.ndim - 3
         hidden = [a - offset for a in dims.not_displayed if a >= offset]
         if len(hidden) != 1:

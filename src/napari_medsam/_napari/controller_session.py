@@ -148,6 +148,8 @@ class SessionEditsMixin:
         if self._closed:
             return
         for atoms in pending:
+            if getattr(self, "flat", False):
+                atoms = [_as_3d(atom) for atom in atoms]
             try:
                 with self._editing():
                     self.session.record_paint(atoms)
@@ -163,3 +165,18 @@ class SessionEditsMixin:
             self.session.select(value)
         else:
             self.session.add_object(value=value)
+
+
+def _as_3d(atom: Any) -> Any:
+    """A 2D Labels layer's paint atom as one on slice 0 of a one-slice volume."""
+    import numpy as np
+
+    if len(atom) == 4 and all(isinstance(s, slice) for s in atom[0]):
+        slice_key, mask, old_values, new_value = atom
+        mask = None if mask is None else np.asarray(mask)[None]
+        if mask is None:
+            old_values = np.asarray(old_values)[None]
+        return ((slice(0, 1), *slice_key), mask, old_values, new_value)
+    indices, old_values, new_value = atom
+    indices = tuple(np.asarray(i) for i in indices)
+    return ((np.zeros_like(indices[0]), *indices), old_values, new_value)

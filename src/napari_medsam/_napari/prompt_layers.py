@@ -27,16 +27,17 @@ def add_prompt_layers(viewer: Any, image: Any) -> tuple[Any, Any]:
     import pandas as pd
 
     shape = np.asarray(image.data).shape[-3:]
+    ndim = 2 if len(shape) == 2 else 3
     grid = dict(scale=image.scale, translate=image.translate, rotate=image.rotate, shear=image.shear,
                 affine=image.affine.affine_matrix)
     size = max(3.0, min(shape[1:]) / 40.0)
     boxes = viewer.add_shapes(
-        ndim=3, name=f"{image.name} boxes", edge_color="yellow", face_color="transparent",
+        ndim=ndim, name=f"{image.name} boxes", edge_color="yellow", face_color="transparent",
         edge_width=max(1.0, size / 4),
         features=pd.DataFrame({"axis": pd.Series([], dtype=int), "label": pd.Series([], dtype=int)}),
         feature_defaults={"axis": UNASSIGNED, "label": 0}, **grid)
     points = viewer.add_points(
-        np.zeros((0, 3)), ndim=3, name=f"{image.name} points", size=size,
+        np.zeros((0, ndim)), ndim=ndim, name=f"{image.name} points", size=size,
         features=pd.DataFrame({"positive": pd.Series([], dtype=bool), "axis": pd.Series([], dtype=int),
                                "label": pd.Series([], dtype=int)}),
         feature_defaults=point_defaults(True), face_color="positive",
@@ -64,9 +65,21 @@ def to_volume(row: float, col: float, axis: int, index: int) -> list[float]:
     return coord
 
 
+def volume_coords(data: Any, ndim: int) -> np.ndarray:
+    """(N, 3) coordinates of a prompt layer's points or vertices (a 2D layer's lie on slice 0)."""
+    array = np.asarray(data, float).reshape(-1, ndim)
+    return np.concatenate([np.zeros((len(array), 1)), array], axis=1) if ndim == 2 else array
+
+
+def layer_coords(coords: np.ndarray, ndim: int) -> np.ndarray:
+    """Inverse of :func:`volume_coords`."""
+    coords = np.asarray(coords, float).reshape(-1, 3)
+    return coords[:, 1:] if ndim == 2 else coords
+
+
 def point_keys(points: Any) -> list[Key | None]:
     """The (axis, slice, label) of each point (None when unassigned)."""
-    data = np.asarray(points.data, float).reshape(-1, 3)
+    data = volume_coords(points.data, points.ndim)
     features = points.features
     return [None if int(a) == UNASSIGNED else (int(a), int(round(c[int(a)])), int(lab))
             for c, a, lab in zip(data, features["axis"], features["label"])]
@@ -75,14 +88,15 @@ def point_keys(points: Any) -> list[Key | None]:
 def box_keys(boxes: Any) -> list[Key | None]:
     """The (axis, slice, label) of each box (None when unassigned)."""
     features = boxes.features
-    return [None if int(a) == UNASSIGNED else (int(a), int(round(float(np.asarray(v)[:, int(a)].mean()))), int(lab))
+    return [None if int(a) == UNASSIGNED else
+            (int(a), int(round(float(volume_coords(v, boxes.ndim)[:, int(a)].mean()))), int(lab))
             for v, a, lab in zip(boxes.data, features["axis"], features["label"])]
 
 
 def collect_groups(points: Any, boxes: Any | None, shape: tuple[int, int, int]) -> dict[Key, SlicePrompts]:
     """{(axis, index, label): SlicePrompts} of every assigned prompt inside the scan (boxes skipped when None)."""
     groups: dict[Key, list] = {}
-    data = np.asarray(points.data, float).reshape(-1, 3)
+    data = volume_coords(points.data, points.ndim)
     for coord, key, positive in zip(data, point_keys(points), points.features["positive"]):
         if key is None or not 0 <= key[1] < shape[key[0]]:
             continue
@@ -96,7 +110,7 @@ def collect_groups(points: Any, boxes: Any | None, shape: tuple[int, int, int]) 
             if key is None or not 0 <= key[1] < shape[key[0]]:
                 continue
             axis = key[0]
-            inplane = np.asarray(vertices, float)[:, [a for a in range(3) if a != axis]]
+            inplane = volume_coords(vertices, boxes.ndim)[:, [a for a in range(3) if a != axis]]
             limits = np.array([s - 0.5 for a, s in enumerate(shape) if a != axis])
             low = np.clip(inplane.min(0), -0.5, limits)
             high = np.clip(inplane.max(0), -0.5, limits)
@@ -124,7 +138,7 @@ def write_group(points: Any, boxes: Any, key: Key, prompts: SlicePrompts | None)
             coords = [to_volume(r, c, axis, index) for r, c, p in prompts.points if p == positive]
             if coords:
                 points.feature_defaults = point_defaults(positive, axis, label)
-                points.add(np.array(coords, float))
+                points.add(layer_coords(np.array(coords, float), points.ndim))
     finally:
         points.feature_defaults = {k: v.iloc[0] if hasattr(v, "iloc") else v for k, v in dict(defaults).items()}
     if prompts.box is not None:
@@ -133,6 +147,6 @@ def write_group(points: Any, boxes: Any, key: Key, prompts: SlicePrompts | None)
         box_defaults = boxes.feature_defaults
         boxes.feature_defaults = {"axis": axis, "label": label}
         try:
-            boxes.add_rectangles(np.array(corners, float))
+            boxes.add_rectangles(layer_coords(np.array(corners, float), boxes.ndim))
         finally:
             boxes.feature_defaults = {k: v.iloc[0] if hasattr(v, "iloc") else v for k, v in dict(box_defaults).items()}
