@@ -1,0 +1,481 @@
+"""The dock widget's "Propagate" box: 3D propagation of the active object from its key slices.
+
+The engine (:mod:`napari_medsam.segment.propagation`) runs in a napari thread worker on a
+*snapshot* of the label volume, so the user can keep editing. Each slice the worker finishes
+is merged into the live labels on the Qt thread, only where the user has not changed a voxel
+since the snapshot, so the mask grows on screen. At the end the run becomes one undo step of
+the session (its "before" slices are the live ones), so one Ctrl+Z removes it whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from typing import Any, Callable
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QFont
+from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
+                            QHBoxLayout, QLabel, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout)
+from superqt import QLabeledRangeSlider
+
+from ..errors import MedSamError
+from ..segment.propagation import propagate, repropagate
+from ..segment.propagation_run import PropagationResult, UndoRecord, slice_index
+from ..segment.prompting import PromptSettings
+from ..segment.stop_rules import StopRule
+
+__all__ = ["COLUMNS", "PROMPT_MODES", "PropagatePanel", "key_masks", "summarize"]
+
+PROMPT_MODES = ("box+mask", "box", "mask", "points", "box+points", "points+mask", "box+points+mask")
+COLUMNS = ("slice", "kind", "area px", "IoU", "overlap", "status")
+KEPT = ("key", "propagated", "interpolated")
+DIMS_EVENTS = ("current_step", "order", "ndisplay")
+# StopRule field -> (label, tooltip): the spin boxes edit exactly these fields.
+STOP_FIELDS = {
+    "min_score": ("min predicted IoU", "A slice whose predicted IoU is below this is rejected"),
+    "min_overlap": ("min overlap", "A slice overlapping the previous mask less than this (Dice) is rejected"),
+    "max_empty_slices": ("max empty slices", "Empty slices in a row that end a front (the organ's end)"),
+}
+
+
+def _notify(level: str, message: str) -> None:
+    from napari.utils import notifications
+
+    (notifications.show_error if level == "error" else notifications.show_warning)(message)
+
+
+def key_masks(session: Any, obj: int, axis: int, current: int | None = None) -> dict[int, np.ndarray]:
+    """The object's key slices along ``axis`` as {index: its voxels there, hand corrections included}.
+
+    Slices with a kept prediction that still hold the object; else slices where it has
+    hand-painted voxels; else the slice ``current`` if it holds the object; else its largest slice.
+    """
+    labels, others = session.labels, tuple(a for a in range(3) if a != axis)
+
+    def mask(k: int) -> np.ndarray:
+        return labels[slice_index(axis, int(k))] == obj
+
+    keys = {k: m for k in session.predicted_slices(obj, axis) if (m := mask(k)).any()}
+    if keys:
+        return keys
+    own = labels == obj
+    painted = np.flatnonzero((own & session.locked_mask()).any(axis=others))
+    if painted.size:
+        return {int(k): mask(k) for k in painted}
+    area = own.sum(axis=others)
+    best = int(current) if current is not None and area[current] else int(np.argmax(area))
+    return {best: mask(best)} if area.any() else {}
+
+
+def summarize(result: PropagationResult) -> str:
+    """One line: the slices reached, and why and where each outward front stopped."""
+    kept = sorted({r.index for r in result.reports if r.kind in KEPT})
+    text = f"reached slices {kept[0]}-{kept[-1]}" if kept else "no slice kept"
+    ends = []
+    for name, reason in result.stop_reasons.items():
+        if not name.startswith("fill"):
+            rows = [r.index for r in result.reports if r.front == name]
+            reason = re.sub(r"empty \((\d+) missed slices? in a row\)", r"empty x\1", reason)
+            ends.append(f"{name.replace('correction ', '')}: {reason}" + (f" at {rows[-1]}" if rows else ""))
+    gaps = {name.split()[1] for name in result.stop_reasons if name.startswith("fill")}
+    text += (", stopped " + "; ".join(ends) if ends else "") + (f"; {len(gaps)} gap(s) filled" if gaps else "")
+    return ("cancelled, " if result.cancelled else "") + text
+
+
+def _button(text: str, tip: str) -> QPushButton:
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    return button
+
+
+def _stop_spin(name: str) -> QDoubleSpinBox | QSpinBox:
+    """A spin box for StopRule field ``name``, at its default."""
+    value = getattr(StopRule(), name)
+    spin: QDoubleSpinBox | QSpinBox = QSpinBox() if isinstance(value, int) else QDoubleSpinBox()
+    spin.setRange(*((1, 50) if isinstance(value, int) else (0.0, 1.0)))
+    if isinstance(spin, QDoubleSpinBox):
+        spin.setSingleStep(0.05)
+    spin.setValue(value)
+    spin.setToolTip(f"{STOP_FIELDS[name][1]} (StopRule.{name})")
+    spin.setObjectName(name)
+    return spin
+
+
+def _text_overlay(viewer: Any) -> Any:
+    """The viewer's text overlay (napari >= 0.9 keeps it on the canvas)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    return overlays["text"] if overlays is not None and "text" in overlays else viewer.text_overlay
+
+
+class _Run:
+    """One run: the snapshot the worker writes, and the bookkeeping that merges it into the live labels."""
+
+    def __init__(self, controller: Any, obj: int, axis: int, keys: set[int], what: str) -> None:
+        self.controller, self.obj, self.axis, self.keys, self.what = controller, obj, axis, keys, what
+        self.live = controller.session.labels
+        self.snapshot = np.array(self.live, copy=True)
+        self.cancel = threading.Event()
+        self.last: int | None = None  # the slice the worker predicted last
+        self.base: dict[int, np.ndarray] = {}  # worker side: snapshot slices before the engine wrote them
+        self.expected: dict[int, np.ndarray] = {}  # engine content last merged into each live slice
+        self.before: dict[int, np.ndarray] = {}  # live slices before the first merge
+        self.bar: Any = None
+
+    def view(self, k: int, live: bool = False) -> np.ndarray:
+        """Slice ``k`` of the snapshot (or of the live labels)."""
+        return (self.live if live else self.snapshot)[slice_index(self.axis, k)]
+
+    def merge(self, k: int, base: np.ndarray | None, new: np.ndarray) -> bool:
+        """Copy engine slice ``new`` into the live slice where the user changed nothing since; True if it wrote."""
+        expected = self.expected.get(k, base)
+        if expected is None:
+            return False
+        live = self.view(k, live=True)
+        self.before.setdefault(k, live.copy())
+        take = (live == expected) & (live != new)
+        live[take] = new[take]
+        self.expected[k] = new
+        return bool(take.any())
+
+    def undo_record(self) -> UndoRecord:
+        """The live slices before this run's voxels (the user's own later edits left as they are now)."""
+        previous = {}
+        for k, orig in self.before.items():
+            live = self.view(k, live=True)
+            before = np.where(live == self.expected[k], orig, live).astype(live.dtype)
+            if not np.array_equal(before, live):
+                previous[k] = before
+        return UndoRecord(self.axis, previous)
+
+
+class _Recorder:
+    """Wraps the predictor to note which slice the worker is on and keep that slice's content before it."""
+
+    def __init__(self, predictor: Any, run: _Run) -> None:
+        self._predictor, self._run = predictor, run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def predict(self, index: int, prompts: Any, multimask: bool = False) -> Any:
+        """Predict through the wrapped predictor, noting the slice first."""
+        self._run.base.setdefault(int(index), self._run.view(int(index)).copy())
+        self._run.last = int(index)
+        return self._predictor.predict(index, prompts, multimask=multimask)
+
+
+class PropagatePanel(QGroupBox):
+    """Up / Down / Both / Fill between keys for the active object, with a stop rule, a report and Cancel."""
+
+    status_changed = Signal(str)
+    finished = Signal(object)  # the PropagationResult applied (its undo: the live slices before), or None
+    _tick = Signal(object, object)  # (run, (done, total, message, slice or None)) from the worker thread
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__("Propagate", parent)
+        self.controller: Any = None
+        self.last_result: PropagationResult | None = None
+        self._run: _Run | None = None
+        self._worker: Any = None
+        self._last: tuple[int, int, set[int]] | None = None  # (object, axis, key slices) of the last run
+        self._kinds: dict[int, str] = {}  # slice -> "key" / "propagated" / "interpolated" of that object
+        self._overlay_on = False
+        self._axis: int | None = None
+
+        self.up_button = _button("Up", "Propagate from the highest key slice towards higher slice numbers")
+        self.down_button = _button("Down", "Propagate from the lowest key slice towards lower slice numbers")
+        self.both_button = _button("Both", "Propagate outward from the key slices and fill the gaps between them")
+        self.fill_button = _button("Fill between keys", "Only fill the slices between the key slices")
+        self.cancel_button = _button("Cancel", "Stop after the current slice; the slices finished so far are kept")
+        self.range_slider = QLabeledRangeSlider(Qt.Orientation.Horizontal)
+        self.limit_check = QCheckBox("limit to range")
+        self.limit_check.setToolTip("Fronts stop at the ends of the slice range")
+        self.stop_spins = {name: _stop_spin(name) for name in STOP_FIELDS}
+        self.prompt_combo = QComboBox()
+        self.prompt_combo.addItems(PROMPT_MODES)
+        self.prompt_combo.setToolTip("How each slice is prompted from the previous one's mask")
+        self.repropagate_check = QCheckBox("Re-propagate corrections")
+        self.repropagate_check.setChecked(True)
+        self.repropagate_check.setToolTip("After a propagation, a new prompt on another slice re-propagates from it")
+        self.summary, self.status_label = QLabel(""), QLabel("")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setMinimumHeight(120)
+        self.table.setToolTip("Click a row to show that slice")
+
+        layout = QVBoxLayout(self)
+        for row in ((self.up_button, self.down_button, self.both_button), (self.fill_button, self.cancel_button)):
+            line = QHBoxLayout()
+            for button in row:
+                line.addWidget(button)
+            layout.addLayout(line)
+        form = QFormLayout()
+        form.addRow("slices", self.range_slider)
+        form.addRow("", self.limit_check)
+        for name, spin in self.stop_spins.items():
+            form.addRow(STOP_FIELDS[name][0], spin)
+        form.addRow("prompt", self.prompt_combo)
+        form.addRow("", self.repropagate_check)
+        layout.addLayout(form)
+        for widget in (self.summary, self.table, self.status_label):
+            layout.addWidget(widget)
+        self.summary.setWordWrap(True)
+        self.status_label.setWordWrap(True)
+        self.up_button.clicked.connect(lambda: self.propagate("up"))
+        self.down_button.clicked.connect(lambda: self.propagate("down"))
+        self.both_button.clicked.connect(lambda: self.propagate("both"))
+        self.fill_button.clicked.connect(lambda: self.propagate("both", fill_only=True))
+        self.cancel_button.clicked.connect(self.cancel)
+        self.table.cellClicked.connect(self._row_clicked)
+        self._tick.connect(self._on_tick)
+        self._update_enabled()
+
+    # ------------------------------------------------------------------ wiring
+    @property
+    def busy(self) -> bool:
+        """True while a run is in flight."""
+        return self._run is not None
+
+    def set_controller(self, controller: Any) -> None:
+        """Work on ``controller``'s active object (None: segmentation stopped, everything disabled)."""
+        if self._run is not None:
+            self._run.cancel.set()  # the run still lands in its own controller's labels and history
+        self._wire(self.controller, connect=False)
+        self._hide_overlay()
+        self.controller, self._last, self._kinds, self._axis = controller, None, {}, None
+        self._wire(controller, connect=True)
+        self._on_dims()
+        self._update_enabled()
+
+    def _wire(self, controller: Any, connect: bool) -> None:
+        if controller is None:
+            return
+        pairs = [(controller.mask_written, self._on_mask_written)]
+        pairs += [(getattr(controller.viewer.dims.events, name), self._on_dims) for name in DIMS_EVENTS]
+        for emitter, slot in pairs:
+            (emitter.connect if connect else emitter.disconnect)(slot)
+
+    def _update_enabled(self) -> None:
+        on, busy = self.controller is not None, self._run is not None
+        for button in (self.up_button, self.down_button, self.both_button, self.fill_button):
+            button.setEnabled(on and not busy)
+        self.cancel_button.setEnabled(busy)
+        for widget in (self.range_slider, self.limit_check, self.prompt_combo, self.repropagate_check,
+                       *self.stop_spins.values()):
+            widget.setEnabled(on)
+
+    def _set_status(self, text: str, level: str | None = None) -> None:
+        self.status_label.setText(text)
+        self.status_changed.emit(text)
+        if level is not None:
+            _notify(level, text)
+
+    def stop_rule(self) -> StopRule:
+        """The stop rule the widgets describe (the slice range only when "limit to range" is on)."""
+        z_range = tuple(int(v) for v in self.range_slider.value()) if self.limit_check.isChecked() else (None, None)
+        return StopRule(z_range=z_range, **{name: spin.value() for name, spin in self.stop_spins.items()})
+
+    def prompt_settings(self) -> PromptSettings:
+        """The prompt settings (mode from the combo box)."""
+        return PromptSettings(mode=self.prompt_combo.currentText())
+
+    # ------------------------------------------------------------------ starting runs
+    def propagate(self, direction: str = "both", *, fill_only: bool = False) -> bool:
+        """Propagate the active object along the shown plane's axis; False (and a warning) when it cannot start."""
+        c = self.controller
+        if c is None or self._run is not None:
+            return False
+        plane, obj = c.current_plane(), c.session.active
+        keys = {} if plane is None or obj is None else key_masks(c.session, obj, plane[0], plane[1])
+        problem = ("Show a 2D slice of the scan to propagate (not the 3D view)." if plane is None else
+                   "No object to propagate: add an object and segment it on a slice first." if obj is None else
+                   f"Object {obj} has no voxels along this axis: segment it on a slice first." if not keys else
+                   "Fill between keys needs at least two key slices." if fill_only and len(keys) < 2 else "")
+        if problem:
+            self._set_status(problem, "warning")
+            return False
+        axis, rule = plane[0], self.stop_rule()  # type: ignore[index]
+        if fill_only:  # the fronts stay between the first and the last key slice
+            lo, hi = rule.z_range
+            lo, hi = max(min(keys), 0 if lo is None else lo), min(max(keys), max(keys) if hi is None else hi)
+            rule = dataclasses.replace(rule, z_range=(lo, hi))
+            if rule.z_range[0] > rule.z_range[1]:
+                self._set_status("The slice range does not lie between the key slices.", "warning")
+                return False
+        prompt = self.prompt_settings()
+
+        def call(predictor: Any, run: _Run, **common: Any) -> PropagationResult:
+            return propagate(predictor, run.snapshot, obj, keys, direction=direction, stop=rule, prompt=prompt,
+                             **common)
+
+        what = "filling between key slices" if fill_only else f"propagating {direction}"
+        return self._start(obj, axis, set(keys), call, what)
+
+    def repropagate_from(self, index: int) -> bool:
+        """Re-propagate the last run's object from its corrected slice ``index`` (other key slices protected)."""
+        c = self.controller
+        if c is None or self._run is not None or self._last is None or self._last[0] not in c.session:
+            return False
+        obj, axis, keys = self._last
+        mask = c.session.labels[slice_index(axis, index)] == obj
+        if not mask.any():
+            return False
+        rule, prompt = self.stop_rule(), self.prompt_settings()
+
+        def call(predictor: Any, run: _Run, **common: Any) -> PropagationResult:
+            return repropagate(predictor, run.snapshot, obj, index, mask, other_keys=sorted(keys), stop=rule,
+                               prompt=prompt, **common)
+
+        return self._start(obj, axis, keys | {int(index)}, call, f"re-propagating from slice {index}")
+
+    def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str) -> bool:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        c = self.controller
+        if hasattr(c, "_record_paint"):
+            c._record_paint()  # a stroke napari announced but the controller has not recorded yet
+        run = _Run(c, obj, axis, keys, what)
+        locked, overwrite = c.session.locked_mask(), bool(c.overwrite)
+
+        def report(done: int, total: int, message: str) -> None:  # worker thread
+            k = run.last
+            content = None if k is None else (k, run.base.get(k), run.view(k).copy())
+            self._tick.emit(run, (done, total, message, content))
+
+        def job() -> tuple[PropagationResult | Exception]:
+            # Errors come back in the result: napari's worker status handler cannot take an error argument.
+            try:
+                c.scan_signature()  # hashes the scan the first time: never on the Qt thread
+                predictor = _Recorder(c.predictor(axis), run)
+                return (call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report),)
+            except Exception as error:  # noqa: BLE001 (reported on the Qt thread)
+                return (error,)
+
+        run.bar = progress(total=0, desc=f"Object {obj}: {what}")
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda outcome: self._finish(run, outcome[0]))
+        self._run, self._worker = run, worker
+        self._set_status(f"Object {obj}: {what}...")
+        self._update_enabled()
+        worker.start()
+        return True
+
+    def cancel(self) -> None:
+        """Ask the run to stop after the slice it is on; the slices finished so far are kept."""
+        if self._run is not None:
+            self._run.cancel.set()
+            self._set_status("Cancelling: the slices finished so far are kept...")
+
+    # ------------------------------------------------------------------ results reach the live labels
+    def _on_tick(self, run: _Run, payload: tuple) -> None:
+        if run is not self._run:
+            return
+        done, total, message, content = payload
+        run.bar.total = max(int(total), int(done))
+        run.bar.update(int(done) - run.bar.n)
+        run.bar.set_description(f"Object {run.obj}: {message}")
+        if content is not None and run.merge(*content):  # the mask grows on screen
+            run.controller.labels_layer.refresh()
+
+    def _finish(self, run: _Run, outcome: PropagationResult | Exception) -> None:
+        result = outcome if isinstance(outcome, PropagationResult) else None
+        self._run, self._worker = None, None
+        run.bar.close()
+        previous = {} if result is None else result.undo.previous
+        for k in sorted(set(run.expected) | set(previous)):  # after an error the snapshot is restored: this reverts
+            run.merge(k, previous.get(k), run.view(k).copy())
+        applied = None if result is None else dataclasses.replace(result, undo=run.undo_record())
+        if applied is not None and applied.written_slices and run.obj in run.controller.session:
+            run.controller.session.push_propagation(run.obj, applied)
+        run.controller.labels_layer.refresh()
+        self._update_enabled()
+        if applied is None:
+            self._set_status(f"Object {run.obj}: {run.what} failed: {outcome}. Your labels are as they were.",
+                             "warning" if isinstance(outcome, MedSamError) else "error")
+        elif run.controller is self.controller:
+            self.last_result = applied
+            same = self._last is not None and self._last[:2] == (run.obj, run.axis)
+            self._last = (run.obj, run.axis, set(run.keys) | (self._last[2] if same else set()))  # type: ignore[index]
+            self._show(applied, run.keys, keep=same)
+            self._set_status(f"Object {run.obj}: {summarize(applied)}. {len(applied.written_slices)} slice(s) "
+                             "changed; Ctrl+Z undoes the run.")
+        self.finished.emit(applied)
+
+    def _on_mask_written(self, info: Any) -> None:
+        """A new prediction of the last run's object on another slice is a correction: re-propagate from it."""
+        axis, index, label = (int(v) for v in info)
+        if (not self.repropagate_check.isChecked() or self._run is not None or self._last is None
+                or (label, axis) != self._last[:2] or index in self._last[2]):
+            return
+        labels = self.controller.session.labels
+        near = [j for j in (index - 1, index + 1) if 0 <= j < labels.shape[axis]]
+        if any((labels[slice_index(axis, j)] == label).any() for j in near):  # inside the run's reach (not undone)
+            self.repropagate_from(index)
+
+    # ------------------------------------------------------------------ report and overlay
+    def _show(self, result: PropagationResult, keys: set[int], keep: bool = False) -> None:
+        self.summary.setText(summarize(result))
+        rows = sorted(result.reports, key=lambda r: r.index)
+        self.table.setRowCount(len(rows))
+        bold = QFont()
+        bold.setBold(True)
+        for i, r in enumerate(rows):
+            cells = (str(r.index), r.kind, "" if r.area_px is None else str(r.area_px),
+                     "" if r.score is None else f"{r.score:.2f}", "" if r.overlap is None else f"{r.overlap:.2f}",
+                     "key slice" if r.kind == "key" else f"{r.front}: {r.status}")
+            for j, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setData(Qt.ItemDataRole.UserRole, int(r.index))
+                if r.kind == "key":
+                    item.setFont(bold)
+                self.table.setItem(i, j, item)
+        self.table.resizeColumnsToContents()
+        self._kinds = {**(self._kinds if keep else {}), **{r.index: r.kind for r in rows if r.kind in KEPT}}
+        self._kinds.update({k: "key" for k in keys})
+        self._update_overlay()
+
+    def _row_clicked(self, row: int, column: int = 0) -> None:
+        item = self.table.item(row, 0)
+        if item is not None and self.controller is not None and self.last_result is not None:
+            self.go_to_slice(self.last_result.axis, int(item.data(Qt.ItemDataRole.UserRole)))
+
+    def go_to_slice(self, axis: int, index: int) -> None:
+        """Move the viewer to slice ``index`` along the scan's ``axis``."""
+        c = self.controller
+        dims = c.viewer.dims
+        data = np.asarray(c.image_layer.world_to_data(dims.point), float)[-3:]
+        data[axis] = index
+        world = np.asarray(c.image_layer.data_to_world(data), float)[-3:]
+        dims.set_point(dims.ndim - 3 + axis, float(world[axis]))
+
+    def _on_dims(self, event: Any = None) -> None:
+        plane = None if self.controller is None else self.controller.current_plane()
+        if plane is not None and plane[0] != self._axis:  # a new axis: the range covers all of it
+            self._axis, n = plane[0], int(self.controller.shape[plane[0]])
+            self.range_slider.setRange(0, n - 1)
+            self.range_slider.setValue((0, n - 1))
+        self._update_overlay()
+
+    def _update_overlay(self) -> None:
+        """Say on the canvas whether the shown slice is a key slice or a propagated one of the last run's object."""
+        c, last = self.controller, self._last
+        plane = None if c is None or last is None else c.current_plane()
+        kind = None if plane is None or plane[0] != last[1] else self._kinds.get(plane[1])  # type: ignore[index]
+        if kind is None or not (c.session.labels[slice_index(*plane)] == last[0]).any():  # type: ignore[index,misc]
+            self._hide_overlay()  # nothing known here, or undone / erased since
+            return
+        overlay = _text_overlay(c.viewer)
+        overlay.text = f"object {last[0]}: {'key slice' if kind == 'key' else kind}"  # type: ignore[index]
+        overlay.visible = self._overlay_on = True
+
+    def _hide_overlay(self) -> None:
+        if self._overlay_on and self.controller is not None:
+            _text_overlay(self.controller.viewer).visible = False
+        self._overlay_on = False
