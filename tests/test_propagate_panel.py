@@ -10,6 +10,8 @@ from gt_predictor import GroundTruthPredictor, box_of, dice3d
 from test_controller import go_to, model, settle  # noqa: F401  (fixtures)
 
 from napari_medsam._napari import propagate_panel as panel_module
+from napari_medsam._napari import propagate_run
+from napari_medsam.segment import propagation as engine
 from napari_medsam.segment.predictor import Prompts
 
 SHAPE = (20, 32, 32)
@@ -153,13 +155,13 @@ def test_up_down_fill_and_z_range(scene, qtbot):
 def test_settings_reach_the_engine(scene, qtbot, monkeypatch):
     _, controller, panel, _, _, _ = scene
     seen = {}
-    original = panel_module.propagate
+    original = engine.propagate
 
     def spy(predictor, labels, value, keys, **options):
         seen.update(options, keys=sorted(keys), labels=labels)
         return original(predictor, labels, value, keys, **options)
 
-    monkeypatch.setattr(panel_module, "propagate", spy)
+    monkeypatch.setattr(engine, "propagate", spy)
     panel.stop_spins["min_score"].setValue(0.3)
     panel.stop_spins["min_overlap"].setValue(0.4)
     panel.stop_spins["max_empty_slices"].setValue(2)
@@ -226,7 +228,7 @@ def test_hand_painted_slice_is_a_key(scene, qtbot):
     labels.paint((9, 16, 17), 2)  # object 2 exists only as a hand-painted disk
     qtbot.wait(20)
     controller.session.select(2)
-    assert list(panel_module.key_masks(controller.session, 2, 0, 9)) == [9]
+    assert list(propagate_run.key_masks(controller.session, 2, 0, 9)) == [9]
     run(qtbot, panel, panel.both_button)
     assert reach(labels.data, 2) == [k for k in range(FIRST, LAST + 1) if k != KEY]  # object 1 keeps its key slice
     assert panel.last_result.reports_for(9)[0].kind == "key"

@@ -244,7 +244,7 @@ class ModelPanel(QGroupBox):
 
     def download(self) -> FunctionWorker | None:
         """Download the chosen model's weights in a worker (napari progress bar); return the worker."""
-        from napari.qt.threading import create_worker
+        from .workers import start_worker
 
         from ..models.weights import download_weights
         from .progress import download_progress
@@ -266,16 +266,12 @@ class ModelPanel(QGroupBox):
                 except RuntimeError:  # the panel was deleted while downloading
                     cancel.set()
 
-        worker = create_worker(download_weights, spec, target, progress=report, cancel=cancel, _ignore_errors=True)
         self._download = {"spec": spec, "cancel": cancel,
                           "bar": download_progress(f"Downloading {spec.display_name}"), "text": "downloading..."}
-        worker.returned.connect(self._downloaded)
-        worker.errored.connect(self._download_failed)
-        worker.finished.connect(self._download_finished)
         self._set_status(f"downloading {spec.display_name} weights...")
         self.refresh()
-        worker.start()
-        return worker
+        return start_worker(download_weights, spec, target, progress=report, cancel=cancel, on_done=self._downloaded,
+                            on_error=self._download_failed, on_finished=self._download_finished)
 
     def cancel_download(self) -> None:
         """Stop the running download (the partial file is kept; the next download resumes)."""
@@ -316,7 +312,7 @@ class ModelPanel(QGroupBox):
 
     def load(self) -> FunctionWorker | None:
         """Build the chosen model on the chosen device in a worker (downloading first if needed)."""
-        from napari.qt.threading import create_worker
+        from .workers import start_worker
 
         if self._load_worker is not None:
             return None
@@ -340,14 +336,11 @@ class ModelPanel(QGroupBox):
             path = resolve_weights(spec, local, download=False, cache_dir=cache)  # hashes a new file once
             return SamModel.from_checkpoint(spec.name, path, device=device, download=False)
 
-        worker = create_worker(job, _ignore_errors=True)
-        worker.returned.connect(self._loaded)  # bound methods: Qt drops them if the panel is deleted
-        worker.errored.connect(self._load_failed)
-        worker.finished.connect(self._load_done)
-        self._load_worker, self._loading = worker, spec
+        self._loading = spec
         self._set_status(f"loading {spec.display_name} on {self._device_text(device)}...")
+        worker = start_worker(job, on_done=self._loaded, on_error=self._load_failed, on_finished=self._load_done)
+        self._load_worker = worker
         self.refresh()
-        worker.start()
         return worker
 
     @staticmethod

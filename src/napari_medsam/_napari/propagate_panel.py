@@ -10,9 +10,7 @@ the session (its "before" slices are the live ones), so one Ctrl+Z removes it wh
 from __future__ import annotations
 
 import dataclasses
-import re
-import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from qtpy.QtCore import Qt, Signal
@@ -22,16 +20,17 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpin
 from superqt import QLabeledRangeSlider
 
 from ..errors import MedSamError
-from ..segment.propagation import propagate, repropagate
-from ..segment.propagation_run import PropagationResult, UndoRecord, slice_index
-from ..segment.prompting import PromptSettings
 from ..segment.stop_rules import StopRule
 
-__all__ = ["COLUMNS", "PROMPT_MODES", "PropagatePanel", "key_masks", "summarize"]
+if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not when the panel docks
+    from ..segment.prompting import PromptSettings
+    from ..segment.propagation_run import PropagationResult
+    from .propagate_run import Run
+
+__all__ = ["COLUMNS", "PROMPT_MODES", "PropagatePanel"]
 
 PROMPT_MODES = ("box+mask", "box", "mask", "points", "box+points", "points+mask", "box+points+mask")
 COLUMNS = ("slice", "kind", "area px", "IoU", "overlap", "status")
-KEPT = ("key", "propagated", "interpolated")
 DIMS_EVENTS = ("current_step", "order", "ndisplay")
 # StopRule field -> (label, tooltip): the spin boxes edit exactly these fields.
 STOP_FIELDS = {
@@ -45,44 +44,6 @@ def _notify(level: str, message: str) -> None:
     from napari.utils import notifications
 
     (notifications.show_error if level == "error" else notifications.show_warning)(message)
-
-
-def key_masks(session: Any, obj: int, axis: int, current: int | None = None) -> dict[int, np.ndarray]:
-    """The object's key slices along ``axis`` as {index: its voxels there, hand corrections included}.
-
-    Slices with a kept prediction that still hold the object; else slices where it has
-    hand-painted voxels; else the slice ``current`` if it holds the object; else its largest slice.
-    """
-    labels, others = session.labels, tuple(a for a in range(3) if a != axis)
-
-    def mask(k: int) -> np.ndarray:
-        return labels[slice_index(axis, int(k))] == obj
-
-    keys = {k: m for k in session.predicted_slices(obj, axis) if (m := mask(k)).any()}
-    if keys:
-        return keys
-    own = labels == obj
-    painted = np.flatnonzero((own & session.locked_mask()).any(axis=others))
-    if painted.size:
-        return {int(k): mask(k) for k in painted}
-    area = own.sum(axis=others)
-    best = int(current) if current is not None and area[current] else int(np.argmax(area))
-    return {best: mask(best)} if area.any() else {}
-
-
-def summarize(result: PropagationResult) -> str:
-    """One line: the slices reached, and why and where each outward front stopped."""
-    kept = sorted({r.index for r in result.reports if r.kind in KEPT})
-    text = f"reached slices {kept[0]}-{kept[-1]}" if kept else "no slice kept"
-    ends = []
-    for name, reason in result.stop_reasons.items():
-        if not name.startswith("fill"):
-            rows = [r.index for r in result.reports if r.front == name]
-            reason = re.sub(r"empty \((\d+) missed slices? in a row\)", r"empty x\1", reason)
-            ends.append(f"{name.replace('correction ', '')}: {reason}" + (f" at {rows[-1]}" if rows else ""))
-    gaps = {name.split()[1] for name in result.stop_reasons if name.startswith("fill")}
-    text += (", stopped " + "; ".join(ends) if ends else "") + (f"; {len(gaps)} gap(s) filled" if gaps else "")
-    return ("cancelled, " if result.cancelled else "") + text
 
 
 def _button(text: str, tip: str) -> QPushButton:
@@ -110,63 +71,6 @@ def _text_overlay(viewer: Any) -> Any:
     return overlays["text"] if overlays is not None and "text" in overlays else viewer.text_overlay
 
 
-class _Run:
-    """One run: the snapshot the worker writes, and the bookkeeping that merges it into the live labels."""
-
-    def __init__(self, controller: Any, obj: int, axis: int, keys: set[int], what: str) -> None:
-        self.controller, self.obj, self.axis, self.keys, self.what = controller, obj, axis, keys, what
-        self.live = controller.session.labels
-        self.snapshot = np.array(self.live, copy=True)
-        self.cancel = threading.Event()
-        self.last: int | None = None  # the slice the worker predicted last
-        self.base: dict[int, np.ndarray] = {}  # worker side: snapshot slices before the engine wrote them
-        self.expected: dict[int, np.ndarray] = {}  # engine content last merged into each live slice
-        self.before: dict[int, np.ndarray] = {}  # live slices before the first merge
-        self.bar: Any = None
-
-    def view(self, k: int, live: bool = False) -> np.ndarray:
-        """Slice ``k`` of the snapshot (or of the live labels)."""
-        return (self.live if live else self.snapshot)[slice_index(self.axis, k)]
-
-    def merge(self, k: int, base: np.ndarray | None, new: np.ndarray) -> bool:
-        """Copy engine slice ``new`` into the live slice where the user changed nothing since; True if it wrote."""
-        expected = self.expected.get(k, base)
-        if expected is None:
-            return False
-        live = self.view(k, live=True)
-        self.before.setdefault(k, live.copy())
-        take = (live == expected) & (live != new)
-        live[take] = new[take]
-        self.expected[k] = new
-        return bool(take.any())
-
-    def undo_record(self) -> UndoRecord:
-        """The live slices before this run's voxels (the user's own later edits left as they are now)."""
-        previous = {}
-        for k, orig in self.before.items():
-            live = self.view(k, live=True)
-            before = np.where(live == self.expected[k], orig, live).astype(live.dtype)
-            if not np.array_equal(before, live):
-                previous[k] = before
-        return UndoRecord(self.axis, previous)
-
-
-class _Recorder:
-    """Wraps the predictor to note which slice the worker is on and keep that slice's content before it."""
-
-    def __init__(self, predictor: Any, run: _Run) -> None:
-        self._predictor, self._run = predictor, run
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._predictor, name)
-
-    def predict(self, index: int, prompts: Any, multimask: bool = False) -> Any:
-        """Predict through the wrapped predictor, noting the slice first."""
-        self._run.base.setdefault(int(index), self._run.view(int(index)).copy())
-        self._run.last = int(index)
-        return self._predictor.predict(index, prompts, multimask=multimask)
-
-
 class PropagatePanel(QGroupBox):
     """Up / Down / Both / Fill between keys for the active object, with a stop rule, a report and Cancel."""
 
@@ -178,7 +82,7 @@ class PropagatePanel(QGroupBox):
         super().__init__("Propagate", parent)
         self.controller: Any = None
         self.last_result: PropagationResult | None = None
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._worker: Any = None
         self._last: tuple[int, int, set[int]] | None = None  # (object, axis, key slices) of the last run
         self._kinds: dict[int, str] = {}  # slice -> "key" / "propagated" / "interpolated" of that object
@@ -281,13 +185,18 @@ class PropagatePanel(QGroupBox):
         z_range = tuple(int(v) for v in self.range_slider.value()) if self.limit_check.isChecked() else (None, None)
         return StopRule(z_range=z_range, **{name: spin.value() for name, spin in self.stop_spins.items()})
 
-    def prompt_settings(self) -> PromptSettings:
+    def prompt_settings(self) -> "PromptSettings":
         """The prompt settings (mode from the combo box)."""
+        from ..segment.prompting import PromptSettings
+
         return PromptSettings(mode=self.prompt_combo.currentText())
 
     # ------------------------------------------------------------------ starting runs
     def propagate(self, direction: str = "both", *, fill_only: bool = False) -> bool:
         """Propagate the active object along the shown plane's axis; False (and a warning) when it cannot start."""
+        from ..segment.propagation import propagate
+        from .propagate_run import key_masks
+
         c = self.controller
         if c is None or self._run is not None:
             return False
@@ -310,7 +219,7 @@ class PropagatePanel(QGroupBox):
                 return False
         prompt = self.prompt_settings()
 
-        def call(predictor: Any, run: _Run, **common: Any) -> PropagationResult:
+        def call(predictor: Any, run: Run, **common: Any) -> PropagationResult:
             return propagate(predictor, run.snapshot, obj, keys, direction=direction, stop=rule, prompt=prompt,
                              **common)
 
@@ -319,6 +228,9 @@ class PropagatePanel(QGroupBox):
 
     def repropagate_from(self, index: int) -> bool:
         """Re-propagate the last run's object from its corrected slice ``index`` (other key slices protected)."""
+        from ..segment.propagation import repropagate
+        from ..segment.propagation_run import slice_index
+
         c = self.controller
         if c is None or self._run is not None or self._last is None or self._last[0] not in c.session:
             return False
@@ -328,20 +240,22 @@ class PropagatePanel(QGroupBox):
             return False
         rule, prompt = self.stop_rule(), self.prompt_settings()
 
-        def call(predictor: Any, run: _Run, **common: Any) -> PropagationResult:
+        def call(predictor: Any, run: Run, **common: Any) -> PropagationResult:
             return repropagate(predictor, run.snapshot, obj, index, mask, other_keys=sorted(keys), stop=rule,
                                prompt=prompt, **common)
 
         return self._start(obj, axis, keys | {int(index)}, call, f"re-propagating from slice {index}")
 
     def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str) -> bool:
+        from .propagate_run import Recorder, Run
+
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
         c = self.controller
         if hasattr(c, "_record_paint"):
             c._record_paint()  # a stroke napari announced but the controller has not recorded yet
-        run = _Run(c, obj, axis, keys, what)
+        run = Run(c, obj, axis, keys, what)
         locked, overwrite = c.session.locked_mask(), bool(c.overwrite)
 
         def report(done: int, total: int, message: str) -> None:  # worker thread
@@ -353,7 +267,7 @@ class PropagatePanel(QGroupBox):
             # Errors come back in the result: napari's worker status handler cannot take an error argument.
             try:
                 c.scan_signature()  # hashes the scan the first time: never on the Qt thread
-                predictor = _Recorder(c.predictor(axis), run)
+                predictor = Recorder(c.predictor(axis), run)
                 return (call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report),)
             except Exception as error:  # noqa: BLE001 (reported on the Qt thread)
                 return (error,)
@@ -374,17 +288,24 @@ class PropagatePanel(QGroupBox):
             self._set_status("Cancelling: the slices finished so far are kept...")
 
     # ------------------------------------------------------------------ results reach the live labels
-    def _on_tick(self, run: _Run, payload: tuple) -> None:
+    def _on_tick(self, run: Run, payload: tuple) -> None:
         if run is not self._run:
             return
         done, total, message, content = payload
+        # Merge before touching the progress bar: updating it may process pending events, the
+        # run's end among them, which must find this slice already merged.
+        if content is not None and run.merge(*content):  # the mask grows on screen
+            run.controller.labels_layer.refresh()
+        if run is not self._run:
+            return
         run.bar.total = max(int(total), int(done))
         run.bar.update(int(done) - run.bar.n)
         run.bar.set_description(f"Object {run.obj}: {message}")
-        if content is not None and run.merge(*content):  # the mask grows on screen
-            run.controller.labels_layer.refresh()
 
-    def _finish(self, run: _Run, outcome: PropagationResult | Exception) -> None:
+    def _finish(self, run: Run, outcome: PropagationResult | Exception) -> None:
+        from ..segment.propagation_run import PropagationResult
+        from .propagate_run import summarize
+
         result = outcome if isinstance(outcome, PropagationResult) else None
         self._run, self._worker = None, None
         run.bar.close()
@@ -410,6 +331,8 @@ class PropagatePanel(QGroupBox):
 
     def _on_mask_written(self, info: Any) -> None:
         """A new prediction of the last run's object on another slice is a correction: re-propagate from it."""
+        from ..segment.propagation_run import slice_index
+
         axis, index, label = (int(v) for v in info)
         if (not self.repropagate_check.isChecked() or self._run is not None or self._last is None
                 or (label, axis) != self._last[:2] or index in self._last[2]):
@@ -421,6 +344,8 @@ class PropagatePanel(QGroupBox):
 
     # ------------------------------------------------------------------ report and overlay
     def _show(self, result: PropagationResult, keys: set[int], keep: bool = False) -> None:
+        from .propagate_run import KEPT, summarize
+
         self.summary.setText(summarize(result))
         rows = sorted(result.reports, key=lambda r: r.index)
         self.table.setRowCount(len(rows))
@@ -465,6 +390,8 @@ class PropagatePanel(QGroupBox):
 
     def _update_overlay(self) -> None:
         """Say on the canvas whether the shown slice is a key slice or a propagated one of the last run's object."""
+        from ..segment.propagation_run import slice_index
+
         c, last = self.controller, self._last
         plane = None if c is None or last is None else c.current_plane()
         kind = None if plane is None or plane[0] != last[1] else self._kinds.get(plane[1])  # type: ignore[index]

@@ -185,7 +185,7 @@ class SegmentPanel(QGroupBox):
     # ------------------------------------------------------------------ precompute
     def precompute(self) -> Any:
         """Embed the chosen slices of the shown plane in a napari worker with a progress bar; returns the worker."""
-        from napari.qt.threading import create_worker
+        from .workers import start_worker
 
         controller = self.controller
         if controller is None or self.worker is not None:
@@ -194,21 +194,19 @@ class SegmentPanel(QGroupBox):
         axis = 0 if plane is None else plane[0]
         first, last = sorted((self.first.value(), self.last.value()))
         total = last - first + 1
-        worker = create_worker(precompute_job, controller, axis, first, last,
-                               _progress={"total": total, "desc": "Embedding slices"})
         done = [0]
 
         def step(index: int) -> None:
             done[0] += 1
             self.state.setText(f"Precomputing: slice {index} ({done[0]}/{total})")
 
-        worker.yielded.connect(step)
-        worker.errored.connect(lambda exc: self.error.emit(f"Precompute failed: {exc}"))
-        worker.finished.connect(lambda: self._precompute_finished(done[0], total))
-        self.worker = worker
         self.precompute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        worker.start()
+        worker = start_worker(precompute_job, controller, axis, first, last, on_yield=step,
+                              on_error=lambda exc: self.error.emit(f"Precompute failed: {exc}. The slices done stay cached."),
+                              on_finished=lambda: self._precompute_finished(done[0], total),
+                              progress_bar={"total": total, "desc": "Embedding slices"})
+        self.worker = worker
         return worker
 
     def cancel_precompute(self) -> None:

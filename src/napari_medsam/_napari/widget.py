@@ -1,8 +1,10 @@
-"""The napari-medsam dock widget: scan, window, label layers and export.
+"""The napari-medsam dock widget: scan, model, objects, segmentation, propagation, labels and export.
 
-This panel is the home of the segmentation workflow; this module holds the parts every
-workflow needs: which scan, how it is windowed, its geometry, a label layer on its grid and
-saving that layer in the right format (DICOM-SEG for a DICOM series, NIfTI otherwise).
+The widget composes the panels (:mod:`.model_panel`, :mod:`.objects_panel`, :mod:`.segment_panel`,
+:mod:`.propagate_panel`) around one :class:`~.controller.SegmentationController`, which it starts
+when a model is loaded and a scan is picked, and restarts when the scan changes. This module
+holds the scan picker and window, the label layer on the scan's grid, and saving that layer in
+the right format (DICOM-SEG for a DICOM series, NIfTI otherwise).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
+    QScrollArea,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -24,8 +27,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..errors import MedSamError
 from ..windows import CT_WINDOWS, window_limits
 from .layers import META_KEY, labels_layer_data, volume_from_layer_meta
+from .model_panel import ModelPanel
+from .objects_panel import ObjectsPanel
+from .propagate_panel import PropagatePanel
+from .segment_panel import SegmentPanel
+from .settings import Settings
 from .writer import default_output_path
 
 if TYPE_CHECKING:
@@ -37,10 +46,15 @@ AUTO_WINDOW = "auto (0.5-99.5 percentile)"
 class MedSamWidget(QWidget):
     """Dock widget: pick the scan, window it, make and export label layers."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", settings: Settings | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        self.settings = settings if settings is not None else Settings()
         self._worker = None
+        self.controller = None
+        self._starting = False
+        self._seen_image = None
+        self.cache = None
         self.last_saved: Path | None = None
 
         self.image_combo = QComboBox()
@@ -50,7 +64,7 @@ class MedSamWidget(QWidget):
         self.info.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.window_combo = QComboBox()
         self.window_combo.addItems([*CT_WINDOWS.keys(), AUTO_WINDOW])
-        self.window_combo.setToolTip("CT window (level/width in HU); voxels keep their values")
+        self.window_combo.setToolTip("CT window (level/width in HU) for display; voxels keep their values")
 
         scan_box = QGroupBox("Scan")
         scan_form = QFormLayout(scan_box)
@@ -58,12 +72,18 @@ class MedSamWidget(QWidget):
         scan_form.addRow("Window", self.window_combo)
         scan_form.addRow(self.info)
 
+        self.model_panel = ModelPanel(self.settings)
+        self.objects_panel = ObjectsPanel()
+        self.segment_panel = SegmentPanel()
+        self.propagate_panel = PropagatePanel()
+        self.segment_panel.overwrite.setChecked(bool(self.settings.get("overwrite", False)))
+
         self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("Label layer to save (must lie on the scan's grid)")
+        self.labels_combo.setToolTip("The label layer the masks go into (on the scan's grid)")
         self.new_labels_button = QPushButton("New label layer")
         self.new_labels_button.setToolTip("Add an empty Labels layer on the scan's grid")
         self.export_button = QPushButton("Export labels...")
-        self.export_button.setToolTip("DICOM-SEG for a DICOM series, NIfTI otherwise")
+        self.export_button.setToolTip("DICOM-SEG for a DICOM series, NIfTI otherwise; segments named after the objects")
         buttons = QHBoxLayout()
         buttons.addWidget(self.new_labels_button)
         buttons.addWidget(self.export_button)
@@ -75,16 +95,30 @@ class MedSamWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
 
+        content = QWidget()
+        inner = QVBoxLayout(content)
+        for part in (scan_box, self.model_panel, labels_box, self.objects_panel, self.segment_panel,
+                     self.propagate_panel, self.status):
+            inner.addWidget(part)
+        inner.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
         layout = QVBoxLayout(self)
-        layout.addWidget(scan_box)
-        layout.addWidget(labels_box)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(scroll)
+        self.setMinimumWidth(360)
 
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.window_combo.activated.connect(lambda _i: self.apply_window(self.window_combo.currentText()))
-        self.new_labels_button.clicked.connect(self.add_labels_layer)
+        self.window_combo.activated.connect(self._window_picked)
+        self.new_labels_button.clicked.connect(self._new_labels_clicked)
+        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
         self.export_button.clicked.connect(self._export_clicked)
+        self.model_panel.model_changed.connect(self._on_model_changed)
+        self.model_panel.mapping_changed.connect(self._on_mapping_changed)
+        for panel in (self.objects_panel, self.segment_panel):
+            panel.error.connect(self._notify)
+        self.segment_panel.overwrite.toggled.connect(lambda on: self.settings.set("overwrite", bool(on)))
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_layers)
         events.removed.connect(self._refresh_layers)
@@ -136,8 +170,13 @@ class MedSamWidget(QWidget):
         if layer is None:
             self.info.setText("Open a CT or MR scan (File > Open, or File > Open Sample > napari-medsam).")
             self.window_combo.setEnabled(False)
+            self._seen_image = None
+            self._sync_controller(may_start=False)
             return
         self.window_combo.setEnabled(True)
+        # Only a newly chosen scan starts segmentation: removing layers (or closing napari) must not.
+        new_scan, self._seen_image = layer is not self._seen_image, layer
+        self._sync_controller(may_start=new_scan)
         if volume is None:
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
@@ -153,10 +192,108 @@ class MedSamWidget(QWidget):
         self.info.setText("<br>".join(lines))
         is_ct = volume.modality == "CT"
         self.window_combo.blockSignals(True)
-        self.window_combo.setCurrentText("soft tissue" if is_ct else AUTO_WINDOW)
+        preferred = self.settings.get("window", "soft tissue")
+        self.window_combo.setCurrentText((preferred if preferred in CT_WINDOWS else "soft tissue") if is_ct
+                                         else AUTO_WINDOW)
         self.window_combo.blockSignals(False)
+        if is_ct and self.window_combo.currentText() != "soft tissue":
+            self.apply_window(self.window_combo.currentText())
+
+    # ----------------------------------------------------------------- segmentation
+    def _on_model_changed(self, model) -> None:
+        self._sync_controller()
+
+    def _on_mapping_changed(self) -> None:
+        if self.controller is not None:
+            self.controller.set_mapping(self.model_panel.mapping_for(self.controller.image_layer))
+
+    def _on_labels_changed(self, _index: int | None = None) -> None:
+        labels = self.labels_layer
+        if self.controller is not None and labels is not None and labels is not self.controller.labels_layer:
+            self.stop_segmentation()
+        self._sync_controller()
+
+    def _sync_controller(self, *, may_start: bool = True) -> None:
+        """Keep, re-model or stop the controller to match the chosen scan, label layer and model; maybe start one."""
+        if self._starting:  # layers added while starting announce themselves: nothing to decide yet
+            return
+        image, model = self.image_layer, self.model_panel.model
+        controller = self.controller
+        if controller is not None and (controller.image_layer is not image or model is None
+                                       or controller.image_layer not in self.viewer.layers
+                                       or controller.labels_layer not in self.viewer.layers):
+            self.stop_segmentation()
+            controller = None
+        if controller is not None:
+            if controller.model is not model:
+                controller.set_model(model)
+            return
+        if image is not None and model is not None and may_start:
+            self.start_segmentation()
+
+    def start_segmentation(self):
+        """Segment the chosen scan with the loaded model into the chosen label layer (a new one if it does not fit)."""
+        image, model = self.image_layer, self.model_panel.model
+        if image is None or model is None:
+            self._notify("Pick a scan and load a model first.")
+            return None
+        if np.ndim(image.data) not in (2, 3) or image.rgb:
+            self._notify(f"{image.name!r} is not a 2D or 3D scalar image (shape {tuple(np.shape(image.data))}"
+                         f"{', RGB' if image.rgb else ''}); pick a CT or MR volume.")
+            return None
+        self._starting = True
+        try:
+            return self._start(image, model)
+        finally:
+            self._starting = False
+
+    def _start(self, image, model):
+        from .controller import SegmentationController
+
+        labels = self.labels_layer
+        if labels is None or tuple(labels.data.shape) != tuple(image.data.shape) or not isinstance(labels.data, np.ndarray):
+            labels = self.add_labels_layer()
+        if self.cache is None:
+            from ..segment.cache import DiskCache, EmbeddingCache, MemoryCache
+
+            self.cache = EmbeddingCache(MemoryCache(), DiskCache())
+        try:
+            controller = SegmentationController(
+                self.viewer, image, labels, model, mapping=self.model_panel.mapping_for(image), cache=self.cache,
+                overwrite=self.segment_panel.overwrite.isChecked())
+        except MedSamError as error:
+            self._notify(str(error))
+            return None
+        self.controller = controller
+        for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
+            panel.set_controller(controller)
+        # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
+        self.viewer.layers.selection.active = controller.points_layer
+        self.status.setText(f"Segmenting {image.name!r} into {labels.name!r} with {self.model_panel.model_name}.")
+        return controller
+
+    def stop_segmentation(self) -> None:
+        """Disconnect the controller (every layer stays as it is)."""
+        if self.controller is None:
+            return
+        controller, self.controller = self.controller, None
+        for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
+            panel.set_controller(None)
+        controller.close()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        """Stop segmenting and any model download/load when the panel closes; the layers stay."""
+        self.stop_segmentation()
+        self.model_panel.shutdown()
+        super().closeEvent(event)
 
     # ----------------------------------------------------------------- window
+    def _window_picked(self, _index: int) -> None:
+        name = self.window_combo.currentText()
+        if name in CT_WINDOWS:
+            self.settings.set("window", name)
+        self.apply_window(name)
+
     def apply_window(self, name: str) -> None:
         """Set the image layer's contrast limits to a CT window or to robust percentiles."""
         layer = self.image_layer
@@ -175,6 +312,8 @@ class MedSamWidget(QWidget):
         )
         layer.contrast_limits = limits
         self.status.setText(f"Window: {name} ({limits[0]:g} to {limits[1]:g})")
+        if self.controller is not None and layer is self.controller.image_layer:
+            self._on_mapping_changed()  # "current contrast limits" follows the window
 
     # ----------------------------------------------------------------- labels
     def add_labels_layer(self, name: str | None = None):
@@ -196,6 +335,11 @@ class MedSamWidget(QWidget):
         self.labels_combo.setCurrentText(new.name)
         return new
 
+    def _new_labels_clicked(self) -> None:
+        self.stop_segmentation()
+        self.add_labels_layer()
+        self._sync_controller()
+
     def _export_clicked(self) -> None:
         layer = self.labels_layer
         if layer is None:
@@ -212,8 +356,7 @@ class MedSamWidget(QWidget):
 
     def export_labels(self, path: str | Path):
         """Save the selected label layer in a background thread; return the napari worker."""
-        from napari.qt.threading import create_worker
-
+        from .workers import start_worker
         from .writer import _segments, source_volume_for
 
         layer = self.labels_layer
@@ -232,14 +375,13 @@ class MedSamWidget(QWidget):
             like = source_volume_for(labels, attributes)
             return save_labels(labels, like, path, segments=_segments(labels, attributes))
 
-        worker = create_worker(save)
-        worker.returned.connect(self._saved)
-        worker.errored.connect(lambda exc: self._notify(f"Export failed: {exc}"))
         self.status.setText(f"Saving {Path(path).name}...")
         self.export_button.setEnabled(False)
-        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+        worker = start_worker(save, on_done=self._saved,
+                              on_error=lambda exc: self._notify(f"Export failed: {exc}. Nothing was written; "
+                                                                "your labels are unchanged in napari."),
+                              on_finished=lambda: self.export_button.setEnabled(True))
         self._worker = worker
-        worker.start()
         return worker
 
     def _saved(self, path: Path) -> None:

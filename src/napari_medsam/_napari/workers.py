@@ -10,9 +10,69 @@ newest, since embedding a slice the user scrolled past is wasted work.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+
+class _Failed:
+    """An exception carried out of a worker as its result."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[Any], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 on_yield: Callable[[Any], None] | None = None, on_finished: Callable[[], None] | None = None,
+                 progress_bar: dict | None = None, **kwargs: Any) -> Any:
+    """Run ``function(*args, **kwargs)`` (a plain function or a generator) in a napari thread worker.
+
+    Exceptions come back as a value and reach ``on_error`` on the Qt thread: napari 0.9's own
+    task-status handler of the ``errored`` signal raises when a viewer is open, so that signal
+    cannot be relied on. Returns the started worker (``worker.quit()`` stops a generator).
+    """
+    import inspect
+
+    from napari.qt.threading import create_worker
+
+    if inspect.isgeneratorfunction(function):
+        def job():
+            try:
+                result = yield from function(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 (handed to on_error on the Qt thread)
+                return _Failed(error)
+            return result
+    else:
+        def job():
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001
+                return _Failed(error)
+
+    options = {"_start_thread": False}
+    if progress_bar is not None:  # napari's own progress bar for a generator: {"total": n, "desc": text}
+        options["_progress"] = progress_bar
+    worker = create_worker(job, **options)
+
+    def returned(result: Any) -> None:
+        try:
+            if isinstance(result, _Failed):
+                log.warning("background task %s failed: %r", getattr(function, "__name__", function), result.error)
+                if on_error is not None:
+                    on_error(result.error)
+            elif on_done is not None:
+                on_done(result)
+        except RuntimeError as error:  # the widget that asked was closed meanwhile
+            log.debug("result of %s not delivered: %s", getattr(function, "__name__", function), error)
+
+    worker.returned.connect(returned)
+    if on_yield is not None:
+        worker.yielded.connect(on_yield)
+    if on_finished is not None:  # connected before the start: a quick job may finish at once
+        worker.finished.connect(on_finished)
+    worker.start()
+    return worker
 
 Slice = tuple[int, int]  # (axis, index)
 
@@ -82,16 +142,10 @@ class EmbeddingQueue:
             item, self._landing = self._landing, None
         else:
             return
-        from napari.qt.threading import create_worker
-
         self._running = item
-        # Errors are reported through on_error (status line), not re-raised in the event loop.
-        worker = create_worker(self._job, *item, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda result, item=item: self._finished(item, result, None))
-        worker.errored.connect(lambda exc, item=item: self._finished(item, None, exc))
-        self._worker = worker
         self._on_start(*item)
-        worker.start()
+        self._worker = start_worker(self._job, *item, on_done=lambda result, item=item: self._finished(item, result, None),
+                                    on_error=lambda exc, item=item: self._finished(item, None, exc))
 
     def _finished(self, item: Slice, result: object, error: Exception | None) -> None:
         self._running = None

@@ -1,0 +1,153 @@
+"""The whole dock widget on the sample CT: model in, click, objects, undo, precompute, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    from test_predictor import tiny_model
+
+    return tiny_model("sam", seed=3)
+
+
+@pytest.fixture
+def workflow(make_napari_viewer, qtbot, model, sample_dir):
+    from napari_medsam._napari.widget import MedSamWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
+    widget = MedSamWidget(viewer)
+    widget.cache = EmbeddingCache(MemoryCache())  # keep the tests off the user's disk cache
+    qtbot.addWidget(widget)
+    widget.model_panel.set_model(model, "mobile_sam")
+    controller = widget.controller
+    assert controller is not None, widget.status.text()
+    yield viewer, widget, controller
+    qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
+    widget.stop_segmentation()
+
+
+def settle(qtbot, controller):
+    qtbot.waitUntil(lambda: controller.queue.running is None and not controller.queue.pending, timeout=30000)
+    qtbot.wait(20)
+
+
+def show_slice(viewer, image, index):
+    viewer.dims.set_point(0, image.data_to_world([index, 0, 0])[0])
+
+
+def test_loading_a_model_starts_segmentation_on_a_new_label_layer(workflow):
+    viewer, widget, controller = workflow
+    image = widget.image_layer
+    assert controller.image_layer is image
+    assert controller.labels_layer.data.shape == image.data.shape
+    np.testing.assert_allclose(controller.labels_layer.scale, image.scale)
+    names = [layer.name for layer in viewer.layers]
+    assert f"{image.name} points" in names and f"{image.name} boxes" in names
+    assert widget.segment_panel.isEnabled() and widget.objects_panel.isEnabled()
+    # Unloading the model stops segmentation; the layers stay.
+    widget.model_panel.set_model(None, "mobile_sam")
+    assert widget.controller is None and f"{image.name} points" in [layer.name for layer in viewer.layers]
+
+
+def test_click_objects_undo_through_the_panels(workflow, qtbot):
+    viewer, widget, controller = workflow
+    image, labels = controller.image_layer, controller.labels_layer
+    middle = image.data.shape[0] // 2
+    show_slice(viewer, image, middle)
+    settle(qtbot, controller)
+    assert "ready" in widget.segment_panel.state.text()
+    controller.points_layer.add([middle, 84, 84])
+    settle(qtbot, controller)
+    assert (labels.data[middle] == 1).any() and not np.delete(labels.data, middle, axis=0).any()
+    assert "predicted IoU" in widget.segment_panel.iou.text() and "3 masks" in widget.segment_panel.iou.text()
+    # Second object from the objects panel, renamed in the table.
+    value = widget.objects_panel.add_object()
+    assert value == 2 and labels.selected_label == 2
+    widget.objects_panel.table.item(1, 1).setText("liver")
+    assert controller.session.object(2).name == "liver"
+    assert labels.metadata["napari_medsam"]["names"][2] == "liver"
+    widget.segment_panel.overwrite.setChecked(True)
+    controller.points_layer.add([middle, 40, 40])
+    settle(qtbot, controller)
+    assert (labels.data[middle] == 2).any()
+    widget.segment_panel.undo_button.click()
+    assert not (labels.data == 2).any() and (labels.data == 1).any()
+    widget.segment_panel.redo_button.click()
+    assert (labels.data == 2).any()
+    # Selecting the first row makes object 1 active; its undo leaves object 2 alone.
+    widget.objects_panel.table.selectRow(0)
+    assert controller.session.active == 1 and labels.selected_label == 1
+    widget.segment_panel.cycle_button.click()
+    assert "predicted IoU" in widget.segment_panel.iou.text()
+
+
+def test_precompute_runs_in_background_and_can_be_cancelled(workflow, qtbot, model, monkeypatch):
+    import time
+
+    viewer, widget, controller = workflow
+    settle(qtbot, controller)
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda rgb: (time.sleep(0.2), original(rgb))[1])
+    panel = widget.segment_panel
+    panel.first.setValue(10)
+    panel.last.setValue(40)
+    worker = panel.precompute()
+    assert worker is not None and panel.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: "Precomputing" in panel.state.text(), timeout=10000)
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30000)
+    assert "cancelled" in panel.state.text()
+    done = [i for i in range(10, 41) if controller.is_embedded(0, i)]
+    assert 0 < len(done) < 31
+    # A second run resumes: the slices done are not embedded again.
+    calls = []
+    monkeypatch.setattr(model, "encode", lambda rgb: (calls.append(1), original(rgb))[1])
+    panel.precompute()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60000)
+    assert "done: 31/31" in panel.state.text()
+    assert len(calls) == 31 - len(done)
+
+
+def test_export_names_segments_after_objects(workflow, qtbot, tmp_path):
+    import nibabel as nib
+
+    viewer, widget, controller = workflow
+    image, labels = controller.image_layer, controller.labels_layer
+    show_slice(viewer, image, 20)
+    settle(qtbot, controller)
+    controller.session.rename(1, "liver")
+    controller.points_layer.add([20, 84, 84])
+    settle(qtbot, controller)
+    # File > Save Layers with the plugin's writer.
+    out = tmp_path / "seg.nii.gz"
+    viewer.layers.selection.active = labels
+    written = labels.save(str(out), plugin="napari-medsam")
+    assert written
+    saved = np.asarray(nib.load(str(out)).dataobj)
+    assert saved.shape[::-1] == labels.data.shape or saved.size == labels.data.size
+    assert (saved == 1).sum() == (labels.data == 1).sum()
+    # The Export button's suggestion follows the source: NIfTI for a NIfTI scan.
+    worker = widget.export_labels(tmp_path / "export.nii.gz")
+    qtbot.waitUntil(lambda: widget.last_saved is not None, timeout=30000)
+    assert worker is not None and widget.last_saved.name == "export.nii.gz"
+
+
+def test_settings_persist_between_widgets(make_napari_viewer, qtbot):
+    from napari_medsam._napari.widget import MedSamWidget
+
+    viewer = make_napari_viewer()
+    first = MedSamWidget(viewer)
+    qtbot.addWidget(first)
+    first.segment_panel.overwrite.setChecked(True)
+    first.window_combo.setCurrentText("bone")
+    first._window_picked(0)
+    second = MedSamWidget(viewer)
+    qtbot.addWidget(second)
+    assert second.segment_panel.overwrite.isChecked()
+    assert second.settings.get("window") == "bone"
