@@ -1,6 +1,11 @@
 """Take the documentation screenshots of the real napari window (run under xvfb-run).
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py docs/images
+
+No real SAM weights can be downloaded on the build machines, so the masks in the workflow
+screenshots come from a ground-truth stand-in predictor (``tests/gt_predictor.py``: the
+phantom's own labels, degraded the way a model errs) plugged into the real controller; the
+window, panel, layers, prompts, propagation and report are the plugin's own.
 """
 
 from __future__ import annotations
@@ -8,22 +13,101 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _settle(app, seconds: float = 0.3) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def _stand_in(controller, truth) -> None:
+    """Answer the controller's predictions from the phantom's ground truth (see the module docstring)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from gt_predictor import GroundTruthPredictor
+
+    spacing = controller.spacing_mm
+    predictors = {axis: GroundTruthPredictor(truth, axis, spacing_mm=spacing, dropout=0.0, leak=0.0, seed=2)
+                  for axis in range(3)}
+    controller.predictor = lambda axis: predictors[axis]
+    controller.is_embedded = lambda axis, index: True
+    controller.scan_signature = lambda: "stand-in"
+    controller.queue.close()
+    controller._set_status("ready (stand-in predictor)")
+
 
 def main(out: Path) -> None:
-    """Save docs/images/demo.png: the CT phantom, its organ labels and the panel."""
+    """Save demo.png and the workflow screenshots into ``out``."""
     import napari
+    import numpy as np
     from qtpy.QtWidgets import QApplication
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_predictor import tiny_model
+
     out.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(title="napari-medsam")
     image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
-    truth.visible = True
-    _, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
-    viewer.layers.selection.active = image
-    viewer.window._qt_window.resize(1400, 860)
+    from qtpy.QtCore import Qt
+
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.resizeDocks([dock], [470], Qt.Horizontal)
     viewer.dims.set_point(0, image.data_to_world([30, 0, 0])[0])
-    QApplication.processEvents()
+    truth.visible = True
+    viewer.layers.selection.active = image
+    _settle(app)
     viewer.screenshot(str(out / "demo.png"), canvas_only=False)
+    truth.visible = False
+
+    # Segmentation with the stand-in: the panel believes a LiteMedSAM-sized model is loaded.
+    widget.model_panel.set_model(tiny_model("sam"), "lite_medsam")
+    widget.model_panel.status.setText("stand-in predictor (screenshots)")
+    controller = widget.controller
+    _stand_in(controller, np.asarray(truth.data))
+    session = controller.session
+    session.rename(1, "liver")
+    viewer.dims.set_point(0, image.data_to_world([26, 0, 0])[0])
+    widget.scroll.ensureWidgetVisible(widget.segment_panel)
+    points = controller.points_layer
+    points.add([26, 76, 50])
+    points.feature_defaults = {"positive": True, "axis": -1, "label": 0}
+    points.add([26, 95, 70])
+    spleen = session.add_object("spleen")
+    controller.boxes_layer.add_rectangles(np.array([[26, 66, 108], [26, 66, 132], [26, 112, 132], [26, 112, 108]],
+                                                   float))
+    viewer.layers.selection.active = points
+    _settle(app)
+    viewer.screenshot(str(out / "workflow-click.png"), canvas_only=False)
+
+    # Propagate the liver through the volume: the mask and the report.
+    session.select(1)
+    panel = widget.propagate_panel
+    panel.propagate("both")
+    while panel.busy:
+        _settle(app, 0.1)
+    session.select(spleen.value)
+    panel.propagate("both")
+    while panel.busy:
+        _settle(app, 0.1)
+    viewer.dims.set_point(0, image.data_to_world([34, 0, 0])[0])
+    _settle(app)
+    widget.scroll.verticalScrollBar().setValue(widget.scroll.verticalScrollBar().maximum())
+    _settle(app)
+    viewer.screenshot(str(out / "workflow-propagated.png"), canvas_only=False)
+
+    # The same labels on a coronal plane.
+    viewer.dims.order = (1, 0, 2)
+    viewer.dims.set_point(1, image.data_to_world([0, 90, 0])[1])
+    viewer.reset_view()
+    _settle(app)
+    viewer.screenshot(str(out / "workflow-coronal.png"), canvas_only=False)
+    widget.stop_segmentation()
     viewer.close()
 
 

@@ -151,3 +151,18 @@ def test_settings_persist_between_widgets(make_napari_viewer, qtbot):
     qtbot.addWidget(second)
     assert second.segment_panel.overwrite.isChecked()
     assert second.settings.get("window") == "bone"
+
+
+def test_coronal_and_sagittal_views_have_the_head_up(workflow):
+    viewer, widget, controller = workflow
+
+    def vertical():
+        return str(getattr(viewer.camera.orientation2d[0], "value", viewer.camera.orientation2d[0]))
+
+    assert vertical() == "down"  # axial: anterior at the top, as napari draws rows
+    viewer.dims.order = (1, 0, 2)  # coronal: slices (feet -> head) drawn vertically
+    assert vertical() == "up"
+    viewer.dims.order = (2, 0, 1)  # sagittal
+    assert vertical() == "up"
+    viewer.dims.order = (0, 1, 2)
+    assert vertical() == "down"

@@ -112,13 +112,13 @@ class ModelPanel(QGroupBox):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.mapping_combo = MappingCombo(self.settings.get("mapping", DEFAULT_MAPPING))
 
-        weights_row = QHBoxLayout()
-        weights_row.addWidget(self.weights_label, 1)
+        weights_row = QHBoxLayout()  # the buttons under the state: the dock is narrow
         for button in (self.download_button, self.cancel_button, self.choose_button, self.forget_button):
             weights_row.addWidget(button)
         form = QFormLayout(self)
         form.addRow("Model", self.model_combo)
-        form.addRow("Weights", weights_row)
+        form.addRow("Weights", self.weights_label)
+        form.addRow("", weights_row)
         form.addRow("Device", self.device_combo)
         form.addRow(self.load_button, self.status)
         form.addRow("Input", self.mapping_combo)

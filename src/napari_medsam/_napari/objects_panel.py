@@ -31,7 +31,7 @@ class ObjectsPanel(QGroupBox):
         self.controller = None
         self._filling = False
         self.table = QTableWidget(0, 3)
-        self.table.setHorizontalHeaderLabels(["", "name", "label"])
+        self.table.setHorizontalHeaderLabels(["", "name", "value"])
         self.table.verticalHeader().setVisible(False)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeToContents)
@@ -83,7 +83,7 @@ class ObjectsPanel(QGroupBox):
             self.table.setRowCount(len(objects))
             for row, obj in enumerate(objects):
                 swatch = QTableWidgetItem()
-                swatch.setBackground(QColor(*obj.color))
+                swatch.setData(Qt.DecorationRole, QColor(*obj.color))  # a square that shows when selected too
                 swatch.setFlags(Qt.ItemIsEnabled | Qt.ItemIsSelectable)
                 swatch.setToolTip("double-click to change the colour")
                 name = QTableWidgetItem(obj.name)

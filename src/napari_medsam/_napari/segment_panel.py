@@ -18,8 +18,8 @@ from qtpy.QtWidgets import (
 
 from ..errors import MedSamError
 
-HELP = ("Click: include point  ·  Shift/Alt-click: exclude point  ·  boxes: select the boxes layer, press R and drag\n"
-        "C: next candidate mask  ·  Ctrl+Z / Ctrl+Shift+Z: undo / redo (active object)  ·  N / Shift+N: next / previous object")
+HELP = ("Click: include point · Shift/Alt-click: exclude point · boxes: select the boxes layer, press R and drag · "
+        "C: next candidate mask · Ctrl+Z / Ctrl+Shift+Z: undo / redo (active object) · N / Shift+N: next / previous object")
 
 
 def precompute_job(controller: Any, axis: int, first: int, last: int):
@@ -79,13 +79,13 @@ class SegmentPanel(QGroupBox):
                                           "(cached slices are skipped, so a cancelled run resumes)")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        pre = QHBoxLayout()
-        pre.addWidget(QLabel("slices"))
-        pre.addWidget(self.first)
-        pre.addWidget(QLabel("to"))
-        pre.addWidget(self.last)
-        pre.addWidget(self.precompute_button)
-        pre.addWidget(self.cancel_button)
+        pre = QGridLayout()
+        pre.addWidget(QLabel("Embed slices"), 0, 0)
+        pre.addWidget(self.first, 0, 1)
+        pre.addWidget(QLabel("to"), 0, 2)
+        pre.addWidget(self.last, 0, 3)
+        pre.addWidget(self.precompute_button, 1, 0, 1, 2)
+        pre.addWidget(self.cancel_button, 1, 2, 1, 2)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.state)

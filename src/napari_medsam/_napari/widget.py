@@ -101,8 +101,9 @@ class MedSamWidget(QWidget):
                      self.propagate_panel, self.status):
             inner.addWidget(part)
         inner.addStretch(1)
-        scroll = QScrollArea()
+        self.scroll = scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # content follows the dock's width
         scroll.setWidget(content)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -119,6 +120,7 @@ class MedSamWidget(QWidget):
         for panel in (self.objects_panel, self.segment_panel):
             panel.error.connect(self._notify)
         self.segment_panel.overwrite.toggled.connect(lambda on: self.settings.set("overwrite", bool(on)))
+        self.viewer.dims.events.order.connect(self._orient_camera)
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_layers)
         events.removed.connect(self._refresh_layers)
@@ -251,6 +253,9 @@ class MedSamWidget(QWidget):
         from .controller import SegmentationController
 
         labels = self.labels_layer
+        # Never write into a hidden layer (e.g. a sample's ground truth): the user could not see it change.
+        if labels is not None and not labels.visible:
+            labels = None
         if labels is None or tuple(labels.data.shape) != tuple(image.data.shape) or not isinstance(labels.data, np.ndarray):
             labels = self.add_labels_layer()
         if self.cache is None:
@@ -280,6 +285,21 @@ class MedSamWidget(QWidget):
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(None)
         controller.close()
+
+    def _orient_camera(self, event=None) -> None:
+        """Coronal and sagittal views with the head up, as radiologists read them.
+
+        The readers order slices from feet to head, so when the slice axis is drawn vertically
+        (after napari's roll/transpose) the camera's vertical axis must point up.
+        """
+        if self.volume is None or self.viewer.dims.ndisplay != 2:
+            return
+        offset = self.viewer.dims.ndim - 3
+        vertical = self.viewer.dims.displayed[0] - offset
+        camera = self.viewer.camera
+        want = ("up" if vertical == 0 else "down", camera.orientation2d[1])
+        if tuple(str(getattr(o, "value", o)) for o in camera.orientation2d) != want:
+            camera.orientation2d = want
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         """Stop segmenting and any model download/load when the panel closes; the layers stay."""
