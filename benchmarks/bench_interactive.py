@@ -74,9 +74,10 @@ def main() -> None:
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
-    viewer.dims.set_point(0, 2)  # landing on slice 2 starts its embedding in the background
+    target = (int(viewer.dims.current_step[0]) + 3) % volume.shape[0]  # a slice not embedded yet
+    viewer.dims.set_point(0, target)  # landing on it starts its embedding in the background
     start = time.perf_counter()
-    wait(lambda: controller.queue.running is None and controller.is_embedded(0, 2))
+    wait(lambda: controller.queue.running is None and controller.is_embedded(0, target))
     encode_s = time.perf_counter() - start
     timer.stop()
     gap_ms = max(np.diff(ticks)) * 1000 if len(ticks) > 1 else float("nan")
@@ -107,7 +108,7 @@ def main() -> None:
         row, col = centre + rng.uniform(-n / 10, n / 10, 2)
         before = len(decode_ms)
         t0 = time.perf_counter()
-        controller.points_layer.add([2, row, col])  # -> prediction -> session -> labels refresh
+        controller.points_layer.add([target, row, col])  # -> prediction -> session -> labels refresh
         t1 = time.perf_counter()
         canvas._scene_canvas.render()  # the frame that shows the mask
         t2 = time.perf_counter()

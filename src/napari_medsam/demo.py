@@ -12,13 +12,16 @@ def run_demo(path: str | None = None, sample: str = "ct", screenshot: str | None
         viewer.open(path, plugin="napari-medsam")
     else:
         viewer.open_sample("napari-medsam", "ct_phantom" if sample == "ct" else "mr_phantom")
-    viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+    dock, _ = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
     image = next((layer for layer in viewer.layers if layer._type_string == "image"), None)
     if image is not None:
         viewer.layers.selection.active = image
         # Start in the middle of the scan, where the organs are.
         viewer.dims.set_point(0, image.data_to_world([image.data.shape[0] // 2, 0, 0])[0])
-    viewer.window._qt_window.resize(1400, 860)
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resize(1500, 960)
+    viewer.window._qt_window.resizeDocks([dock], [460], Qt.Horizontal)  # the panel's rows fit without scrolling sideways
     if screenshot:
         from qtpy.QtWidgets import QApplication
 
