@@ -166,3 +166,13 @@ def test_coronal_and_sagittal_views_have_the_head_up(workflow):
     assert vertical() == "up"
     viewer.dims.order = (0, 1, 2)
     assert vertical() == "down"
+
+
+def test_removing_layers_stops_and_never_restarts_segmentation(workflow):
+    viewer, widget, controller = workflow
+    names = [layer.name for layer in viewer.layers]
+    viewer.layers.remove(controller.labels_layer)
+    assert widget.controller is None
+    assert sorted(layer.name for layer in viewer.layers) == sorted(n for n in names if n != controller.labels_layer.name)
+    viewer.layers.clear()  # what napari does when it closes
+    assert len(viewer.layers) == 0 and widget.controller is None

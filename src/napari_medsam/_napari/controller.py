@@ -17,6 +17,7 @@ starts embedding it ahead of the first click. The decoder (a few ms) runs on the
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -326,7 +327,9 @@ class SegmentationController(SessionEditsMixin):
 
     def _read_groups(self) -> dict[Key, SlicePrompts]:
         # A rectangle being dragged out is not final: keep the boxes as they were until it is.
-        creating = getattr(self.boxes_layer, "_is_creating", False)
+        with warnings.catch_warnings():  # napari has no public "shape being drawn" flag yet
+            warnings.simplefilter("ignore", FutureWarning)
+            creating = bool(getattr(self.boxes_layer, "_is_creating", False))
         groups = collect_groups(self.points_layer, None if creating else self.boxes_layer, self._array.shape)
         if creating:
             for key, old in self._groups.items():

@@ -53,7 +53,6 @@ class MedSamWidget(QWidget):
         self._worker = None
         self.controller = None
         self._starting = False
-        self._seen_image = None
         self.cache = None
         self.last_saved: Path | None = None
 
@@ -136,7 +135,10 @@ class MedSamWidget(QWidget):
             layer.events.name.connect(self._refresh_layers)
         self._fill(self.image_combo, [l for l in self.viewer.layers if isinstance(l, Image) and l.ndim >= 2])
         self._fill(self.labels_combo, [l for l in self.viewer.layers if isinstance(l, Labels)])
-        self._on_image_changed()
+        # Only a scan being added (or picked by the user) starts segmentation; layers being
+        # removed, renamed or reordered (e.g. napari closing) never do.
+        added_image = getattr(event, "type", None) == "inserted" and isinstance(getattr(event, "value", None), Image)
+        self._on_image_changed(may_start=added_image)
 
     @staticmethod
     def _fill(combo: QComboBox, layers: list) -> None:
@@ -166,19 +168,16 @@ class MedSamWidget(QWidget):
         layer = self.image_layer
         return volume_from_layer_meta(layer.metadata) if layer is not None else None
 
-    def _on_image_changed(self, _index: int | None = None) -> None:
+    def _on_image_changed(self, _index: int | None = None, *, may_start: bool = True) -> None:
         volume = self.volume
         layer = self.image_layer
         if layer is None:
             self.info.setText("Open a CT or MR scan (File > Open, or File > Open Sample > napari-medsam).")
             self.window_combo.setEnabled(False)
-            self._seen_image = None
             self._sync_controller(may_start=False)
             return
         self.window_combo.setEnabled(True)
-        # Only a newly chosen scan starts segmentation: removing layers (or closing napari) must not.
-        new_scan, self._seen_image = layer is not self._seen_image, layer
-        self._sync_controller(may_start=new_scan)
+        self._sync_controller(may_start=may_start)
         if volume is None:
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
