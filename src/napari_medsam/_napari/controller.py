@@ -429,8 +429,11 @@ class SegmentationController(SessionEditsMixin):
                                    np.concatenate([cand.masks.low_res_logits, extra.low_res_logits]),
                                    index=index, axis=axis)
                 self.session.apply_prediction(label, axis, index, masks, choice=1)
-                return float(masks.scores[1])
-            return self.session.cycle_candidate(label, axis, index)[1]
+                score = float(masks.scores[1])
+            else:
+                score = self.session.cycle_candidate(label, axis, index)[1]
+        self.mask_written.emit((axis, index, label))  # a corrected slice: propagation may follow it
+        return score
 
 def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
     """Names and colours a label layer already carries (e.g. read from a DICOM-SEG)."""

@@ -67,20 +67,18 @@ class DeviceCombo(QComboBox):
         super().showPopup()
 
     def probe(self) -> None:
-        """Learn the devices: at once if torch is loaded, else in a napari worker."""
-        from ..models.device import available_devices
-
+        """Learn the devices: at once if torch is loaded, else in a napari worker (importing torch takes seconds)."""
         if self.devices is not None or self._probing:
             return
         if "torch" in sys.modules:
+            from ..models.device import available_devices
+
             self._found(available_devices())
             return
-        from napari.qt.threading import create_worker
+        from .workers import start_worker
 
         self._probing = True
-        worker = create_worker(available_devices, _ignore_errors=True)
-        worker.returned.connect(self._found)
-        worker.start()
+        start_worker(_probe_devices, on_done=self._found, on_error=lambda _exc: self._found(["cpu"]))
 
     def _found(self, names: list[str]) -> None:
         self.devices, self._probing = list(names), False
@@ -151,3 +149,10 @@ class MappingCombo(QComboBox):
         except TypeError:  # data that cannot be weakly referenced: not cached
             self._percentile = None
         return mapping
+
+
+def _probe_devices() -> list[str]:
+    """Worker thread: import torch and list the usable devices."""
+    from ..models.device import available_devices
+
+    return available_devices()
