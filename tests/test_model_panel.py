@@ -373,3 +373,25 @@ def test_panel_does_not_import_torch_until_the_device_list_opens(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "BEFORE False 2 no model loaded" in result.stdout, result.stdout
     assert "AFTER True auto cpu auto" in result.stdout, result.stdout
+
+
+def test_weights_folder_is_chosen_and_remembered(qtbot, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_medsam._napari.model_panel import ModelPanel
+    from napari_medsam._napari.settings import Settings
+    from napari_medsam.models.weights import cached_path
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    panel = ModelPanel(Settings())
+    qtbot.addWidget(panel)
+    spec = panel.selected_spec
+    assert not panel.weights_available()
+    cached_path(spec, folder).write_bytes(b"not really weights")  # present is all the state label checks
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    panel.folder_button.click()
+    assert panel.weights_available() and panel.weights_label.text().startswith("present")
+    again = ModelPanel(Settings())
+    qtbot.addWidget(again)
+    assert again.settings.get("cache_dir") == str(folder) and again.weights_available()

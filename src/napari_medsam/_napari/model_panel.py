@@ -106,6 +106,8 @@ class ModelPanel(QGroupBox):
         self.choose_button = _button("Choose file...", self.choose_file, "Use a weight file from disk instead")
         self.forget_button = _button("Forget file", lambda: self.set_local_file(self.selected_model, None),
                                      "Stop using the chosen file; use the downloaded weights again")
+        self.folder_button = _button("Folder...", self.choose_folder,
+                                     "The folder that holds downloaded weights (remembered; empty = the user cache)")
         self.device_combo = DeviceCombo(self.settings.get("device", "auto"))
         self.load_button = _button("Load model", self.load, "Build the model on the device (in the background)")
         self.status = QLabel("no model loaded", wordWrap=True)
@@ -113,7 +115,8 @@ class ModelPanel(QGroupBox):
         self.mapping_combo = MappingCombo(self.settings.get("mapping", DEFAULT_MAPPING))
 
         weights_row = QHBoxLayout()  # the buttons under the state: the dock is narrow
-        for button in (self.download_button, self.cancel_button, self.choose_button, self.forget_button):
+        for button in (self.download_button, self.cancel_button, self.choose_button, self.forget_button,
+                       self.folder_button):
             weights_row.addWidget(button)
         form = QFormLayout(self)
         form.addRow("Model", self.model_combo)
@@ -131,6 +134,17 @@ class ModelPanel(QGroupBox):
         self.device_combo.currentIndexChanged.connect(lambda: self._picked("device", self.device))
         self.mapping_combo.currentIndexChanged.connect(lambda: self._picked("mapping", self.mapping_choice))
         self._progress.connect(self._on_progress)
+        self.refresh()
+
+    def choose_folder(self) -> None:
+        """Ask for the weights folder (cache) and remember it."""
+        folder = QFileDialog.getExistingDirectory(self, "Folder for model weights", str(weights_dir(self._cache_dir())))
+        if folder:
+            self.set_cache_dir(folder)
+
+    def set_cache_dir(self, folder: str | None) -> None:
+        """Keep downloaded weights in ``folder`` from now on (None or "": the default user cache)."""
+        self.settings.set("cache_dir", str(folder or ""))
         self.refresh()
 
     def _picked(self, key: str, value: str) -> None:
