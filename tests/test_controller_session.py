@@ -165,3 +165,36 @@ def test_a_2d_image_segments_like_one_slice(make_napari_viewer, model, qtbot):
     finally:
         qtbot.waitUntil(lambda: controller.queue.running is None, timeout=30000)
         controller.close()
+
+
+def test_a_negative_point_shrinks_the_mask(make_napari_viewer, model, qtbot):
+    """With a predictor that follows the prompts (ground truth; exclude points carve), a Shift-click removes area."""
+    from gt_predictor import GroundTruthPredictor
+
+    from napari_medsam._napari.controller import SegmentationController
+
+    viewer = make_napari_viewer()
+    truth = np.zeros(SHAPE, np.uint8)
+    rows, cols = np.mgrid[: SHAPE[1], : SHAPE[2]]
+    truth[2:5][:, (rows - 12) ** 2 + (cols - 16) ** 2 < 8**2] = 1
+    image = viewer.add_image(truth.astype(np.float32) * 300, name="scan")
+    labels = viewer.add_labels(np.zeros(SHAPE, np.uint8), name="seg")
+    labels.selected_label = 1
+    controller = SegmentationController(viewer, image, labels, model)
+    stand_in = GroundTruthPredictor(truth, boundary_px=0, dropout=0, leak=0)
+    stand_in.is_embedded = lambda index: True
+    controller.predictor = lambda axis: stand_in
+    try:
+        go_to(viewer, image, 0, 3)
+        settle(qtbot, controller)
+        click(controller, qtbot, [3, 12, 16])
+        full = int((labels.data[3] == 1).sum())
+        assert full == int(truth[3].sum())
+        click(controller, qtbot, [3, 12, 20], positive=False)
+        smaller = int((labels.data[3] == 1).sum())
+        assert 0 < smaller < full and labels.data[3, 12, 20] == 0
+        controller.undo()
+        assert int((labels.data[3] == 1).sum()) == full
+    finally:
+        qtbot.waitUntil(lambda: controller.queue.running is None, timeout=30000)
+        controller.close()
