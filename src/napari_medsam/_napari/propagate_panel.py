@@ -252,6 +252,8 @@ class PropagatePanel(QGroupBox):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
+        from .workers import short_lived_threads
+
         c = self.controller
         if hasattr(c, "_record_paint"):
             c._record_paint()  # a stroke napari announced but the controller has not recorded yet
@@ -274,6 +276,7 @@ class PropagatePanel(QGroupBox):
 
         run.bar = progress(total=0, desc=f"Object {obj}: {what}")
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        short_lived_threads()
         worker.returned.connect(lambda outcome: self._finish(run, outcome[0]))
         self._run, self._worker = run, worker
         self._set_status(f"Object {obj}: {what}...")

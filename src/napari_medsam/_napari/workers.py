@@ -15,6 +15,22 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
+# Idle worker threads end after this long. torch's OpenMP keeps one thread team per thread that
+# ran torch code; while a pool thread that encoded a slice stays alive, every decode on the Qt
+# thread is ~1.6x slower on 2 cores (benchmarks/bench_decoder_threads.py: 23 ms -> 39 ms).
+# Qt's default keeps idle threads 30 s; a new thread per job costs well under a millisecond.
+THREAD_EXPIRY_MS = 250
+
+
+def short_lived_threads() -> None:
+    """Make idle threads of Qt's global pool (napari's workers) end soon after their job."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    if pool.expiryTimeout() < 0 or pool.expiryTimeout() > THREAD_EXPIRY_MS:
+        pool.setExpiryTimeout(THREAD_EXPIRY_MS)
+
+
 class _Failed:
     """An exception carried out of a worker as its result."""
 
@@ -71,6 +87,7 @@ def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[An
         worker.yielded.connect(on_yield)
     if on_finished is not None:  # connected before the start: a quick job may finish at once
         worker.finished.connect(on_finished)
+    short_lived_threads()
     worker.start()
     return worker
 
