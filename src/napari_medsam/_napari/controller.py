@@ -29,7 +29,7 @@ from ..segment.cache import EmbeddingCache, volume_signature
 from ..segment.cache_memory import MemoryCache
 from ..segment.intensity import IntensityMapping, default_mapping
 from ..segment.model import SamModel
-from ..segment.predictor import Prompts, SliceMasks, SlicePredictor
+from ..segment.predictor import SliceMasks, SlicePredictor
 from ..segment.session import SegmentationSession
 from ..segment.session_state import SlicePrompts
 from .layers import META_KEY, volume_from_layer_meta
@@ -99,7 +99,8 @@ class SegmentationController(SessionEditsMixin):
         self.mapping = mapping or default_mapping(array, volume.modality if volume is not None else "OT")
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache())
         names, colors = _known_segments(labels_layer.metadata)
-        self.session = SegmentationSession(labels_layer.data[None] if self.flat else labels_layer.data, names=names, colors=colors, overwrite=overwrite)
+        self.session = SegmentationSession(labels_layer.data[None] if self.flat else labels_layer.data, names=names,
+                                           colors=colors, overwrite=overwrite)
         self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
         self._groups: dict[Key, SlicePrompts] = {}
@@ -107,7 +108,6 @@ class SegmentationController(SessionEditsMixin):
         self._last_key: Key | None = None
         self._own_edit = 0  # >0 while the controller itself edits the session (layers already agree)
         self._syncing = False  # True while prompt layers are rewritten from the session
-        self._pending_paint: list[list] = []  # napari paint atoms not yet recorded
         self._quiet_selection = False
         self.status = "ready"
         self._closed = False
@@ -263,7 +263,7 @@ class SegmentationController(SessionEditsMixin):
 
     def _embed_job(self, axis: int, index: int) -> str:
         """Worker thread: the slice's embedding into the cache; returns the scan's signature."""
-        signature = self._signature or volume_signature(self._array, self._spacing)
+        signature = self.scan_signature()
         self._make_predictor(axis, signature).embed(index)
         return signature
 
@@ -377,11 +377,10 @@ class SegmentationController(SessionEditsMixin):
             self._waiting.add(key)
             self.queue.request(axis, index, urgent=True)
             return
-        self._record_paint()
         if label not in self.session:
             self.session.add_object(value=label, select=False)
         multimask = group.box is None and len(group.points) == 1  # SAM's rule: one click is ambiguous
-        masks = self.predictor(axis).predict(index, as_prompts(group), multimask=multimask)
+        masks = self.predictor(axis).predict(index, group.to_prompts(), multimask=multimask)
         points = [(r, c) for r, c, _ in group.points] or None
         positive = [p for _, _, p in group.points] or None
         with self._editing(), self.session.group():
@@ -423,7 +422,7 @@ class SegmentationController(SessionEditsMixin):
         with self._editing():
             if cand.count == 1 and group is not None and not group.empty:
                 # A single-mask prediction: add the three multimask candidates to cycle through.
-                extra = self.predictor(axis).predict(index, as_prompts(group), multimask=True)
+                extra = self.predictor(axis).predict(index, group.to_prompts(), multimask=True)
                 masks = SliceMasks(np.concatenate([cand.masks.masks, extra.masks]),
                                    np.concatenate([cand.masks.scores, extra.scores]),
                                    np.concatenate([cand.masks.low_res_logits, extra.low_res_logits]),
@@ -435,6 +434,7 @@ class SegmentationController(SessionEditsMixin):
         self.mask_written.emit((axis, index, label))  # a corrected slice: propagation may follow it
         return score
 
+
 def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
     """Names and colours a label layer already carries (e.g. read from a DICOM-SEG)."""
     meta = (metadata or {}).get(META_KEY) or {}
@@ -444,10 +444,3 @@ def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
         names.setdefault(int(segment.label), segment.name)
         colors[int(segment.label)] = segment.color
     return names, colors
-
-
-def as_prompts(group: SlicePrompts) -> Prompts:
-    """The predictor's Prompts for a slice's prompt group."""
-    coords = np.array([(r, c) for r, c, _ in group.points], float).reshape(-1, 2) if group.points else None
-    flags = np.array([p for _, _, p in group.points], bool) if group.points else None
-    return Prompts(points=coords, positive=flags, box=None if group.box is None else np.array(group.box))

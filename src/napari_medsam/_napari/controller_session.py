@@ -28,18 +28,16 @@ class SessionEditsMixin:
     _closed: bool
     _own_edit: int
     _syncing: bool
-    _pending_paint: list
     _quiet_selection: bool
+    flat: bool
 
     # ------------------------------------------------------------------ objects, undo, clearing
     def undo(self) -> None:
         """Undo the active object's last change (prompts, masks, hand edits, propagation)."""
-        self._record_paint()
         self.session.undo()
 
     def redo(self) -> None:
         """Redo the active object's last undone change."""
-        self._record_paint()
         self.session.redo()
 
     def next_object(self) -> None:
@@ -132,30 +130,16 @@ class SessionEditsMixin:
 
     # ------------------------------------------------------------------ labels layer -> session
     def _on_paint(self, event: Any) -> None:
-        """A brush, eraser, fill or polygon stroke: its voxels become hand-made (never overwritten) and undoable.
-
-        napari emits ``paint`` for a single dab or fill *before* it writes the voxels, so the
-        atoms are recorded once control is back in the event loop (or before the next edit).
-        """
-        self._pending_paint.append(list(event.value))
-        if len(self._pending_paint) == 1:
-            from qtpy.QtCore import QTimer
-
-            QTimer.singleShot(0, self._record_paint)
-
-    def _record_paint(self) -> None:
-        pending, self._pending_paint = self._pending_paint, []
+        """A brush, eraser, fill or polygon stroke: its voxels become hand-made (never overwritten) and undoable."""
         if self._closed:
             return
-        for atoms in pending:
-            if getattr(self, "flat", False):
-                atoms = [_as_3d(atom) for atom in atoms]
-            try:
-                with self._editing():
-                    self.session.record_paint(atoms)
-            except MedSamError as error:
-                log.warning("could not record a hand edit: %s", error)
-                self._set_status(f"hand edit not recorded for undo: {error}")
+        atoms = [_as_3d(atom) for atom in event.value] if self.flat else list(event.value)
+        try:
+            with self._editing():
+                self.session.record_paint(atoms)  # also right when napari announces before it writes
+        except MedSamError as error:
+            log.warning("could not record a hand edit: %s", error)
+            self._set_status(f"hand edit not recorded for undo: {error}")
 
     def _on_selected_label(self, event: Any = None) -> None:
         value = int(self.labels_layer.selected_label)

@@ -249,14 +249,11 @@ class PropagatePanel(QGroupBox):
     def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str) -> bool:
         from .propagate_run import Recorder, Run
 
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        from .workers import short_lived_threads
+        from .workers import start_worker
 
         c = self.controller
-        if hasattr(c, "_record_paint"):
-            c._record_paint()  # a stroke napari announced but the controller has not recorded yet
         run = Run(c, obj, axis, keys, what)
         locked, overwrite = c.session.locked_mask(), bool(c.overwrite)
 
@@ -265,23 +262,18 @@ class PropagatePanel(QGroupBox):
             content = None if k is None else (k, run.base.get(k), run.view(k).copy())
             self._tick.emit(run, (done, total, message, content))
 
-        def job() -> tuple[PropagationResult | Exception]:
-            # Errors come back in the result: napari's worker status handler cannot take an error argument.
-            try:
-                c.scan_signature()  # hashes the scan the first time: never on the Qt thread
-                predictor = Recorder(c.predictor(axis), run)
-                return (call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report),)
-            except Exception as error:  # noqa: BLE001 (reported on the Qt thread)
-                return (error,)
+        def job() -> PropagationResult:
+            c.scan_signature()  # hashes the scan the first time: never on the Qt thread
+            predictor = Recorder(c.predictor(axis), run)
+            return call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report)
 
         run.bar = progress(total=0, desc=f"Object {obj}: {what}")
-        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
-        short_lived_threads()
-        worker.returned.connect(lambda outcome: self._finish(run, outcome[0]))
-        self._run, self._worker = run, worker
+        self._run = run
         self._set_status(f"Object {obj}: {what}...")
         self._update_enabled()
-        worker.start()
+        # An error comes back as the outcome too: _finish reverts what was merged and reports it.
+        self._worker = start_worker(job, on_done=lambda result: self._finish(run, result),
+                                    on_error=lambda error: self._finish(run, error))
         return True
 
     def cancel(self) -> None:

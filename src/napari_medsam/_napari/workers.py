@@ -168,8 +168,7 @@ class EmbeddingQueue:
         self._running = None
         self._worker = None
         if not self._closed:
-            if error is not None:
-                log.warning("embedding of slice %s along axis %s failed: %s", item[1], item[0], error)
+            if error is not None:  # start_worker has logged it
                 self._on_error(item[0], item[1], error)
             else:
                 self._on_done(item[0], item[1], result)

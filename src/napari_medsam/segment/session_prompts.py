@@ -82,16 +82,11 @@ class PromptsMixin:
         record = self.slice_prompts(obj, axis, index)
         if record.empty:
             return None
-        points = positive = None
-        if record.points:
-            points = np.array([(r, c) for r, c, _ in record.points], float)
-            positive = np.array([p for _, _, p in record.points], bool)
         logits = None
         if refine:
             cand = self._predictions[self._live(obj)].get((int(axis), int(index)))
             logits = None if cand is None else cand.masks.low_res_logits[cand.choice]
-        box = None if record.box is None else np.array(record.box, float)
-        return Prompts(points=points, positive=positive, box=box, mask_logits=logits)
+        return record.to_prompts(logits)
 
     def prompted_slices(self, obj: int, axis: int) -> list[int]:
         """Indices of the slices along ``axis`` where ``obj`` has prompts, sorted."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .predictor import SliceMasks
+from .predictor import Prompts, SliceMasks
 
 Region = tuple[slice, slice, slice]  # a box of the label volume: start:stop on each display axis
 
@@ -40,6 +40,15 @@ class SlicePrompts:
     def nbytes(self) -> int:
         """Approximate memory held (for the history's byte count)."""
         return 64 + 32 * len(self.points) + (32 if self.box is not None else 0)
+
+    def to_prompts(self, mask_logits: np.ndarray | None = None) -> Prompts:
+        """The predictor's :class:`~.predictor.Prompts` for these prompts (plus an optional mask prompt)."""
+        points = positive = None
+        if self.points:
+            points = np.array([(r, c) for r, c, _ in self.points], float)
+            positive = np.array([p for _, _, p in self.points], bool)
+        box = None if self.box is None else np.array(self.box, float)
+        return Prompts(points=points, positive=positive, box=box, mask_logits=mask_logits)
 
 
 @dataclass(frozen=True)
