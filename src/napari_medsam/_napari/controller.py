@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from psygnal import Signal
@@ -261,11 +261,18 @@ class SegmentationController(SessionEditsMixin):
             predictor.set_mapping(mapping)
         self._on_view_changed()
 
+    def embed_slices(self, axis: int, indices: Iterable[int]) -> Iterator[int]:
+        """Worker thread: put these slices' embeddings in the cache (cached ones cost nothing); yields each index."""
+        predictor = self._make_predictor(axis, self.scan_signature())
+        for index in indices:
+            predictor.embed(int(index))
+            yield int(index)
+
     def _embed_job(self, axis: int, index: int) -> str:
-        """Worker thread: the slice's embedding into the cache; returns the scan's signature."""
-        signature = self.scan_signature()
-        self._make_predictor(axis, signature).embed(index)
-        return signature
+        """Worker thread: one slice's embedding into the cache; returns the scan's signature."""
+        for _ in self.embed_slices(axis, [index]):
+            pass
+        return self.scan_signature()
 
     def _on_embed_start(self, axis: int, index: int) -> None:
         self._set_status(f"embedding slice {index} ({AXIS_NAMES[axis]})...")

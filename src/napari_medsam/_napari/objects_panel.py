@@ -61,10 +61,7 @@ class ObjectsPanel(QGroupBox):
     def set_controller(self, controller: Any) -> None:
         """Show the objects of ``controller``'s session (None: empty and disabled)."""
         if self.controller is not None:
-            try:
-                self.controller.changed.disconnect(self._on_change)
-            except (TypeError, ValueError, RuntimeError):
-                pass
+            self.controller.changed.disconnect(self._on_change)
         self.controller = controller
         self.setEnabled(controller is not None)
         if controller is not None:

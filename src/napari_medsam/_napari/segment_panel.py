@@ -24,10 +24,7 @@ HELP = ("Click: include point · Shift/Alt-click: exclude point · boxes: select
 
 def precompute_job(controller: Any, axis: int, first: int, last: int):
     """Worker generator: embed slices ``first..last`` along ``axis`` (cached ones are skipped); yields each index."""
-    predictor = controller._make_predictor(axis, controller.scan_signature())
-    for index in range(first, last + 1):
-        predictor.embed(index)
-        yield index
+    yield from controller.embed_slices(axis, range(first, last + 1))
 
 
 class SegmentPanel(QGroupBox):
@@ -110,15 +107,9 @@ class SegmentPanel(QGroupBox):
         """Act on ``controller`` (None: disabled)."""
         old = self.controller
         if old is not None:
-            for signal, slot in ((old.changed, self._refresh), (old.status_changed, self._on_status)):
-                try:
-                    signal.disconnect(slot)
-                except (TypeError, ValueError, RuntimeError):
-                    pass
-            try:
-                old.viewer.dims.events.order.disconnect(self._update_range)
-            except (TypeError, ValueError, RuntimeError):
-                pass
+            old.changed.disconnect(self._refresh)
+            old.status_changed.disconnect(self._on_status)
+            old.viewer.dims.events.order.disconnect(self._update_range)
         self.cancel_precompute()
         self.controller = controller
         for widget in (self.cycle_button, self.accept_button, self.clear_slice_button, self.clear_object_button,
