@@ -132,21 +132,21 @@ def write_group(points: Any, boxes: Any, key: Key, prompts: SlicePrompts | None)
         boxes.remove_selected()
     if prompts is None:
         return
-    defaults = points.feature_defaults
-    try:
-        for positive in (True, False):
-            coords = [to_volume(r, c, axis, index) for r, c, p in prompts.points if p == positive]
-            if coords:
-                points.feature_defaults = point_defaults(positive, axis, label)
-                points.add(layer_coords(np.array(coords, float), points.ndim))
-    finally:
-        points.feature_defaults = {k: v.iloc[0] if hasattr(v, "iloc") else v for k, v in dict(defaults).items()}
+    for row, col, positive in prompts.points:  # one by one: the layer keeps the session's order
+        coord = layer_coords(np.array(to_volume(row, col, axis, index)), points.ndim)
+        _add_with_defaults(points, point_defaults(positive, axis, label), lambda coord=coord: points.add(coord))
     if prompts.box is not None:
         r0, c0, r1, c1 = prompts.box
-        corners = [to_volume(r, c, axis, index) for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
-        box_defaults = boxes.feature_defaults
-        boxes.feature_defaults = {"axis": axis, "label": label}
-        try:
-            boxes.add_rectangles(layer_coords(np.array(corners, float), boxes.ndim))
-        finally:
-            boxes.feature_defaults = {k: v.iloc[0] if hasattr(v, "iloc") else v for k, v in dict(box_defaults).items()}
+        corners = np.array([to_volume(r, c, axis, index) for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))])
+        _add_with_defaults(boxes, {"axis": axis, "label": label},
+                           lambda: boxes.add_rectangles(layer_coords(corners, boxes.ndim)))
+
+
+def _add_with_defaults(layer: Any, defaults: dict, add: Any) -> None:
+    """Call ``add()`` with the layer's feature defaults set to ``defaults``, then restore them."""
+    before = {k: v.iloc[0] if hasattr(v, "iloc") else v for k, v in dict(layer.feature_defaults).items()}
+    layer.feature_defaults = defaults
+    try:
+        add()
+    finally:
+        layer.feature_defaults = before
