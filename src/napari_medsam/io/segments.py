@@ -190,7 +190,7 @@ class Segment:
             raise ValueError(f"segment {label} needs a non-empty name")
         object.__setattr__(self, "label", label)
         object.__setattr__(self, "name", str(self.name).strip())
-        object.__setattr__(self, "color", _as_color(self.color))
+        object.__setattr__(self, "color", as_color(self.color))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form of this segment."""
@@ -215,7 +215,8 @@ def _as_label(value: Any) -> int:
     return label
 
 
-def _as_color(value: Any) -> tuple[int, int, int]:
+def as_color(value: Any) -> tuple[int, int, int]:
+    """(r, g, b) 0-255 from a '#rrggbb' string or three integers; ValueError otherwise."""
     if isinstance(value, str):
         text = value.strip().lstrip("#")
         if not re.fullmatch(r"[0-9a-fA-F]{6}", text):

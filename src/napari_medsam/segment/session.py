@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import SessionError
-from ..io.segments import MAX_LABEL, default_segment, palette_color, present_labels
+from ..io.segments import MAX_LABEL, as_color, default_segment, palette_color, present_labels
 from .session_edits import EditsMixin
 from .session_history import DEFAULT_HISTORY_BYTES, History, Step
 from .session_prompts import PromptsMixin
@@ -40,25 +40,18 @@ def _check_labels(labels: Any) -> np.ndarray:
 
 
 def _check_color(color: Any) -> tuple[int, int, int]:
-    if isinstance(color, str):
-        text = color.strip().lstrip("#")
-        if len(text) == 6:
-            try:
-                return (int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16))
-            except ValueError:
-                pass
-        raise SessionError(f"Colour {color!r} is not '#rrggbb'.")
+    if not isinstance(color, str):
+        try:
+            parts = [float(p) for p in color]
+        except (TypeError, ValueError):
+            parts = []
+        if len(parts) == 4:  # RGBA: napari gives floats 0-1
+            color = [round(p * 255) for p in parts[:3]] if all(0 <= p <= 1 for p in parts[:3]) else parts[:3]
     try:
-        parts = [float(p) for p in color]
+        return as_color(color)
     except (TypeError, ValueError):
-        parts = []
-    if len(parts) == 4:  # napari gives RGBA floats 0-1
-        parts = parts[:3]
-        if all(0 <= p <= 1 for p in parts):
-            parts = [round(p * 255) for p in parts]
-    if len(parts) != 3 or not all(p.is_integer() and 0 <= p <= 255 for p in map(float, parts)):
-        raise SessionError(f"Colour must be (r, g, b) integers 0-255, RGBA floats 0-1 or '#rrggbb', got {color!r}.")
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+        raise SessionError(f"Colour must be (r, g, b) integers 0-255, RGBA floats 0-1 or '#rrggbb', "
+                           f"got {color!r}.") from None
 
 
 class SegmentationSession(PromptsMixin, EditsMixin):
