@@ -23,7 +23,7 @@ from ..io.segments import MAX_LABEL, as_color, default_segment, palette_color, p
 from .session_edits import EditsMixin
 from .session_history import DEFAULT_HISTORY_BYTES, History, Step
 from .session_prompts import PromptsMixin
-from .session_state import Candidate, LockMap, SegObject, SessionChange, SlicePrompts
+from .session_state import Candidate, LockMap, SegObject, SessionChange, SlicePrompts, store
 
 __all__ = ["DEFAULT_HISTORY_BYTES", "SegObject", "SegmentationSession", "SessionChange", "SlicePrompts", "Step"]
 
@@ -320,9 +320,9 @@ class SegmentationSession(PromptsMixin, EditsMixin):
             patch.replay(self.labels, self.locks, undo)
         if value in self._objects:
             for key, (before, after) in step.prompts.items():
-                self._store(self._prompts[value], key, before if undo else after)
+                store(self._prompts[value], key, before if undo else after)
             for key, (before, after) in step.predictions.items():
-                self._store(self._predictions[value], key, before if undo else after)
+                store(self._predictions[value], key, before if undo else after)
         was = self._active
         if restore:
             self._active = value
@@ -331,13 +331,6 @@ class SegmentationSession(PromptsMixin, EditsMixin):
         self._emit(self._change("undo" if undo else "redo", step, objects=step.deleted is not None,
                                 active=self._active != was))
         return step
-
-    @staticmethod
-    def _store(table: dict, key: tuple[int, int], record: Any) -> None:
-        if record is None:
-            table.pop(key, None)
-        else:
-            table[key] = record
 
     @property
     def history_bytes(self) -> int:

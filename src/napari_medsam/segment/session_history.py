@@ -190,20 +190,19 @@ class History:
 
     def pop_undo(self, obj: int) -> Step | None:
         """Take ``obj``'s last step off the undo stack onto the redo stack (the caller replays it)."""
-        stack = self._undo.get(obj)
-        if not stack:
-            return None
-        step = stack.pop()
-        self._redo.setdefault(obj, []).append(step)
-        return step
+        return self._move(self._undo, self._redo, obj)
 
     def pop_redo(self, obj: int) -> Step | None:
         """Take ``obj``'s last undone step back onto the undo stack (the caller replays it)."""
-        stack = self._redo.get(obj)
+        return self._move(self._redo, self._undo, obj)
+
+    @staticmethod
+    def _move(source: dict[int, list[Step]], target: dict[int, list[Step]], obj: int) -> Step | None:
+        stack = source.get(obj)
         if not stack:
             return None
         step = stack.pop()
-        self._undo.setdefault(obj, []).append(step)
+        target.setdefault(obj, []).append(step)
         return step
 
     def forget(self, obj: int) -> None:

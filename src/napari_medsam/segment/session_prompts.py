@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import SessionError
 from .predictor import Prompts, SliceMasks
 from .session_history import Step
-from .session_state import Candidate, SlicePrompts
+from .session_state import Candidate, SlicePrompts, store
 
 Key = tuple[int, int]
 
@@ -119,10 +119,7 @@ class PromptsMixin:
         new = None if record is None or record.empty else record
         if old == new:
             return
-        if new is None:
-            table.pop(key, None)
-        else:
-            table[key] = new
+        store(table, key, new)
         step.record_prompts(key, old, new)
 
     def _put_prediction(self, step: Step, value: int, key: Key, cand: Candidate | None) -> None:
@@ -131,10 +128,7 @@ class PromptsMixin:
         if old is cand or (old is not None and cand is not None and old.masks is cand.masks
                            and old.choice == cand.choice):
             return
-        if cand is None:
-            table.pop(key, None)
-        else:
-            table[key] = cand
+        store(table, key, cand)
         step.record_prediction(key, old, cand)
 
     def _edit_prompts(self, obj: int, axis: int, index: int, edit) -> Step:

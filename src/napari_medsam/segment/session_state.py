@@ -8,6 +8,7 @@ immutable, so the history can hold the "before" and "after" of a change by refer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,14 @@ class Candidate:
     def score(self) -> float:
         """Predicted IoU of the applied mask."""
         return float(self.masks.scores[self.choice])
+
+
+def store(table: dict, key: Any, record: Any) -> None:
+    """Put ``record`` in ``table`` under ``key``, or drop the key when ``record`` is None."""
+    if record is None:
+        table.pop(key, None)
+    else:
+        table[key] = record
 
 
 def slice_masks_nbytes(masks: SliceMasks) -> int:
