@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,24 +111,15 @@ class Settings:
 
     def save(self) -> bool:
         """Write the settings atomically; a failure is logged, not raised. Return whether it worked."""
-        folder = self.path.parent
-        tmp_name = None
+        from ..errors import MedSamError
+        from ..io.atomic import atomic_output
+
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._data, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, self.path)
-        except OSError as exc:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(self.path) as tmp:
+                tmp.write_text(json.dumps(self._data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except (OSError, MedSamError) as exc:
             log.warning("napari-medsam: cannot save the settings to %s (%s)", self.path, exc)
-            if tmp_name is not None:
-                try:
-                    os.unlink(tmp_name)
-                except OSError:
-                    pass
             return False
         self.broken = False
         return True
