@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBox
 
 from ..errors import DeviceError, DownloadCancelled, MedSamError, WeightsError
 from ..models.registry import ModelSpec, list_models, recommended_model
-from ..models.weights import cached_path, weights_dir
+from ..models.weights import cached_path, partial_path, weights_dir
 from ..segment.intensity import IntensityMapping
 from .model_choices import (  # noqa: F401 - the mapping keys are re-exported
     DEFAULT_MAPPING,
@@ -56,7 +56,7 @@ def weight_state(spec: ModelSpec, local: str | None, cache_dir: str | None) -> t
         return "present", str(target)
     size = _megabytes(spec.size_bytes) if spec.size_bytes else "size unknown"
     tip = f"Download saves it as {target}"
-    if target.with_name(target.name + ".part").is_file():
+    if partial_path(target).is_file():
         tip += " (a partial download is kept and will be resumed)"
     return f"not downloaded ({size})", tip
 

@@ -65,6 +65,12 @@ def cached_path(name: str | ModelSpec, cache_dir: str | os.PathLike[str] | None 
     return weights_dir(cache_dir) / spec.filename
 
 
+def partial_path(dest: str | os.PathLike[str]) -> Path:
+    """The file an unfinished download of ``dest`` is kept in (the next download resumes it)."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part")
+
+
 def is_cached(name: str | ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether the weight file is already in the cache (cheap: no hashing)."""
     return cached_path(name, cache_dir).is_file()
@@ -118,7 +124,7 @@ def download_weights(
 ) -> Path:
     """Download ``spec``'s weights to ``dest`` (trying each URL in turn) and verify them."""
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    part = partial_path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
