@@ -17,7 +17,6 @@ starts embedding it ahead of the first click. The decoder (a few ms) runs on the
 from __future__ import annotations
 
 import logging
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -39,9 +38,9 @@ from .prompt_layers import (
     UNASSIGNED,
     Key,
     add_prompt_layers,
+    box_keys,
     collect_groups,
     point_defaults,
-
 )
 from .controller_session import SessionEditsMixin
 from .workers import EmbeddingQueue
@@ -53,14 +52,26 @@ AXIS_NAMES = ("axial", "coronal", "sagittal")
 NEGATIVE_MODIFIERS = ("Shift", "Alt")
 __all__ = ["AXIS_NAMES", "NEGATIVE_COLOR", "POSITIVE_COLOR", "SegmentationController", "SHORTCUTS"]
 
-# key -> (controller method, description); bound on the prompt layers, the labels layer and the viewer.
+# key -> (controller method, description). Bound on the scan's own layers (image, labels,
+# prompts), on the viewer and on every other layer that has no editing keys of its own (see
+# SegmentationController._bind_keys); the dock widget adds them as Qt shortcuts.
 SHORTCUTS = {
     "Control-Z": ("undo", "undo the active object's last change"),
     "Control-Shift-Z": ("redo", "redo the active object's last undone change"),
     "N": ("next_object", "select the next object"),
     "Shift-N": ("previous_object", "select the previous object"),
+    "M": ("new_object", "new object with the next free label value"),
     "C": ("cycle_mask", "show the next candidate mask of an ambiguous prompt"),
 }
+
+# Mouse actions of the prompt layers, for the key map shown in the panel and the user guide.
+MOUSE_ACTIONS = (
+    ("click (points layer)", "include point"),
+    ("Shift/Alt-click (points layer)", "exclude point"),
+    ("R, then drag (boxes layer)", "box; a new box on a slice replaces the object's old one there"),
+    ("drag a point or box (select mode)", "move it: predicted once, on release"),
+    ("Delete / Backspace", "remove the selected prompts"),
+)
 
 
 class SegmentationController(SessionEditsMixin):
@@ -109,6 +120,7 @@ class SegmentationController(SessionEditsMixin):
         self._own_edit = 0  # >0 while the controller itself edits the session (layers already agree)
         self._syncing = False  # True while prompt layers are rewritten from the session
         self._quiet_selection = False
+        self._gestures = 0  # mouse gestures under way on the prompt layers
         self.status = "ready"
         self._closed = False
         self.queue = EmbeddingQueue(self._embed_job, on_start=self._on_embed_start, on_done=self._on_embedded,
@@ -127,8 +139,9 @@ class SegmentationController(SessionEditsMixin):
         self._connect(labels_layer.events.paint, self._on_paint)
         self._connect(labels_layer.events.selected_label, self._on_selected_label)
         self._unsubscribe = self.session.on_change(self._on_session_change)
-        # First in the list: runs on press, before the Points "add" mode callback adds the point.
-        self.points_layer.mouse_drag_callbacks.insert(0, self._on_points_press)
+        # First in the lists: runs before napari's mode callbacks, on press and on release.
+        for layer in (self.points_layer, self.boxes_layer):
+            layer.mouse_drag_callbacks.insert(0, self._on_prompt_press)
         if bind_keys:
             self._bind_keys()
         if self.session.active is None and labels_layer.selected_label > 0:
@@ -163,10 +176,36 @@ class SegmentationController(SessionEditsMixin):
         self._connections.append((emitter, callback))
 
     def _bind_keys(self) -> None:
-        for target in (self.points_layer, self.boxes_layer, self.labels_layer, self.viewer):
-            for key, (method, _) in SHORTCUTS.items():
-                target.bind_key(key, lambda _target, method=method: self._shortcut(method), overwrite=True)
-                self._bound.append((target, key))
+        """Bind SHORTCUTS on the viewer and on the layers where no napari key of the same name must win.
+
+        A layer's own bindings come before the viewer's in napari, so the keys are bound on the
+        scan's layers (the image's "C" would auto-contrast it, the labels' "M" would pick an
+        unused label) and on any other layer without editing keys (images, vectors, surfaces,
+        tracks: added later too). Other Labels, Points and Shapes layers keep napari's keys:
+        Ctrl+Z there undoes that layer's own edit. The replaced bindings come back on close.
+        """
+        self._bind_on(self.viewer)
+        for layer in (self.points_layer, self.boxes_layer, self.labels_layer, self.image_layer):
+            self._bind_on(layer)
+        for layer in list(self.viewer.layers):
+            if _takes_plugin_keys(layer):
+                self._bind_on(layer)
+        self._connect(self.viewer.layers.events.inserted, self._on_layer_inserted)
+
+    def _bind_on(self, target: Any) -> None:
+        from napari.utils.key_bindings import coerce_keybinding
+
+        if any(t is target for t, _, _ in self._bound):
+            return
+        for key, (method, _) in SHORTCUTS.items():
+            previous = target.keymap.get(coerce_keybinding(key))
+            target.bind_key(key, lambda _target, method=method: self._shortcut(method), overwrite=True)
+            self._bound.append((target, key, previous))
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None and _takes_plugin_keys(layer):
+            self._bind_on(layer)
 
     def _shortcut(self, method: str) -> None:
         try:
@@ -182,12 +221,13 @@ class SegmentationController(SessionEditsMixin):
         for emitter, callback in self._connections:
             emitter.disconnect(callback)
         self._connections.clear()
-        for target, key in self._bound:
-            target.bind_key(key, None)
+        for target, key, previous in reversed(self._bound):
+            target.bind_key(key, previous, overwrite=True)
         self._bound.clear()
         self._unsubscribe()
-        if self._on_points_press in self.points_layer.mouse_drag_callbacks:
-            self.points_layer.mouse_drag_callbacks.remove(self._on_points_press)
+        for layer in (self.points_layer, self.boxes_layer):
+            if self._on_prompt_press in layer.mouse_drag_callbacks:
+                layer.mouse_drag_callbacks.remove(self._on_prompt_press)
         self.queue.close()
 
     # ------------------------------------------------------------------ view
@@ -293,22 +333,46 @@ class SegmentationController(SessionEditsMixin):
         show_error(f"Embedding slice {index} failed: {error}. Your labels and prompts are unchanged.")
 
     # ------------------------------------------------------------------ prompts
-    def _on_points_press(self, layer: Any, event: Any):
-        """Shift/Alt at press time makes the point napari is about to add a negative one."""
-        negative = any(m in event.modifiers for m in NEGATIVE_MODIFIERS)
-        layer.feature_defaults = point_defaults(not negative)
-        yield
-        while event.type == "mouse_move":
+    def _on_prompt_press(self, layer: Any, event: Any):
+        """A mouse gesture on a prompt layer: one edit, read once when the button is released.
+
+        napari's own drag callbacks announce a drag piece by piece (a rectangle is added on
+        press and finished on release, a dragged point emits a features event per move) and
+        has no public "edit finished" event, so this callback, first in the layer's
+        ``mouse_drag_callbacks`` (public API), brackets the gesture: prompt events during it
+        only claim new rows, and the prompts are read once the release has been handled by
+        napari (the deferred :meth:`_gesture_ended`). On the points layer, Shift/Alt at
+        press time also makes the point napari is about to add a negative one.
+        """
+        negative = layer is self.points_layer and any(m in event.modifiers for m in NEGATIVE_MODIFIERS)
+        if layer is self.points_layer:
+            layer.feature_defaults = point_defaults(not negative)
+        self._gestures += 1
+        try:
             yield
-        if negative:
+            while event.type == "mouse_move":
+                yield
+        finally:
+            # Also runs when napari drops the gesture without a release (the generator is closed).
+            self._gestures = max(0, self._gestures - 1)
             from qtpy.QtCore import QTimer
 
-            # The add happens after this release handler; restore the default once it is done.
-            QTimer.singleShot(0, self._reset_point_default)
+            # napari's release handler (which finishes a drawn shape or adds a clicked point)
+            # runs after this one: read the prompts once it is done.
+            QTimer.singleShot(0, lambda: self._gesture_ended(negative))
 
-    def _reset_point_default(self) -> None:
-        if not self._closed:
+    def _gesture_ended(self, negative: bool = False) -> None:
+        if self._closed:
+            return
+        if negative:
             self.points_layer.feature_defaults = point_defaults(True)
+        if not self._gestures:
+            self.refresh_prompts()
+
+    @property
+    def editing_prompts(self) -> bool:
+        """True while a mouse gesture on a prompt layer is under way (its edits are not final)."""
+        return self._gestures > 0
 
     def _on_prompts_event(self, layer: Any, event: Any = None) -> None:
         if self._syncing:
@@ -320,12 +384,14 @@ class SegmentationController(SessionEditsMixin):
         if action:
             self._claim_new(layer, self._sizes[id(layer)])
             self._sizes[id(layer)] = len(layer.data)
-        self.refresh_prompts()
+        if not self._gestures:  # mid-drag: read once the gesture ends
+            self.refresh_prompts()
 
     def refresh_prompts(self) -> None:
         """Predict every (axis, slice, label) group of prompts that changed since the last call."""
         if self._closed:
             return
+        self._drop_replaced_boxes()
         groups = self._read_groups()
         changed = [k for k in set(groups) | set(self._groups) if groups.get(k) != self._groups.get(k)]
         self._groups = groups
@@ -333,16 +399,29 @@ class SegmentationController(SessionEditsMixin):
             self._update_slice(key)
 
     def _read_groups(self) -> dict[Key, SlicePrompts]:
-        # A rectangle being dragged out is not final: keep the boxes as they were until it is.
-        with warnings.catch_warnings():  # napari has no public "shape being drawn" flag yet
-            warnings.simplefilter("ignore", FutureWarning)
-            creating = bool(getattr(self.boxes_layer, "_is_creating", False))
-        groups = collect_groups(self.points_layer, None if creating else self.boxes_layer, self._array.shape)
-        if creating:
-            for key, old in self._groups.items():
-                if old.box is not None:
-                    groups[key] = SlicePrompts(groups.get(key, SlicePrompts()).points, old.box)
-        return groups
+        return collect_groups(self.points_layer, self.boxes_layer, self._array.shape)
+
+    def _drop_replaced_boxes(self) -> None:
+        """Keep one box per (plane, slice, object) in the layer: a box drawn over an older one replaces it.
+
+        Redrawing is how a box is corrected on coronal and sagittal slices, where napari cannot
+        select or move shapes (docs/napari-notes.md).
+        """
+        keys = box_keys(self.boxes_layer)
+        newest: dict[Key, int] = {}
+        for row, key in enumerate(keys):
+            if key is not None:
+                newest[key] = row
+        stale = {row for row, key in enumerate(keys) if key is not None and newest[key] != row}
+        if not stale:
+            return
+        self._syncing = True
+        try:
+            self.boxes_layer.selected_data = stale
+            self.boxes_layer.remove_selected()
+        finally:
+            self._syncing = False
+            self._sizes[id(self.boxes_layer)] = len(self.boxes_layer.data)
 
     def _claim_new(self, layer: Any, first: int) -> None:
         """Rows ``first:`` are new prompts: they belong to the current plane and the active object.
@@ -440,6 +519,13 @@ class SegmentationController(SessionEditsMixin):
                 score = self.session.cycle_candidate(label, axis, index)[1]
         self.mask_written.emit((axis, index, label))  # a corrected slice: propagation may follow it
         return score
+
+
+def _takes_plugin_keys(layer: Any) -> bool:
+    """Layers whose selection should not stop the plugin's keys: all but Labels, Points and Shapes."""
+    from napari.layers import Labels, Points, Shapes
+
+    return not isinstance(layer, Labels | Points | Shapes)
 
 
 def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:

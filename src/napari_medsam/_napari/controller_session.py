@@ -48,6 +48,10 @@ class SessionEditsMixin:
         """Select the previous object (wrapping)."""
         self.session.next_object(-1)
 
+    def new_object(self) -> int:
+        """Add an object with the next free label value, select it and return its value (the M key)."""
+        return self.session.add_object().value
+
     def _plane_or_error(self) -> tuple[int, int]:
         plane = self.current_plane()
         if plane is None:
