@@ -155,3 +155,191 @@ def test_moving_and_resizing_a_box_resegments_once(scene, qtbot, calls):
     np.testing.assert_allclose(calls[0][2].box, [7, 11, 20, 28], atol=0.6)
     np.testing.assert_array_equal(labels.data[index] == 1, controller.last_masks.masks[0])
     assert undo_depth(controller) == 3  # draw, move, resize
+
+
+def test_dragging_a_point_predicts_once_and_undoes_in_one_step(scene, qtbot, calls):
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, "axial", qtbot)
+    points = controller.points_layer
+    viewer.layers.selection.active = points
+    points.mode = "add"
+    click(viewer, points, [index, 8, 10])
+    settle(qtbot, controller)
+    assert len(points.data) == 1 and len(calls) == 1
+    first_mask = labels.data[index].copy()
+    points.mode = "select"
+    points.selected_data = {0}
+    calls.clear()
+    drag(viewer, points, [index, 8, 10], [index, 16, 22], steps=30, qtbot=qtbot,
+         during=lambda: calls_mid.append(len(calls)))
+    settle(qtbot, controller)
+    assert calls_mid == [0] and len(calls) == 1, len(calls)
+    np.testing.assert_allclose(calls[0][2].points, [[16, 22]], atol=0.6)
+    np.testing.assert_allclose(points.data[0], [index, 16, 22], atol=0.6)
+    # One Ctrl+Z takes the whole drag back: the point and its mask.
+    key(viewer, _qt().Key_Z, _qt().KeyboardModifier.ControlModifier)
+    np.testing.assert_allclose(points.data, [[index, 8, 10]], atol=1e-6)
+    np.testing.assert_array_equal(labels.data[index], first_mask)
+    assert controller.session.can_undo()  # the click itself is the next step back
+
+
+def _qt():
+    from qtpy.QtCore import Qt
+
+    return Qt
+
+
+def test_deleting_prompts_with_the_keyboard_repredicts_once(scene, qtbot, calls):
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, "axial", qtbot)
+    points, boxes = controller.points_layer, controller.boxes_layer
+    viewer.layers.selection.active = points
+    click(viewer, points, [index, 8, 10])
+    click(viewer, points, [index, 18, 25], modifiers=["Shift"])
+    settle(qtbot, controller)
+    assert points.features["positive"].tolist() == [True, False]
+    points.mode = "select"
+    points.selected_data = {1}
+    calls.clear()
+    key(viewer, _qt().Key_Delete)
+    settle(qtbot, controller)
+    assert len(points.data) == 1 and len(calls) == 1
+    np.testing.assert_allclose(calls[0][2].points, [[8, 10]], atol=0.6)
+    # A box deleted with Backspace: its slice is predicted from the remaining point, once.
+    viewer.layers.selection.active = boxes
+    boxes.mode = "add_rectangle"
+    drag(viewer, boxes, [index, 3, 3], [index, 14, 20], qtbot=qtbot)
+    settle(qtbot, controller)
+    boxes.mode = "select"
+    boxes.selected_data = {0}
+    calls.clear()
+    key(viewer, _qt().Key_Backspace)
+    settle(qtbot, controller)
+    assert len(boxes.data) == 0 and len(calls) == 1 and calls[0][2].box is None
+    # The last prompt removed with the layer's delete button: the model's mask goes too.
+    viewer.layers.selection.active = points
+    points.selected_data = {0}
+    calls.clear()
+    controls = viewer.window._qt_viewer.controls.widgets[points]
+    controls.delete_button.click()
+    settle(qtbot, controller)
+    assert len(points.data) == 0 and not calls and not labels.data.any()
+
+
+@pytest.mark.parametrize("plane", ["coronal", "axial"])
+def test_a_redrawn_box_replaces_the_objects_box_on_that_slice(scene, qtbot, calls, plane):
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, plane, qtbot)
+    boxes = controller.boxes_layer
+    viewer.layers.selection.active = boxes
+    boxes.mode = "add_rectangle"
+    drag(viewer, boxes, on_plane(axis, index, 2, 4), on_plane(axis, index, 9, 20), qtbot=qtbot)
+    settle(qtbot, controller)
+    calls.clear()
+    drag(viewer, boxes, on_plane(axis, index, 3, 6), on_plane(axis, index, 10, 26), qtbot=qtbot)
+    settle(qtbot, controller)
+    assert len(boxes.data) == 1 and len(calls) == 1
+    np.testing.assert_allclose(box_of(boxes, 0), [3, 6, 10, 26], atol=0.6)
+    np.testing.assert_allclose(calls[0][2].box, [3, 6, 10, 26], atol=0.6)
+    # Undo brings the first box back, in the layer and in the labels.
+    key(viewer, _qt().Key_Z, _qt().KeyboardModifier.ControlModifier)
+    assert len(boxes.data) == 1
+    np.testing.assert_allclose(box_of(boxes, 0), [2, 4, 9, 20], atol=0.6)
+    # Another object's box on the same slice is kept beside it.
+    labels.selected_label = 2
+    drag(viewer, boxes, on_plane(axis, index, 12, 2), on_plane(axis, index, 20, 12), qtbot=qtbot)
+    settle(qtbot, controller)
+    assert sorted(boxes.features["label"].tolist()) == [1, 2]
+
+
+def test_a_coronal_box_is_never_applied_later_from_another_plane(scene, qtbot, calls):
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, "coronal", qtbot)
+    boxes, points = controller.boxes_layer, controller.points_layer
+    viewer.layers.selection.active = boxes
+    boxes.mode = "add_rectangle"
+    drag(viewer, boxes, [2, index, 4], [9, index, 20], qtbot=qtbot)
+    settle(qtbot, controller)
+    assert [(a, i) for a, i, _, _ in calls] == [(1, index)]  # segmented at once, on screen
+    coronal = labels.data[:, index].copy()
+    axial, slice_ = show(viewer, controller, "axial", qtbot)
+    viewer.layers.selection.active = points
+    points.mode = "add"
+    calls.clear()
+    click(viewer, points, [slice_, 20, 28])
+    settle(qtbot, controller)
+    assert [(a, i) for a, i, _, _ in calls] == [(0, slice_)]  # only the axial click's slice
+    np.testing.assert_array_equal(labels.data[:, index][np.arange(SHAPE[0]) != slice_],
+                                  coronal[np.arange(SHAPE[0]) != slice_])
+
+
+def test_a_prompt_waiting_for_its_embedding_says_where_it_landed(scene, qtbot, calls):
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, "axial", qtbot)
+    other = (index + 3) % SHAPE[0]
+    assert not controller.is_embedded(0, other)
+    points = controller.points_layer
+    controller.points_layer.add([other, 5, 5])  # e.g. a prompt made just before leaving the slice
+    assert controller.queue.running == (0, other) or (0, other) in controller.queue.pending
+    statuses: list[str] = []
+    controller.status_changed.connect(statuses.append)
+    settle(qtbot, controller)
+    assert calls and calls[-1][:2] == (0, other)
+    assert any(f"slice {other} (axial)" in s and "segmented" in s for s in statuses), statuses
+    assert len(points.data) == 1
+
+
+@pytest.mark.parametrize("layer_name", ["scan", "seg", "scan points", "scan boxes", "other image"])
+def test_plugin_keys_work_whichever_layer_is_selected(scene, qtbot, layer_name):
+    viewer, controller, labels = scene
+    viewer.add_image(np.zeros(SHAPE, np.float32), name="other image", scale=SCALE, visible=False,
+                     contrast_limits=(0, 1))
+    axis, index = show(viewer, controller, "axial", qtbot)
+    controller.points_layer.add([index, 8, 10])  # one click: three candidates
+    settle(qtbot, controller)
+    viewer.layers.selection.active = viewer.layers[layer_name]
+    limits = {layer.name: tuple(layer.contrast_limits) for layer in viewer.layers if hasattr(layer, "contrast_limits")}
+    Qt = _qt()
+    key(viewer, Qt.Key_C)  # next candidate, never the Image layer's auto-contrast
+    assert controller.session.candidate(1, 0, index).choice == 1
+    assert {layer.name: tuple(layer.contrast_limits) for layer in viewer.layers
+            if hasattr(layer, "contrast_limits") and layer.name in limits} == limits
+    key(viewer, Qt.Key_M)  # a new object with the next free value, selected
+    assert [o.value for o in controller.session.objects] == [1, 2] and controller.session.active == 2
+    key(viewer, Qt.Key_N)
+    assert controller.session.active == 1
+    key(viewer, Qt.Key_N, Qt.KeyboardModifier.ShiftModifier)
+    assert controller.session.active == 2
+    controller.session.select(1)
+    key(viewer, Qt.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    assert controller.session.candidate(1, 0, index).choice == 0  # the cycle undone
+    key(viewer, Qt.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    assert controller.session.candidate(1, 0, index).choice == 1
+
+
+def test_m_always_makes_a_new_object(scene, qtbot):
+    viewer, controller, labels = scene
+    session = controller.session
+    assert [o.value for o in session.objects] == [1] and not labels.data.any()  # a fresh session
+    viewer.layers.selection.active = labels  # napari's own M would say "label 1 is not used" here
+    key(viewer, _qt().Key_M)
+    assert [o.value for o in session.objects] == [1, 2] and labels.selected_label == 2
+    session.add_object(value=3, select=False)  # 2 and 3 exist and are empty
+    session.select(1)
+    key(viewer, _qt().Key_M)
+    assert [o.value for o in session.objects] == [1, 2, 3, 4] and session.active == 4
+    assert labels.selected_label == 4
+
+
+def test_keys_are_given_back_on_close(scene, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, controller, labels = scene
+    image = controller.image_layer
+    assert coerce_keybinding("C") in image.keymap
+    controller.close()
+    for target in (image, labels, viewer):
+        assert coerce_keybinding("C") not in target.keymap and coerce_keybinding("M") not in target.keymap
+    viewer.layers.selection.active = image
+    key(viewer, _qt().Key_C)  # napari's own auto-contrast again
+    assert tuple(image.contrast_limits) != (-100, 200)

@@ -319,10 +319,17 @@ class SegmentationController(SessionEditsMixin):
 
     def _on_embedded(self, axis: int, index: int, signature: object) -> None:
         self._signature = self._signature or str(signature)
+        landed = []
         for key in sorted(k for k in self._waiting if k[:2] == (axis, index)):
             self._waiting.discard(key)
             self._update_slice(key)
-        if self.queue.running is None:
+            landed.append(key)
+        off_screen = [k for k in landed if k[:2] != self.current_plane() and k[2] in self.session]
+        if off_screen:
+            # The prompt was made before the user left the slice: say where its mask went.
+            names = ", ".join(self.session.object(k[2]).name for k in off_screen)
+            self._set_status(f"{names}: slice {index} ({AXIS_NAMES[axis]}) segmented from the prompt made there")
+        elif self.queue.running is None:
             self._set_status("ready")
 
     def _on_embed_error(self, axis: int, index: int, error: Exception) -> None:
