@@ -343,3 +343,101 @@ def test_keys_are_given_back_on_close(scene, qtbot):
     viewer.layers.selection.active = image
     key(viewer, _qt().Key_C)  # napari's own auto-contrast again
     assert tuple(image.contrast_limits) != (-100, 200)
+
+
+@pytest.fixture
+def workflow(make_napari_viewer, qtbot, model, sample_dir):
+    from napari_medsam._napari.widget import MedSamWidget
+    from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
+    widget = MedSamWidget(viewer)
+    widget.cache = EmbeddingCache(MemoryCache())
+    viewer.window.add_dock_widget(widget, name="MedSAM")
+    widget.model_panel.set_model(model, "mobile_sam")
+    controller = widget.controller
+    assert controller is not None, widget.status.text()
+    yield viewer, widget, controller
+    qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
+    widget.stop_segmentation()
+
+
+def _focus(qtbot, widget) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    window = widget.window()
+    window.activateWindow()
+    qtbot.waitUntil(lambda: QApplication.activeWindow() is window, timeout=5000)
+    widget.setFocus()
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is widget, timeout=5000)
+
+
+def test_keys_reach_the_plugin_from_the_objects_table(workflow, qtbot):
+    viewer, widget, controller = workflow
+    Qt = _qt()
+    table = widget.objects_panel.table
+    session = controller.session
+    _focus(qtbot, table)
+    key(viewer, Qt.Key_M, widget=table)
+    assert [o.value for o in session.objects] == [1, 2] and session.active == 2
+    assert table.currentRow() == 1
+    key(viewer, Qt.Key_N, widget=table)
+    assert session.active == 1 and table.currentRow() == 0
+    key(viewer, Qt.Key_N, Qt.KeyboardModifier.ShiftModifier, widget=table)
+    assert session.active == 2
+    session.select(1)
+    # C on the table cycles the candidates of the shown slice; Ctrl+Z there undoes it, once.
+    middle = controller.image_layer.data.shape[0] // 2
+    viewer.dims.set_point(0, controller.image_layer.data_to_world([middle, 0, 0])[0])
+    controller.points_layer.add([middle, 84, 84])
+    qtbot.waitUntil(lambda: controller.last_masks is not None, timeout=30000)
+    _focus(qtbot, table)
+    key(viewer, Qt.Key_C, widget=table)
+    assert session.candidate(1, 0, middle).choice == 1
+    key(viewer, Qt.Key_Z, Qt.KeyboardModifier.ControlModifier, widget=table)
+    assert session.candidate(1, 0, middle).choice == 0
+    key(viewer, Qt.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier, widget=table)
+    assert session.candidate(1, 0, middle).choice == 1
+    # While a name is edited, the letters go into the name.
+    table.editItem(table.item(0, 1))
+    editor = QApplicationFocus()
+    assert editor is not table
+    key(viewer, Qt.Key_A, widget=editor)
+    key(viewer, Qt.Key_N, widget=editor)
+    assert editor.text() == "an" and session.active == 1
+    table.setFocus()  # leaving the editor commits the name
+    qtbot.wait(10)
+    assert session.object(1).name.endswith("an") and session.active == 1
+
+
+def QApplicationFocus():  # noqa: N802
+    from qtpy.QtWidgets import QApplication
+
+    return QApplication.focusWidget()
+
+
+def test_precompute_says_so_at_once_and_lists_the_keys(workflow, qtbot, model, monkeypatch):
+    import time
+
+    viewer, widget, controller = workflow
+    settle(qtbot, controller)
+    panel = widget.segment_panel
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda rgb: (time.sleep(0.3), original(rgb))[1])
+    panel.first.setValue(3)
+    panel.last.setValue(6)
+    panel.precompute_button.click()
+    assert panel.state.text() == "Precomputing slices 3-6 (axial)..."  # before any slice is done
+    qtbot.waitUntil(lambda: "(1/4)" in panel.state.text(), timeout=20000)
+    assert "Precomputing slices 3-6 (axial)" in panel.state.text()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30000)
+    assert "done: 4/4" in panel.state.text()
+    # The Keys help lists every binding.
+    from napari_medsam._napari.keys import SHORTCUTS, qt_key_sequence
+
+    assert not panel.help.isVisible()
+    panel.keys_button.click()
+    assert panel.help.isVisible()
+    for key_name, (_, text) in SHORTCUTS.items():
+        assert qt_key_sequence(key_name) in panel.help.text() and text in panel.help.text()

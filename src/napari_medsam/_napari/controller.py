@@ -43,36 +43,14 @@ from .prompt_layers import (
     point_defaults,
 )
 from .controller_session import SessionEditsMixin
+from .keys import AXIS_NAMES, MOUSE_ACTIONS, SHORTCUTS
 from .workers import EmbeddingQueue
 
 log = logging.getLogger(__name__)
 
-AXIS_NAMES = ("axial", "coronal", "sagittal")
 # Modifiers that turn a click on the points layer into an exclude (negative) point.
 NEGATIVE_MODIFIERS = ("Shift", "Alt")
-__all__ = ["AXIS_NAMES", "NEGATIVE_COLOR", "POSITIVE_COLOR", "SegmentationController", "SHORTCUTS"]
-
-# key -> (controller method, description). Bound on the scan's own layers (image, labels,
-# prompts), on the viewer and on every other layer that has no editing keys of its own (see
-# SegmentationController._bind_keys); the dock widget adds them as Qt shortcuts.
-SHORTCUTS = {
-    "Control-Z": ("undo", "undo the active object's last change"),
-    "Control-Shift-Z": ("redo", "redo the active object's last undone change"),
-    "N": ("next_object", "select the next object"),
-    "Shift-N": ("previous_object", "select the previous object"),
-    "M": ("new_object", "new object with the next free label value"),
-    "C": ("cycle_mask", "show the next candidate mask of an ambiguous prompt"),
-}
-
-# Mouse actions of the prompt layers, for the key map shown in the panel and the user guide.
-MOUSE_ACTIONS = (
-    ("click (points layer)", "include point"),
-    ("Shift/Alt-click (points layer)", "exclude point"),
-    ("R, then drag (boxes layer)", "box; a new box on a slice replaces the object's old one there"),
-    ("drag a point or box (select mode)", "move it: predicted once, on release"),
-    ("Delete / Backspace", "remove the selected prompts"),
-)
-
+__all__ = ["AXIS_NAMES", "MOUSE_ACTIONS", "NEGATIVE_COLOR", "POSITIVE_COLOR", "SegmentationController", "SHORTCUTS"]
 
 class SegmentationController(SessionEditsMixin):
     """Wires prompt layers, a SAM model, a segmentation session and a Labels layer into click-to-segment."""
@@ -199,7 +177,7 @@ class SegmentationController(SessionEditsMixin):
             return
         for key, (method, _) in SHORTCUTS.items():
             previous = target.keymap.get(coerce_keybinding(key))
-            target.bind_key(key, lambda _target, method=method: self._shortcut(method), overwrite=True)
+            target.bind_key(key, lambda _target, method=method: self.run_shortcut(method), overwrite=True)
             self._bound.append((target, key, previous))
 
     def _on_layer_inserted(self, event: Any) -> None:
@@ -207,7 +185,8 @@ class SegmentationController(SessionEditsMixin):
         if layer is not None and _takes_plugin_keys(layer):
             self._bind_on(layer)
 
-    def _shortcut(self, method: str) -> None:
+    def run_shortcut(self, method: str) -> None:
+        """Run the controller method of a SHORTCUTS key; a refusal (MedSamError) goes to the status."""
         try:
             getattr(self, method)()
         except MedSamError as error:

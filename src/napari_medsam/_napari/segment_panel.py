@@ -13,14 +13,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
 )
 
 from ..errors import MedSamError
-
-HELP = ("Click: include point · Shift/Alt-click: exclude point · boxes: select the boxes layer, press R and drag · "
-        "C: next candidate mask · Ctrl+Z / Ctrl+Shift+Z: undo / redo (active object) · N / Shift+N: next / previous object")
-
+from .keys import AXIS_NAMES, key_map_html
 
 def precompute_job(controller: Any, axis: int, first: int, last: int):
     """Worker generator: embed slices ``first..last`` along ``axis`` (cached ones are skipped); yields each index."""
@@ -38,9 +36,15 @@ class SegmentPanel(QGroupBox):
         self.worker = None
         self.state = QLabel("no model")
         self.state.setWordWrap(True)
-        self.help = QLabel(HELP)
+        self.keys_button = QToolButton()
+        self.keys_button.setText("Keys")
+        self.keys_button.setCheckable(True)
+        self.keys_button.setToolTip("Show the mouse actions and keys")
+        self.help = QLabel(key_map_html())
         self.help.setWordWrap(True)
-        self.help.setStyleSheet("color: gray; font-size: 10px")
+        self.help.setStyleSheet("font-size: 11px")
+        self.help.setVisible(False)
+        self.keys_button.toggled.connect(self.help.setVisible)
         self.overwrite = QCheckBox("overwrite other objects")
         self.overwrite.setToolTip("Let a prediction take voxels that belong to other objects")
         self.iou = QLabel("")
@@ -89,6 +93,7 @@ class SegmentPanel(QGroupBox):
         layout.addWidget(self.overwrite)
         layout.addLayout(grid)
         layout.addLayout(pre)
+        layout.addWidget(self.keys_button)
         layout.addWidget(self.help)
 
         self.cycle_button.clicked.connect(lambda: self._call("cycle_mask"))
@@ -144,6 +149,8 @@ class SegmentPanel(QGroupBox):
             self.controller.overwrite = checked
 
     def _on_status(self, text: str) -> None:
+        if self.worker is not None and text == "ready":
+            return  # the precompute's progress stays on show until it ends
         self.state.setText(f"Model: {text}")
 
     def _refresh(self, change: Any = None) -> None:
@@ -187,10 +194,13 @@ class SegmentPanel(QGroupBox):
         total = last - first + 1
         done = [0]
 
+        plane = f"slices {first}-{last} ({AXIS_NAMES[axis]})"
+
         def step(index: int) -> None:
             done[0] += 1
-            self.state.setText(f"Precomputing: slice {index} ({done[0]}/{total})")
+            self.state.setText(f"Precomputing {plane}: slice {index} done ({done[0]}/{total})")
 
+        self.state.setText(f"Precomputing {plane}...")  # at once: the first slice takes seconds
         self.precompute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         worker = start_worker(precompute_job, controller, axis, first, last, on_yield=step,

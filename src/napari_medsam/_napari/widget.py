@@ -109,6 +109,7 @@ class MedSamWidget(QWidget):
         layout.addWidget(scroll)
         self.setMinimumWidth(360)
 
+        self._add_shortcuts()
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.window_combo.activated.connect(self._window_picked)
         self.new_labels_button.clicked.connect(self._new_labels_clicked)
@@ -125,6 +126,33 @@ class MedSamWidget(QWidget):
         events.removed.connect(self._refresh_layers)
         events.reordered.connect(self._refresh_layers)
         self._refresh_layers()
+
+    def _add_shortcuts(self) -> None:
+        """The plugin's keys while the focus is in this panel (e.g. on the Objects table).
+
+        Qt shortcuts rather than key handlers: Qt offers a key to the focused widget first as a
+        ShortcutOverride, so a text field being edited (an object's name, a spin box) keeps its
+        letters and its own Ctrl+Z, while lists, tables, buttons and combo boxes let them through.
+        """
+        from qtpy.QtGui import QKeySequence
+        from qtpy.QtWidgets import QShortcut
+
+        from .keys import SHORTCUTS, qt_key_sequence
+
+        self.shortcuts = {}
+        for key, (method, _) in SHORTCUTS.items():
+            sequence = QKeySequence(qt_key_sequence(key))
+            shortcut = QShortcut(sequence, self)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(lambda method=method: self._on_shortcut(method))
+            self.shortcuts[key] = shortcut
+
+    def _on_shortcut(self, method: str) -> None:
+        if self.controller is None:
+            self.status.setText("Load a model and pick a scan first: the keys act on the segmentation.")
+            return
+        self.controller.run_shortcut(method)
+        self.segment_panel._refresh()
 
     # ----------------------------------------------------------------- layers
     def _refresh_layers(self, event=None) -> None:
