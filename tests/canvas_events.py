@@ -33,9 +33,13 @@ def press(viewer, pos, modifiers: Iterable[str] = ()):
     return MouseEvent(type="mouse_press", pos=tuple(pos), modifiers=tuple(modifiers), button=1)
 
 
-def move(viewer, pos, press_event, modifiers: Iterable[str] = ()):
+def move(viewer, pos, press_event, modifiers: Iterable[str] = (), last_event=None):
+    """A mouse move with the button held; returns the event (the next move's ``last_event``)."""
+    from vispy.app.canvas import MouseEvent
+
     _scene(viewer).events.mouse_move(pos=tuple(pos), modifiers=tuple(modifiers), button=1, buttons=[1],
-                                     press_event=press_event)
+                                     press_event=press_event, last_event=last_event or press_event)
+    return MouseEvent(type="mouse_move", pos=tuple(pos), modifiers=tuple(modifiers), button=1, buttons=[1])
 
 
 def release(viewer, pos, press_event, modifiers: Iterable[str] = ()):
@@ -51,10 +55,15 @@ def drag(viewer, layer, start: Sequence[float], end: Sequence[float], *, steps: 
     """
     a, b = canvas_pos(viewer, layer, start), canvas_pos(viewer, layer, end)
     event = press(viewer, a, modifiers)
+    last = None
     for t in np.linspace(0, 1, steps + 1)[1:]:
-        move(viewer, a + (b - a) * t, event, modifiers)
+        last = move(viewer, a + (b - a) * t, event, modifiers, last)
         if qtbot is not None:
             qtbot.wait(1)
+        else:
+            from qtpy.QtWidgets import QApplication
+
+            QApplication.processEvents()
     if during is not None:
         during()
     release(viewer, b, event, modifiers)
