@@ -31,3 +31,39 @@ def _isolated_settings(tmp_path_factory, monkeypatch) -> Path:
     folder = tmp_path_factory.mktemp("medsam-config")
     monkeypatch.setenv("NAPARI_MEDSAM_CONFIG_DIR", str(folder))
     return folder
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every SlicePredictor.predict call: (axis, index, Prompts, multimask)."""
+    from napari_medsam.segment.predictor import SlicePredictor
+
+    recorded = []
+    original = SlicePredictor.predict
+
+    def spy(self, index, prompts, multimask=False, **kwargs):
+        recorded.append((self.axis, int(index), prompts, multimask))
+        return original(self, index, prompts, multimask, **kwargs)
+
+    monkeypatch.setattr(SlicePredictor, "predict", spy)
+    return recorded
+
+
+def start_workflow(viewer, model, sample_dir, *, dock: bool = False):
+    """The dock widget on the sample CT with ``model`` loaded (memory cache only); returns (widget, controller)."""
+    from napari_medsam._napari.widget import MedSamWidget
+    from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
+
+    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
+    widget = MedSamWidget(viewer)
+    widget.cache = EmbeddingCache(MemoryCache())  # keep the tests off the user's disk cache
+    if dock:
+        viewer.window.add_dock_widget(widget, name="MedSAM")
+    widget.model_panel.set_model(model, "mobile_sam")
+    assert widget.controller is not None, widget.status.text()
+    return widget, widget.controller
+
+
+def stop_workflow(qtbot, widget, controller) -> None:
+    qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
+    widget.stop_segmentation()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from napari_medsam.errors import LabelsMismatchError
-from napari_medsam.segment.predictor import SlicePredictor
 
 SHAPE = (6, 24, 32)  # (slice, row, column): a different size on each axis
 SCALE = (2.0, 1.0, 1.0)
@@ -19,20 +18,6 @@ def model():
     from test_predictor import tiny_model
 
     return tiny_model("sam", seed=1)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Every SlicePredictor.predict call: (axis, index, Prompts, multimask)."""
-    recorded = []
-    original = SlicePredictor.predict
-
-    def spy(self, index, prompts, multimask=False, **kwargs):
-        recorded.append((self.axis, int(index), prompts, multimask))
-        return original(self, index, prompts, multimask, **kwargs)
-
-    monkeypatch.setattr(SlicePredictor, "predict", spy)
-    return recorded
 
 
 @pytest.fixture

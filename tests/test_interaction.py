@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from canvas_events import canvas_pos, click, drag, key, move, press, release
+from canvas_events import click, drag, key
 
-from napari_medsam.segment.predictor import SlicePredictor
 
 SHAPE = (12, 24, 32)  # (slice, row, column)
 SCALE = (2.0, 1.0, 1.0)
@@ -22,20 +21,6 @@ def model():
     from test_predictor import tiny_model
 
     return tiny_model("sam", seed=1)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Every SlicePredictor.predict call: (axis, index, Prompts, multimask)."""
-    recorded = []
-    original = SlicePredictor.predict
-
-    def spy(self, index, prompts, multimask=False, **kwargs):
-        recorded.append((self.axis, int(index), prompts, multimask))
-        return original(self, index, prompts, multimask, **kwargs)
-
-    monkeypatch.setattr(SlicePredictor, "predict", spy)
-    return recorded
 
 
 @pytest.fixture
@@ -86,6 +71,14 @@ def box_of(boxes, row: int) -> np.ndarray:
     return np.concatenate([inplane.min(0), inplane.max(0)])
 
 
+def draw_box(viewer, controller, start, end, qtbot, **kwargs) -> None:
+    """Select the boxes layer, press R (add rectangle) and drag from ``start`` to ``end`` (data coordinates)."""
+    boxes = controller.boxes_layer
+    viewer.layers.selection.active = boxes
+    boxes.mode = "add_rectangle"
+    drag(viewer, boxes, start, end, qtbot=qtbot, **kwargs)
+
+
 def undo_depth(controller) -> int:
     """How many Ctrl+Z the active object takes to get back to nothing."""
     session, steps = controller.session, 0
@@ -100,11 +93,9 @@ def test_box_drawn_with_the_mouse_is_segmented_once_on_release(scene, qtbot, cal
     viewer, controller, labels = scene
     axis, index = show(viewer, controller, plane, qtbot)
     boxes = controller.boxes_layer
-    viewer.layers.selection.active = boxes
-    boxes.mode = "add_rectangle"
     calls.clear()
-    drag(viewer, boxes, on_plane(axis, index, 2, 4), on_plane(axis, index, 9, 20), steps=10, qtbot=qtbot,
-         during=lambda: calls_mid.append(len(calls)))
+    draw_box(viewer, controller, on_plane(axis, index, 2, 4), on_plane(axis, index, 9, 20), qtbot, steps=10,
+             during=lambda: calls_mid.append(len(calls)))
     settle(qtbot, controller)
     assert calls_mid == [0]  # nothing predicted while dragging
     assert len(calls) == 1, calls
@@ -130,9 +121,7 @@ def test_moving_and_resizing_a_box_resegments_once(scene, qtbot, calls):
     viewer, controller, labels = scene
     axis, index = show(viewer, controller, "axial", qtbot)
     boxes = controller.boxes_layer
-    viewer.layers.selection.active = boxes
-    boxes.mode = "add_rectangle"
-    drag(viewer, boxes, [index, 4, 6], [index, 12, 18], qtbot=qtbot)
+    draw_box(viewer, controller, [index, 4, 6], [index, 12, 18], qtbot)
     settle(qtbot, controller)
     before = labels.data[index].copy()
     # Move: select mode, drag the box by its inside.
@@ -206,9 +195,7 @@ def test_deleting_prompts_with_the_keyboard_repredicts_once(scene, qtbot, calls)
     assert len(points.data) == 1 and len(calls) == 1
     np.testing.assert_allclose(calls[0][2].points, [[8, 10]], atol=0.6)
     # A box deleted with Backspace: its slice is predicted from the remaining point, once.
-    viewer.layers.selection.active = boxes
-    boxes.mode = "add_rectangle"
-    drag(viewer, boxes, [index, 3, 3], [index, 14, 20], qtbot=qtbot)
+    draw_box(viewer, controller, [index, 3, 3], [index, 14, 20], qtbot)
     settle(qtbot, controller)
     boxes.mode = "select"
     boxes.selected_data = {0}
@@ -231,12 +218,10 @@ def test_a_redrawn_box_replaces_the_objects_box_on_that_slice(scene, qtbot, call
     viewer, controller, labels = scene
     axis, index = show(viewer, controller, plane, qtbot)
     boxes = controller.boxes_layer
-    viewer.layers.selection.active = boxes
-    boxes.mode = "add_rectangle"
-    drag(viewer, boxes, on_plane(axis, index, 2, 4), on_plane(axis, index, 9, 20), qtbot=qtbot)
+    draw_box(viewer, controller, on_plane(axis, index, 2, 4), on_plane(axis, index, 9, 20), qtbot)
     settle(qtbot, controller)
     calls.clear()
-    drag(viewer, boxes, on_plane(axis, index, 3, 6), on_plane(axis, index, 10, 26), qtbot=qtbot)
+    draw_box(viewer, controller, on_plane(axis, index, 3, 6), on_plane(axis, index, 10, 26), qtbot)
     settle(qtbot, controller)
     assert len(boxes.data) == 1 and len(calls) == 1
     np.testing.assert_allclose(box_of(boxes, 0), [3, 6, 10, 26], atol=0.6)
@@ -247,7 +232,7 @@ def test_a_redrawn_box_replaces_the_objects_box_on_that_slice(scene, qtbot, call
     np.testing.assert_allclose(box_of(boxes, 0), [2, 4, 9, 20], atol=0.6)
     # Another object's box on the same slice is kept beside it.
     labels.selected_label = 2
-    drag(viewer, boxes, on_plane(axis, index, 12, 2), on_plane(axis, index, 20, 12), qtbot=qtbot)
+    draw_box(viewer, controller, on_plane(axis, index, 12, 2), on_plane(axis, index, 20, 12), qtbot)
     settle(qtbot, controller)
     assert sorted(boxes.features["label"].tolist()) == [1, 2]
 
@@ -255,10 +240,8 @@ def test_a_redrawn_box_replaces_the_objects_box_on_that_slice(scene, qtbot, call
 def test_a_coronal_box_is_never_applied_later_from_another_plane(scene, qtbot, calls):
     viewer, controller, labels = scene
     axis, index = show(viewer, controller, "coronal", qtbot)
-    boxes, points = controller.boxes_layer, controller.points_layer
-    viewer.layers.selection.active = boxes
-    boxes.mode = "add_rectangle"
-    drag(viewer, boxes, [2, index, 4], [9, index, 20], qtbot=qtbot)
+    points = controller.points_layer
+    draw_box(viewer, controller, [2, index, 4], [9, index, 20], qtbot)
     settle(qtbot, controller)
     assert [(a, i) for a, i, _, _ in calls] == [(1, index)]  # segmented at once, on screen
     coronal = labels.data[:, index].copy()
@@ -347,20 +330,12 @@ def test_keys_are_given_back_on_close(scene, qtbot):
 
 @pytest.fixture
 def workflow(make_napari_viewer, qtbot, model, sample_dir):
-    from napari_medsam._napari.widget import MedSamWidget
-    from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
+    from conftest import start_workflow, stop_workflow
 
     viewer = make_napari_viewer(show=True)
-    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
-    widget = MedSamWidget(viewer)
-    widget.cache = EmbeddingCache(MemoryCache())
-    viewer.window.add_dock_widget(widget, name="MedSAM")
-    widget.model_panel.set_model(model, "mobile_sam")
-    controller = widget.controller
-    assert controller is not None, widget.status.text()
+    widget, controller = start_workflow(viewer, model, sample_dir, dock=True)
     yield viewer, widget, controller
-    qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
-    widget.stop_segmentation()
+    stop_workflow(qtbot, widget, controller)
 
 
 def _focus(qtbot, widget) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +16,13 @@ def model():
 
 @pytest.fixture
 def workflow(make_napari_viewer, qtbot, model, sample_dir):
-    from napari_medsam._napari.widget import MedSamWidget
+    from conftest import start_workflow, stop_workflow
 
     viewer = make_napari_viewer()
-    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
-    widget = MedSamWidget(viewer)
-    widget.cache = EmbeddingCache(MemoryCache())  # keep the tests off the user's disk cache
+    widget, controller = start_workflow(viewer, model, sample_dir)
     qtbot.addWidget(widget)
-    widget.model_panel.set_model(model, "mobile_sam")
-    controller = widget.controller
-    assert controller is not None, widget.status.text()
     yield viewer, widget, controller
-    qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
-    widget.stop_segmentation()
+    stop_workflow(qtbot, widget, controller)
 
 
 def settle(qtbot, controller):
