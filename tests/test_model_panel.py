@@ -196,7 +196,7 @@ def test_load_golden_checkpoint_in_a_worker(make_panel, golden_dir, qtbot):
     model = blocker.args[0]
     assert isinstance(model, SamModel) and model is panel.model
     assert model.name == "mobile_sam" and panel.model_name == "mobile_sam" and str(model.device) == "cpu"
-    assert panel.status.text() == "ready: MobileSAM (cpu)"
+    assert panel.status.text() == ready_text("MobileSAM")
     qtbot.waitUntil(lambda: panel.load_button.isEnabled())
     # picking another model keeps the loaded one until Load model is pressed
     panel.model_combo.setCurrentIndex(panel.model_combo.findData("medsam"))
@@ -243,7 +243,7 @@ def test_load_without_weights_downloads_first(make_panel, server, golden_dir, mo
         panel.load_button.click()
         assert panel.downloading
     assert isinstance(blocker.args[0], SamModel) and panel.model_name == "test_mobile"
-    assert panel.weights_label.text() == "present" and panel.status.text() == "ready: Test Model (cpu)"
+    assert panel.weights_label.text() == "present" and panel.status.text() == ready_text("Test Model")
 
 
 def test_set_model_and_unload(make_panel, qtbot):
@@ -254,7 +254,7 @@ def test_set_model_and_unload(make_panel, qtbot):
     with qtbot.waitSignal(panel.model_changed) as blocker:
         panel.set_model(model, "tiny-sam")
     assert blocker.args == [model] and panel.model is model and panel.model_name == "tiny-sam"
-    assert panel.status.text() == "ready: tiny-sam (cpu)"
+    assert panel.status.text() == ready_text("tiny-sam")
     with qtbot.waitSignal(panel.model_changed) as blocker:
         panel.unload()
     assert blocker.args == [None] and panel.model is None and panel.model_name is None
@@ -395,3 +395,11 @@ def test_weights_folder_is_chosen_and_remembered(qtbot, tmp_path, monkeypatch):
     again = ModelPanel(Settings())
     qtbot.addWidget(again)
     assert again.settings.get("cache_dir") == str(folder) and again.weights_available()
+
+
+def ready_text(name: str) -> str:
+    """What the panel says once a model runs on this CPU: the device, its threads and the torch build."""
+    import torch
+
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return f"ready: {name} on cpu, {torch.get_num_threads()} threads; torch {torch.__version__} ({build})"

@@ -214,10 +214,16 @@ class ModelPanel(QGroupBox):
         self.forget_button.setVisible(local is not None)
         self.load_button.setEnabled(self._load_worker is None)
         if self._load_worker is None and self.model is not None:
-            ready = f"ready: {self._display(self.model_name)} ({self.model.device})"
+            ready = self._ready_text(self.model_name, self.model)
             other = self.model_name in self._specs and self.model_name != spec.name
             switch = f"; Load model switches to {spec.display_name}" if other else ""
             self._set_status(ready + switch)
+
+    def _ready_text(self, name: str | None, model: Any) -> str:
+        """The status of a loaded model: its name, the device it runs on and the torch build."""
+        from ..models.device import describe_runtime, torch_build
+
+        return f"ready: {self._display(name)} on {describe_runtime(model.device)}; {torch_build()}"
 
     def _display(self, name: str | None) -> str:
         spec = self._specs.get(name or "")
@@ -389,7 +395,7 @@ class ModelPanel(QGroupBox):
         """Use an already built SamModel (or None to unload) under registry name ``name``."""
         self._loading = None  # a load still running is now out of date
         self.model, self.model_name = model, (name if model is not None else None)
-        self._set_status("no model loaded" if model is None else f"ready: {self._display(name)} ({model.device})")
+        self._set_status("no model loaded" if model is None else self._ready_text(name, model))
         self.refresh()
         self.model_changed.emit(model)
 

@@ -9,13 +9,35 @@ import torch
 
 from ..errors import DeviceError
 
-__all__ = ["DeviceError", "available_devices", "resolve_device", "set_cpu_threads"]
+__all__ = ["DeviceError", "available_devices", "describe_runtime", "resolve_device", "set_cpu_threads", "torch_build"]
 
 
 
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def torch_build() -> str:
+    """Which PyTorch runs the networks, e.g. "torch 2.13.0+cpu (CPU-only build)"."""
+    if torch.version.cuda:
+        kind = f"CUDA {torch.version.cuda} build"
+    elif getattr(torch.version, "hip", None):
+        kind = f"ROCm {torch.version.hip} build"
+    else:
+        kind = "CPU-only build"
+    return f"torch {torch.__version__} ({kind})"
+
+
+def describe_runtime(device: str | torch.device) -> str:
+    """The device a model runs on, in words, e.g. "cpu, 2 threads" or "cuda:0 (NVIDIA H100)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads"
+    return str(device)
 
 
 def available_devices() -> list[str]:
