@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_controller import SHAPE, calls, go_to, model, scene, settle  # noqa: F401  (fixtures)
+from test_controller import SHAPE, go_to, model, scene, settle  # noqa: F401  (fixtures)
 
 
 def click(controller, qtbot, where, positive=True):
