@@ -3,7 +3,9 @@
     python scripts/make_sample_data.py [--out sample_data] [--small] [--seed 0]
 
 Writes ct_phantom.nii.gz, ct_phantom_labels.nii.gz, ct_phantom_dicom/ (one JPEG 2000 Lossless
-file per slice), mr_phantom.nii.gz and mr_phantom_labels.nii.gz. The phantoms, the DICOM UIDs and
+file per slice), mr_phantom.nii.gz and mr_phantom_labels.nii.gz, and beside each label file its
+segment names, colours and codes (ct_phantom_labels.segments.json, mr_phantom_labels.segments.json)
+so readers and `napari-medsam export` name the organs. The phantoms, the DICOM UIDs and
 dates are all derived from the seed, so running it again rewrites the same content. ``--small``
 samples the same anatomy on a coarser grid (same field of view), for quick experiments.
 """
@@ -28,6 +30,7 @@ from pydicom.uid import JPEG2000Lossless
 from napari_medsam.errors import MedSamError
 from napari_medsam.io.dicom_write import write_dicom_series
 from napari_medsam.io.nifti import write_nifti_labels, write_nifti_volume
+from napari_medsam.io.segments import default_segment, save_segments_sidecar
 from napari_medsam.phantoms import make_ct_phantom, make_mr_phantom
 
 # Same field of view at both sizes: shape x spacing (mm) per display axis (slice, row, column).
@@ -77,16 +80,22 @@ def make_sample_data(out_dir: Path, small: bool = False, seed: int = 0) -> dict[
         for path in paths:
             written[str(path.relative_to(out_dir))] = path.stat().st_size
 
+    def record_labels(labels, volume, names: dict[int, str], path: Path) -> None:
+        record([write_nifti_labels(labels, volume, path)])
+        # NIfTI has no place for names: the sidecar carries them (codes and colours follow from them).
+        segments = [default_segment(value, name) for value, name in sorted(names.items())]
+        record([save_segments_sidecar(segments, path)])
+
     start = time.perf_counter()
-    ct, ct_labels, _ = make_ct_phantom(*grids["ct"], seed=seed)
-    mr, mr_labels, _ = make_mr_phantom(*grids["mr"], seed=seed)
+    ct, ct_labels, ct_names = make_ct_phantom(*grids["ct"], seed=seed)
+    mr, mr_labels, mr_names = make_mr_phantom(*grids["mr"], seed=seed)
     print(f"phantoms generated in {time.perf_counter() - start:.2f} s")
 
     record([write_nifti_volume(ct, out_dir / "ct_phantom.nii.gz")])
-    record([write_nifti_labels(ct_labels, ct, out_dir / "ct_phantom_labels.nii.gz")])
+    record_labels(ct_labels, ct, ct_names, out_dir / "ct_phantom_labels.nii.gz")
     record(_replace_dicom_series(ct, out_dir, seed))
     record([write_nifti_volume(mr, out_dir / "mr_phantom.nii.gz")])
-    record([write_nifti_labels(mr_labels, mr, out_dir / "mr_phantom_labels.nii.gz")])
+    record_labels(mr_labels, mr, mr_names, out_dir / "mr_phantom_labels.nii.gz")
     print(f"all files written in {time.perf_counter() - start:.2f} s")
     return written
 

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
 from .errors import MedSamError
 
 
+# Exit status after stdout was closed early (`napari-medsam models --json | head`): 128 + SIGPIPE,
+# what a shell reports for any Unix tool that stops writing because its reader went away.
+EXIT_BROKEN_PIPE = 141
+# The flag that hands the CLI a weight file of the user's own, as error messages name it.
+CHECKPOINT_HINT = "--checkpoint FILE"
+
+
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series-uid", help="DICOM: the SeriesInstanceUID to read when a folder holds several series")
     parser.add_argument("--volume-index", type=int, help="4D NIfTI/NRRD: which volume to read (0-based)")
+
+
+def _add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress on stderr (errors are still printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT ending in .nii/.nii.gz writes NIfTI with the source's exact affine and voxel order; .dcm "
         "writes a DICOM-SEG referencing SOURCE (which must be a DICOM series); .nrrd/.mha write ITK files.",
     )
-    export.add_argument("labels", help="label volume (NIfTI, NRRD, MHA or DICOM-SEG) on SOURCE's grid")
+    export.add_argument("labels", help="label volume (NIfTI, NRRD, MHA or DICOM-SEG) on SOURCE's grid; its segment "
+                        "names come from the SEG or from a LABELS.segments.json sidecar when there is one")
     export.add_argument("--source", required=True, help="the scan the labels were drawn on")
     export.add_argument("--out", required=True, help="output file: .nii, .nii.gz, .dcm, .nrrd or .mha")
     export.add_argument("--segments", help="JSON file with segment names, colours and codes (see docs/cli.md)")
@@ -59,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment a scan from a prompt file (optionally propagating through the volume)",
         description="Segment IMAGE with a SAM-family model from the prompts in PROMPTS.json and write the "
         "label volume LABELS on exactly the input's grid (.nii/.nii.gz; .dcm DICOM-SEG for a DICOM series). "
-        "Progress goes to stderr, a JSON summary to stdout. See docs/cli.md for the prompt file format.",
+        "Progress goes to stderr (a bar on a terminal, a plain line per step otherwise; --quiet for none), "
+        "a JSON summary to stdout. See docs/cli.md for the prompt file format.",
     )
     segment.add_argument("image", help="NIfTI file, DICOM series folder or file, NRRD or MHA")
     segment.add_argument("--prompts", required=True, help="PROMPTS.json (see docs/cli.md)")
@@ -74,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--zrange", nargs=2, type=int, metavar=("Z0", "Z1"),
                          help="limit propagation to slices Z0..Z1 (display slice indices along the object's plane)")
     segment.add_argument("--cache", help="folder for the on-disk embedding cache (reused across runs)")
+    _add_quiet_option(segment)
     _add_source_options(segment)
 
     models = sub.add_parser(
@@ -92,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.add_argument("model", help="model name, see `napari-medsam models`")
     download.add_argument("--weights-dir", help="cache folder (default: $NAPARI_MEDSAM_WEIGHTS_DIR or the user cache)")
+    _add_quiet_option(download)
 
     demo = sub.add_parser(
         "demo",
@@ -107,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # A closed pipe shows up here (also after argparse's --help/--version, which exit),
+            # not later in Python's own flush at exit, where it could only print a traceback.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly, as Unix tools do. Later
+        # writes, Python's flush at exit included, go to /dev/null instead of raising again.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor behind sys.stdout
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the interpreter exits
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -147,63 +189,94 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .io import labels_format, load_volume, read_labels, require_dicom_source, save_labels
+    from .io import labels_format, load_volume, read_labels_and_segments, require_dicom_source
     from .io.segments import Segment, segments_for_labels, segments_from_json
 
     labels_format(args.out)  # refuse a bad output name before reading anything
     source = load_volume(args.source, series_uid=args.series_uid, volume_index=args.volume_index)
     if labels_format(args.out) == "dicom-seg":
         require_dicom_source(source, args.out)
-    labels = read_labels(args.labels, like=source)
-    names = _parse_names(args.names) if args.names else None
-    overrides: list[Segment] | None = None
+    labels, described = read_labels_and_segments(args.labels, like=source)
+    names = _parse_names(args.names) if args.names else {}
+    overrides: list[Segment] = []
     if args.segments:
         try:
             overrides = segments_from_json(Path(args.segments).read_text())
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MedSamError(f"Could not read segments from {args.segments}: {exc}") from exc
-    segments = segments_for_labels(labels, names=names, overrides=overrides)
-    if labels_format(args.out) == "dicom-seg":
-        from .io.dicom_seg import write_dicom_seg
-
-        out = write_dicom_seg(labels, source, args.out, segments=segments, segmentation_type=args.seg_type)
-    else:
-        out = save_labels(labels, source, args.out, segments=segments)
+    # Who names a label, strongest first: --segments, --names, then the label file itself (the
+    # SEG's segment descriptions or the NIfTI/NRRD/MHA sidecar); "Segment N" only as a last resort.
+    chosen = {s.label: s for s in described if s.label not in names}
+    chosen.update({s.label: s for s in overrides})
+    segments = segments_for_labels(labels, names=names, overrides=list(chosen.values()))
+    out, sidecar = _write_labels(labels, source, args.out, segments, seg_type=args.seg_type)
     summary = {
         "written": str(out),
         "format": labels_format(out),
         "shape": list(source.shape),
         "segments": [{"label": s.label, "name": s.name, "voxels": int((labels == s.label).sum())} for s in segments],
     }
+    if sidecar is not None:
+        summary["segments_file"] = str(sidecar)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def _segment(args: argparse.Namespace) -> int:
-    import time
-
-    from .io import labels_format, load_volume, require_dicom_source, save_labels
+def _write_labels(labels, like, path: str, segments: list, *, seg_type: str = "labelmap") -> tuple[Path, Path | None]:
+    """Write labels (DICOM-SEG with its segments; other formats with a NAME.segments.json sidecar)."""
+    from .io import labels_format, save_labels
     from .io.atomic import check_writable_target
-    from .io.segments import segments_for_labels
+    from .io.segments import save_segments_sidecar, segments_sidecar_path
+
+    if labels_format(path) == "dicom-seg":
+        from .io.dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(labels, like, path, segments=segments, segmentation_type=seg_type), None
+    # NIfTI/NRRD/MHA cannot hold names: they go beside the file, where napari-medsam's readers
+    # (export, io.read_labels_and_segments) look for them.
+    check_writable_target(segments_sidecar_path(path))
+    out = save_labels(labels, like, path, segments=segments)
+    try:
+        return out, save_segments_sidecar(segments, out)
+    except MedSamError:
+        out.unlink(missing_ok=True)  # no labels without their names
+        raise
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .io import labels_format, load_volume, require_dicom_source
+    from .io.atomic import check_writable_target
+    from .io.segments import segments_for_labels, segments_sidecar_path
+    from .models.weights import resolve_weights
     from .segment.cache import DiskCache, EmbeddingCache, MemoryCache
     from .segment.headless import segment_volume
     from .segment.model import SamModel
     from .segment.prompt_file import load_prompt_file
 
     started = time.perf_counter()
+    say = _Progress("napari-medsam segment", quiet=args.quiet)
     labels_format(args.out)
     check_writable_target(args.out)  # fail before minutes of computing, not after
+    if labels_format(args.out) != "dicom-seg":
+        check_writable_target(segments_sidecar_path(args.out))
+    say.line(f"reading {args.image}")
     volume = load_volume(args.image, series_uid=args.series_uid, volume_index=args.volume_index)
     if labels_format(args.out) == "dicom-seg":
         require_dicom_source(volume, args.out)
     objects = load_prompt_file(args.prompts, volume)
     mapping = _mapping(args.window, volume)
-    from .models.weights import tqdm_progress
-
-    model = SamModel.from_checkpoint(args.model, args.checkpoint, device=args.device,
-                                     progress=tqdm_progress(f"downloading {args.model}"), threads=args.threads)
+    download = say.bytes(f"downloading {args.model}")
+    try:
+        weights = resolve_weights(args.model, args.checkpoint, download=True, progress=download,
+                                  own_file_hint=CHECKPOINT_HINT)
+    finally:
+        download.close()
+    say.line(f"loading {args.model} from {weights}")
+    model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads)
     cache = EmbeddingCache(MemoryCache(), DiskCache(args.cache) if args.cache else None)
-    bar = _slice_progress()
+    say.line(f"segmenting {len(objects)} object(s) on {model.device}"
+             f"{' with propagation' if args.propagate else ''}")
+    bar = say.slices()
     try:
         labels, summaries = segment_volume(
             volume, objects, model, mapping=mapping, propagate_objects=args.propagate,
@@ -212,13 +285,17 @@ def _segment(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     names = {o.label: o.name for o in objects}
-    out = save_labels(labels, volume, args.out, segments=segments_for_labels(labels, names=names))
+    say.line(f"writing {args.out}")
+    out, sidecar = _write_labels(labels, volume, args.out, segments_for_labels(labels, names=names))
     warnings = [f"{s.name} (label {s.label}): the model found nothing" for s in summaries if not s.voxels]
-    print(json.dumps({
+    summary = {
         "written": str(out), "model": args.model, "device": str(model.device), "window": mapping.name,
         "propagate": args.propagate, "seconds": round(time.perf_counter() - started, 3),
         "objects": [s.as_dict() for s in summaries], "warnings": warnings,
-    }, indent=2))
+    }
+    if sidecar is not None:
+        summary["segments_file"] = str(sidecar)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -242,23 +319,129 @@ def _mapping(window: str | None, volume):
         raise MedSamError(str(exc)) from None
 
 
-class _slice_progress:
-    """A tqdm bar on stderr fed by the engine's progress(done, total, message) callbacks."""
+class _Progress:
+    """Progress of one command on stderr: tqdm bars on a terminal, plain lines otherwise.
 
-    def __init__(self) -> None:
-        from tqdm import tqdm
+    When stderr is not a terminal (a log file, a pipe, CI) a bar would either vanish (tqdm's
+    choice) or fill the log with carriage returns, so each step becomes one plain line instead,
+    rate-limited: a line when a phase starts, at every tenth of it, when it ends, and whenever
+    ``interval_s`` have passed since the previous line. ``quiet`` silences all of it (errors are
+    printed by ``main``, not here).
+    """
 
-        self.bar = tqdm(total=0, unit="slice", file=sys.stderr, leave=False, disable=None)
+    STEPS = 10
+
+    def __init__(self, prefix: str, *, quiet: bool = False, stream=None, tty: bool | None = None,
+                 interval_s: float = 5.0, clock=time.monotonic) -> None:
+        self.prefix = prefix
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty and isatty())
+        self.tty = tty
+        self.interval_s = interval_s
+        self.clock = clock
+
+    def line(self, text: str) -> None:
+        """One plain line (a stage of the command), unless quiet."""
+        if not self.quiet:
+            print(f"{self.prefix}: {text}", file=self.stream, flush=True)
+
+    def slices(self) -> "_SliceProgress":
+        """A ``progress(done, total, message)`` callback for the segmentation engine."""
+        return _SliceProgress(self)
+
+    def bytes(self, what: str):
+        """A ``progress(done_bytes, total_bytes)`` callback for weight downloads."""
+        if self.tty and not self.quiet:
+            from .models.weights import tqdm_progress
+
+            return tqdm_progress(what)
+        return _ByteLines(self, what)
+
+
+class _Steps:
+    """Decides which progress updates deserve a plain line (see :class:`_Progress`)."""
+
+    def __init__(self, progress: _Progress, *, counts_steps: bool) -> None:
+        self.progress = progress
+        # Counted steps (slices) never repeat a count within a phase, so a repeat means the next
+        # object started; byte counts may repeat (a download waiting for another process).
+        self.counts_steps = counts_steps
+        self.last_done: float | None = None
+        self.last_bucket = -1
+        self.last_time = 0.0
+        self.ended = False
+
+    def due(self, done: float, total: float | None) -> bool:
+        now = self.progress.clock()
+        new_phase = (self.last_done is None or done < self.last_done
+                     or (self.counts_steps and done == self.last_done))  # a count that starts again
+        if new_phase:
+            self.last_bucket, self.ended = -1, False
+        self.last_done = done
+        # The tenth of the work reached; a total that grows (propagation's estimate) never
+        # brings back a tenth already shown.
+        bucket = int(self.progress.STEPS * done / total) if total else -1
+        end = bool(total) and done >= total
+        show = (new_phase or bucket > self.last_bucket or (end and not self.ended)
+                or now - self.last_time >= self.progress.interval_s)
+        self.last_bucket = max(self.last_bucket, bucket)
+        if show:
+            self.last_time = now
+            self.ended = self.ended or end
+        return show
+
+
+class _SliceProgress:
+    """The engine's progress(done, total, message) as a tqdm bar or rate-limited lines."""
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+        self.steps = _Steps(progress, counts_steps=True)
+        self.bar = None
+        if progress.tty and not progress.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="slice", file=progress.stream, leave=False)
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
-        if total and self.bar.total != total:
-            self.bar.total = total
-        self.bar.n = done
-        self.bar.set_description(message[:40], refresh=False)
-        self.bar.refresh()
+        if self.progress.quiet:
+            return
+        if self.bar is not None:
+            if total and self.bar.total != total:
+                self.bar.total = total
+            self.bar.n = done
+            self.bar.set_description(message[:40], refresh=False)
+            self.bar.refresh()
+        elif self.steps.due(done, total):
+            self.progress.line(f"{done}/{total} slices" + (f" - {message}" if message else ""))
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _ByteLines:
+    """A download's progress(done_bytes, total_bytes) as rate-limited plain lines (or nothing)."""
+
+    def __init__(self, progress: _Progress, what: str) -> None:
+        self.progress = progress
+        self.what = what
+        self.steps = _Steps(progress, counts_steps=False)
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.progress.quiet or not self.steps.due(done, total):
+            return
+        if total:
+            self.progress.line(f"{self.what}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({100 * done // total}%)")
+        else:
+            self.progress.line(f"{self.what}: {done / 1e6:.1f} MB")
+
+    def close(self) -> None:
+        pass
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -283,10 +466,14 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from .models.weights import resolve_weights, tqdm_progress
+    from .models.weights import resolve_weights
 
-    path = resolve_weights(args.model, download=True, progress=tqdm_progress(args.model),
-                           cache_dir=args.weights_dir)
+    progress = _Progress("napari-medsam download", quiet=args.quiet).bytes(args.model)
+    try:
+        path = resolve_weights(args.model, download=True, progress=progress, cache_dir=args.weights_dir,
+                               own_file_hint=f"`napari-medsam segment {CHECKPOINT_HINT}`")
+    finally:
+        progress.close()
     print(path)
     return 0
 

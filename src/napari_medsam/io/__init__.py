@@ -145,14 +145,31 @@ def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segment
 
 def read_labels(path: str | Path, like: "Volume") -> np.ndarray:
     """Read a label file (NIfTI, NRRD/MHA or DICOM-SEG) onto ``like``'s display grid."""
+    return read_labels_and_segments(path, like)[0]
+
+
+def read_labels_and_segments(path: str | Path, like: "Volume") -> tuple[np.ndarray, list]:
+    """A label file on ``like``'s display grid and the segments it describes.
+
+    The segments (:class:`~napari_medsam.io.segments.Segment`) come from the DICOM-SEG itself, or
+    for NIfTI/NRRD/MHA from the ``NAME.segments.json`` sidecar next to the file; the list is
+    empty when the file names nothing.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise VolumeReadError(f"{path} does not exist.")
     if source_kind(path) == "dicom-seg":
         from .dicom_seg import read_dicom_seg
 
-        labels, _ = read_dicom_seg(path, like=like)
-        return labels
+        labels, segments = read_dicom_seg(path, like=like)
+        return labels, list(segments)
+    from .segments import read_segments_sidecar
+
+    segments = read_segments_sidecar(path) or []
+    return _labels_on_grid(path, like), segments
+
+
+def _labels_on_grid(path: Path, like: "Volume") -> np.ndarray:
     volume = load_volume(path)
     if not volume.same_grid(like, atol_mm=1e-2):
         raise LabelsMismatchError(
@@ -193,18 +210,35 @@ def describe_volume(volume: "Volume") -> dict:
         else None,
     }
     meta = volume.metadata
-    for key in ("series_uid", "study_uid", "frame_of_reference_uid", "n_instances", "series_description",
-                "missing_slices", "volume_index", "file_shape", "window"):
-        if key in meta and meta[key] is not None:
+    # Metadata under the names `info` prints: DICOM UIDs as the standard's attribute names
+    # (SeriesInstanceUID -> series_instance_uid), each fact once.
+    for key, shown in _INFO_KEYS:
+        if meta.get(key) is not None:
             value = meta[key]
-            info["dicom_" + key if key in ("n_instances",) else key] = (
-                list(value) if isinstance(value, tuple) else value
-            )
-    if volume.source_format == "dicom":
-        info["series_instance_uid"] = meta.get("series_uid")
-        info["number_of_instances"] = meta.get("n_instances")
-        if meta.get("series"):
-            info["series_in_folder"] = meta["series"]
-    if meta.get("warnings"):
-        info["warnings"] = list(meta["warnings"])
+            info[shown] = list(value) if isinstance(value, tuple) else value
+    if meta.get("series"):
+        info["series_in_folder"] = [_renamed(entry) for entry in meta["series"]]
+    info["warnings"] = [str(w) for w in meta.get("warnings") or []]
     return info
+
+
+# (Volume.metadata key, key printed by describe_volume)
+_INFO_KEYS = (
+    ("series_uid", "series_instance_uid"),
+    ("study_uid", "study_instance_uid"),
+    ("frame_of_reference_uid", "frame_of_reference_uid"),
+    ("n_instances", "number_of_instances"),
+    ("series_description", "series_description"),
+    ("missing_slices", "missing_slices"),
+    ("volume_index", "volume_index"),
+    ("file_shape", "file_shape"),  # for a 4D file: the whole file, volumes included
+    ("window", "window"),
+    ("segmentation_type", "segmentation_type"),
+    ("referenced_series_uids", "referenced_series_instance_uids"),
+)
+
+
+def _renamed(entry: dict) -> dict:
+    """One `series_in_folder` entry with the same key names as the top level of `info`."""
+    names = dict(_INFO_KEYS)
+    return {names.get(key, key): value for key, value in entry.items()}

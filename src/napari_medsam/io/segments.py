@@ -1,7 +1,9 @@
 """Segment descriptions: what each label value means (name, colour, coded category and type).
 
 Every label writer uses these: DICOM-SEG stores them as coded segment descriptions, and users
-can edit them as JSON (``napari-medsam export --segments FILE.json``). Codes are SNOMED CT
+can edit them as JSON (``napari-medsam export --segments FILE.json``). NIfTI, NRRD and MHA have no
+place for names, so a label file may carry a sidecar in the same JSON form next to it:
+``organs.nii.gz`` -> ``organs.segments.json`` (see :func:`segments_sidecar_path`). Codes are SNOMED CT
 concepts from DICOM CID 7150 (category) and CID 7151 / 7159 (type); the values below were
 checked against ``pydicom.sr.codedict.codes.SCT``.
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LabelsMismatchError, LabelsWriteError
+from ..errors import LabelsMismatchError, LabelsWriteError, VolumeReadError
 
 MAX_LABEL = 65535  # segment numbers are unsigned 16 bit in DICOM
 
@@ -379,3 +381,46 @@ def save_segments_json(segments: list[Segment], path: str | os.PathLike) -> Path
     with atomic_output(path) as tmp:
         tmp.write_text(segments_to_json(segments), encoding="utf-8")
     return Path(path).expanduser()
+
+
+# --- the sidecar of a NIfTI/NRRD/MHA label file ----------------------------------------------
+
+SIDECAR_SUFFIX = ".segments.json"
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def segments_sidecar_path(labels_path: str | os.PathLike) -> Path:
+    """Where the segment descriptions of a label file live: its name with ``.segments.json``.
+
+    ``organs.nii.gz`` -> ``organs.segments.json`` in the same folder (likewise for ``.nii``,
+    ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``; any other name just gets the suffix appended).
+    """
+    path = Path(labels_path).expanduser()
+    name = path.name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return path.with_name(name[: -len(suffix)] + SIDECAR_SUFFIX)
+    return path.with_name(name + SIDECAR_SUFFIX)
+
+
+def read_segments_sidecar(labels_path: str | os.PathLike) -> list[Segment] | None:
+    """The segments described next to a label file, or None when it has no sidecar.
+
+    A sidecar that exists but cannot be read or parsed raises :class:`VolumeReadError` naming it:
+    silently dropping the names would write "Segment 1" where the user expects "liver".
+    """
+    side = segments_sidecar_path(labels_path)
+    if not side.is_file():
+        return None
+    try:
+        return load_segments_json(side)
+    except LabelsWriteError as exc:
+        raise VolumeReadError(
+            f"{side.name} (the segment names of {Path(labels_path).name}) is unusable: {exc} "
+            "Fix or delete it."
+        ) from exc
+
+
+def save_segments_sidecar(segments: list[Segment], labels_path: str | os.PathLike) -> Path:
+    """Write ``segments`` as the sidecar of the label file ``labels_path``; return its path."""
+    return save_segments_json(segments, segments_sidecar_path(labels_path))

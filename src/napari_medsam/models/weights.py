@@ -105,11 +105,18 @@ def _read_sidecar(path: Path) -> str | None:
 # --- download and resolve ----------------------------------------------------------------------
 
 
-def _place_hint(spec: ModelSpec, target: Path) -> str:
+# How a caller hands over a weight file of its own, as error messages name it. The default speaks
+# to Python and panel users; the CLI passes its own flag (``--checkpoint FILE``).
+API_OWN_FILE_HINT = (
+    "weights=FILE in SamModel.from_checkpoint, path=FILE in resolve_weights, or \"Choose file...\" in the panel"
+)
+
+
+def _place_hint(spec: ModelSpec, target: Path, own_file_hint: str | None = None) -> str:
     return (
         f"Download {spec.filename} yourself (from {spec.urls[0]} or via {spec.homepage}) and put it at "
-        f"{target}; or choose an existing copy of the file as the weights file (path=...); or set "
-        f"{ENV_VAR} to a folder that contains {spec.filename}."
+        f"{target}; or use a copy you already have where it is ({own_file_hint or API_OWN_FILE_HINT}); "
+        f"or set {ENV_VAR} to a folder that contains {spec.filename}."
     )
 
 
@@ -121,8 +128,13 @@ def download_weights(
     cancel: CancelFlag = None,
     timeout: float = 30.0,
     lock_timeout: float | None = None,
+    own_file_hint: str | None = None,
 ) -> Path:
-    """Download ``spec``'s weights to ``dest`` (trying each URL in turn) and verify them."""
+    """Download ``spec``'s weights to ``dest`` (trying each URL in turn) and verify them.
+
+    ``own_file_hint`` says, in the caller's terms, how to use a local copy instead (it appears in
+    the error raised when every URL fails); the default names the Python API and the panel.
+    """
     dest = Path(dest)
     part = partial_path(dest)
     try:
@@ -174,11 +186,11 @@ def download_weights(
             return dest
     raise WeightsError(
         f"could not download the {spec.display_name} weights ({spec.name}); tried: "
-        + "; ".join(tried) + ". " + _place_hint(spec, dest)
+        + "; ".join(tried) + ". " + _place_hint(spec, dest, own_file_hint)
     )
 
 
-def _check_cached(spec: ModelSpec, target: Path, cancel: CancelFlag) -> Path:
+def _check_cached(spec: ModelSpec, target: Path, cancel: CancelFlag, own_file_hint: str | None = None) -> Path:
     size = target.stat().st_size
     problem = describe_non_checkpoint(head_bytes(target))
     if problem:
@@ -195,8 +207,8 @@ def _check_cached(spec: ModelSpec, target: Path, cancel: CancelFlag) -> Path:
     if spec.sha256 is not None and recorded != spec.sha256:
         raise WeightsError(
             f"the cached weight file {target} is not the official {spec.display_name} file (SHA-256 "
-            f"{recorded}, expected {spec.sha256}). Delete it to download the right one, or choose "
-            "your own file as the weights file (path=...) to use it anyway."
+            f"{recorded}, expected {spec.sha256}). Delete it to download the right one, or name it "
+            f"as your own weight file ({own_file_hint or API_OWN_FILE_HINT}) to use it anyway."
         )
     return target
 
@@ -210,8 +222,14 @@ def resolve_weights(
     cancel: CancelFlag = None,
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float = 30.0,
+    own_file_hint: str | None = None,
 ) -> Path:
-    """The weight file to load for model ``name``: ``path`` if given, else the cache, downloading if needed."""
+    """The weight file to load for model ``name``: ``path`` if given, else the cache, downloading if needed.
+
+    ``own_file_hint`` is how error messages tell the user to pass a file of their own, in the
+    caller's terms (the CLI: ``"--checkpoint FILE"``); by default they name ``path=``/``weights=``
+    of the Python API and the panel's "Choose file..." button.
+    """
     spec = get_model(name)
     if path is not None:
         local = Path(path).expanduser()
@@ -225,13 +243,14 @@ def resolve_weights(
         return local  # the user's own file is used where it is; its layout is checked on loading
     target = weights_dir(cache_dir) / spec.filename
     if target.is_file():
-        return _check_cached(spec, target, cancel)
+        return _check_cached(spec, target, cancel, own_file_hint)
     if not download:
         raise WeightsError(
             f"the {spec.display_name} weights ({spec.filename}) are not on this computer and "
-            f"downloading is switched off. " + _place_hint(spec, target)
+            f"downloading is switched off. " + _place_hint(spec, target, own_file_hint)
         )
-    return download_weights(spec, target, progress=progress, cancel=cancel, timeout=timeout)
+    return download_weights(spec, target, progress=progress, cancel=cancel, timeout=timeout,
+                            own_file_hint=own_file_hint)
 
 
 class _TqdmProgress:

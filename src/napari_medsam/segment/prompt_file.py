@@ -99,12 +99,32 @@ def _to_display(values: object, volume: Volume, system: str, where: str) -> np.n
         lps = point * np.array([-1.0, -1.0, 1.0])
         index = volume.world_to_index(lps[None])[0]
     if np.any(index < -0.5) or np.any(index > np.asarray(volume.shape) - 0.5):
-        shown = [round(float(v), 2) for v in values]  # type: ignore[union-attr]
-        raise PromptFileError(
-            f"{where}: {system} position {shown} lies outside the image "
-            f"(display shape {list(volume.shape)} as slice, row, column)"
-        )
+        raise PromptFileError(_outside_message(point, index, volume, system, where))
     return index
+
+
+def _outside_message(point: np.ndarray, index: np.ndarray, volume: Volume, system: str, where: str) -> str:
+    """Say why a position misses the image, entirely in the file's voxel order (the prompt's own)."""
+    axes = ", ".join(volume.file_axis_names)
+    shape = [int(n) for n in volume.file_shape]
+    limits = ", ".join(f"{name} 0..{n - 1}" for name, n in zip(volume.file_axis_names, shape))
+    shown = _numbers(point)
+    if system == "voxel":
+        return (
+            f"{where}: voxel position {shown} ({axes}) lies outside the image, whose shape in the "
+            f"file's voxel order ({axes}) is {shape}: valid indices are {limits}"
+        )
+    file_index = volume.axes.display_index_to_file(index[None], volume.shape)[0]
+    return (
+        f"{where}: world position {shown} (RAS mm) lies outside the image: it falls at voxel "
+        f"{_numbers(file_index)} in the file's voxel order ({axes}), where the image has "
+        f"shape {shape}: valid indices are {limits}"
+    )
+
+
+def _numbers(values: np.ndarray) -> str:
+    """``[500, 5, 2.5]``: at most two decimals, whole numbers without a point."""
+    return "[" + ", ".join(f"{round(float(v), 2):g}" for v in values) + "]"
 
 
 def _object_prompts(label: int, name: str, prompts: list, volume: Volume, system: str, where: str) -> ObjectPrompts:
