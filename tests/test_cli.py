@@ -121,6 +121,12 @@ def test_models_lists_the_registry(capsys, tmp_path, monkeypatch):
     assert {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam", "mobile_sam", "lite_medsam"} <= set(rows)
     assert rows["mobile_sam"]["cached"] and not rows["medsam"]["cached"]
     assert rows["medsam"]["path"] == str(tmp_path / "medsam_vit_b.pth")
+    # The table ends with the device and the torch build the models run with.
+    import torch
+
+    assert main(["models"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("models run on cpu, ") and f"torch {torch.__version__} (" in last
 
 
 def test_download_from_a_file_url(golden_dir, tmp_path, monkeypatch, capsys):

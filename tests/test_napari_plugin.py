@@ -195,3 +195,29 @@ def test_download_progress_shows_a_napari_progress_bar(make_napari_viewer):
     assert bar.n == 400
     callback(1000, 1000)  # complete: the bar closes itself
     assert bar.n == 1000
+
+
+def test_label_names_travel_with_nifti_through_napari(make_napari_viewer, sample_dir, tmp_path):
+    import json
+
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_dir / "ct_phantom.nii.gz"), plugin="napari-medsam")
+    # The sample labels' names come from their NAME.segments.json sidecar.
+    (labels,) = viewer.open(str(sample_dir / "ct_phantom_labels.nii.gz"), plugin="napari-medsam")
+    assert labels.__class__.__name__ == "Labels"
+    names = {s.label: s.name for s in labels.metadata["napari_medsam"]["segments"]}
+    assert names[1] == "liver" and names[2] == "spleen"
+    # Saved as NIfTI through napari's writer: the sidecar goes beside it and is read back.
+    out = tmp_path / "organs.nii.gz"
+    assert labels.save(str(out), plugin="napari-medsam")
+    side = json.loads((tmp_path / "organs.segments.json").read_text())
+    assert {s["label"]: s["name"] for s in side}[1] == "liver"
+    (again,) = viewer.open(str(out), plugin="napari-medsam")
+    assert {s.label: s.name for s in again.metadata["napari_medsam"]["segments"]}[2] == "spleen"
+    np.testing.assert_array_equal(again.data, labels.data)
+    # A file whose name does not say "labels" is still opened as labels when a sidecar names it.
+    plain = tmp_path / "study7.nii.gz"
+    plain.write_bytes(out.read_bytes())
+    (tmp_path / "study7.segments.json").write_text(json.dumps(side))
+    (layer,) = viewer.open(str(plain), plugin="napari-medsam")
+    assert layer.__class__.__name__ == "Labels"

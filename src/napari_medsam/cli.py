@@ -224,23 +224,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _write_labels(labels, like, path: str, segments: list, *, seg_type: str = "labelmap") -> tuple[Path, Path | None]:
     """Write labels (DICOM-SEG with its segments; other formats with a NAME.segments.json sidecar)."""
-    from .io import labels_format, save_labels
-    from .io.atomic import check_writable_target
-    from .io.segments import save_segments_sidecar, segments_sidecar_path
+    from .io import labels_format, save_labels_named
 
     if labels_format(path) == "dicom-seg":
         from .io.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(labels, like, path, segments=segments, segmentation_type=seg_type), None
-    # NIfTI/NRRD/MHA cannot hold names: they go beside the file, where napari-medsam's readers
-    # (export, io.read_labels_and_segments) look for them.
-    check_writable_target(segments_sidecar_path(path))
-    out = save_labels(labels, like, path, segments=segments)
-    try:
-        return out, save_segments_sidecar(segments, out)
-    except MedSamError:
-        out.unlink(missing_ok=True)  # no labels without their names
-        raise
+    return save_labels_named(labels, like, path, segments)
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -462,6 +452,9 @@ def _models(args: argparse.Namespace) -> int:
         state = "cached" if row["cached"] else "not downloaded"
         size = f"{row['size_mb']} MB" if row["size_mb"] else "size unpublished"
         print(f"{row['name']:<12} {row['display_name']:<28} {row['input_size']:>5}px  {size:<17} {state}")
+    from .models.device import describe_runtime, resolve_device, torch_build
+
+    print(f"\nmodels run on {describe_runtime(resolve_device('auto'))} with {torch_build()}")
     return 0
 
 

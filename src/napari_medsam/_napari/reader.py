@@ -58,9 +58,19 @@ def _layer_for(volume) -> tuple:
         name = volume.metadata.get("series_description") or (volume.source_path.stem if volume.source_path else "segmentation")
         return labels_layer_data(volume.array, volume, name=name, segments=segments)
     data, kwargs, kind = image_layer_data(volume)
-    if _looks_like_labels(volume):
-        return labels_layer_data(volume.array, volume, name=kwargs["name"])
+    segments = _sidecar_segments(volume)
+    if segments is not None or _looks_like_labels(volume):  # a NAME.segments.json sidecar names labels
+        return labels_layer_data(volume.array, volume, name=kwargs["name"], segments=segments or None)
     return data, kwargs, kind
+
+
+def _sidecar_segments(volume):
+    """The segments of the label file's NAME.segments.json sidecar, or None without one."""
+    from ..io.segments import read_segments_sidecar
+
+    if volume.source_path is None or volume.source_format not in ("nifti", "nrrd", "metaimage"):
+        return None
+    return read_segments_sidecar(volume.source_path)
 
 
 def _looks_like_labels(volume) -> bool:

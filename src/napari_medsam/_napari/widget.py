@@ -417,10 +417,10 @@ class MedSamWidget(QWidget):
             attributes["metadata"] = {**layer.metadata, META_KEY: {"volume": self.volume}}
 
         def save() -> Path:
-            from ..io import save_labels
+            from ..io import save_labels_named
 
             like = source_volume_for(labels, attributes)
-            return save_labels(labels, like, path, segments=_segments(labels, attributes))
+            return save_labels_named(labels, like, path, _segments(labels, attributes))[0]
 
         self.status.setText(f"Saving {Path(path).name}...")
         self.export_button.setEnabled(False)

@@ -12,13 +12,13 @@ from ..errors import LabelsWriteError, MedSamError
 
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     """Write one Labels layer on the grid of the image it was drawn on."""
-    from ..io import save_labels
+    from ..io import save_labels_named
 
     labels = np.asarray(data)
     try:
         like = source_volume_for(labels, attributes)
         segments = _segments(labels, attributes)
-        written = save_labels(labels, like, path, segments=segments)
+        written, _ = save_labels_named(labels, like, path, segments)  # names beside NIfTI/NRRD/MHA
     except MedSamError as exc:
         _notify_error(str(exc))
         raise

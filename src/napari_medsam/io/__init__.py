@@ -143,6 +143,24 @@ def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segment
     return write_itk_labels(labels, like, path)
 
 
+def save_labels_named(labels: np.ndarray, like: "Volume", path: str | Path, segments: list) -> tuple[Path, Path | None]:
+    """:func:`save_labels`, keeping the segments' names: in the DICOM-SEG, or for NIfTI/NRRD/MHA
+    (which hold numbers only) in the ``NAME.segments.json`` sidecar beside the file, where the
+    readers look for them. Returns (labels path, sidecar path or None)."""
+    from .atomic import check_writable_target
+    from .segments import save_segments_sidecar, segments_sidecar_path
+
+    if labels_format(path) == "dicom-seg" or not segments:
+        return save_labels(labels, like, path, segments=segments), None
+    check_writable_target(segments_sidecar_path(path))
+    out = save_labels(labels, like, path, segments=segments)
+    try:
+        return out, save_segments_sidecar(segments, out)
+    except MedSamError:
+        out.unlink(missing_ok=True)  # no labels without their names
+        raise
+
+
 def read_labels(path: str | Path, like: "Volume") -> np.ndarray:
     """Read a label file (NIfTI, NRRD/MHA or DICOM-SEG) onto ``like``'s display grid."""
     return read_labels_and_segments(path, like)[0]
