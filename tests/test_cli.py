@@ -126,7 +126,7 @@ def test_models_lists_the_registry(capsys, tmp_path, monkeypatch):
 
     assert main(["models"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("models run on cpu, ") and f"torch {torch.__version__} (" in last
+    assert last.startswith("models run on ") and f"torch {torch.__version__} (" in last
 
 
 def test_download_from_a_file_url(golden_dir, tmp_path, monkeypatch, capsys):
