@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 import pytest
+import torch
 import zarr
 
 from napari_medsam.segment import cache_group, cache_keys
@@ -204,7 +205,6 @@ def test_memory_float16_keeps_out_of_range_values_exact():
 
 
 def test_memory_accepts_torch_tensors():
-    torch = pytest.importorskip("torch")
     cache = MemoryCache(10 * MIB4)
     tensor = torch.from_numpy(embedding(0)).requires_grad_(True) * 1.0
     cache.put(key(0), tensor)

@@ -10,6 +10,9 @@ import pytest
 
 from napari_medsam.cli import main
 from napari_medsam.io import load_volume, read_labels
+from napari_medsam.segment.intensity import default_mapping
+from napari_medsam.segment.model import SamModel
+from napari_medsam.segment.predictor import Prompts, SlicePredictor
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,35 @@ def _run(tmp_path, golden_dir, image, prompts, out_name="labels.nii.gz", extra=(
     return code, out
 
 
+def _display_index(volume, file_index) -> tuple[int, int, int]:
+    """Where file voxel (i, j, k) lands in display order, found by moving a marked voxel with the array."""
+    marker = np.zeros(volume.file_shape, bool)
+    marker[tuple(int(v) for v in file_index)] = True
+    return tuple(int(v) for v in np.argwhere(volume.axes.to_display(marker))[0])
+
+
+def _expected_slice(golden_dir, volume, prompts):
+    """The labels the prompts should give on their slice, from a SlicePredictor alone (no CLI).
+
+    Same model file, same default CT window and the same rule as the CLI for several objects on one
+    slice (an object takes only voxels no earlier object has taken). Returns (display index, labels).
+    """
+    model = SamModel.from_checkpoint("lite_medsam", weights=golden_dir / "lite_medsam_random.pth", device="cpu",
+                                     download=False)
+    predictor = SlicePredictor(model, volume, mapping=default_mapping(volume.array, volume.modality))
+    liver, spleen = prompts["objects"]
+    (z, r0, c0), (z1, r1, c1) = (_display_index(volume, c) for c in liver["prompts"][0]["corners"])
+    assert z1 == z
+    points = [_display_index(volume, p["position"]) for p in spleen["prompts"]]
+    assert {p[0] for p in points} == {z}
+    expected = np.zeros(volume.shape[1:], np.uint8)
+    expected[predictor.predict(z, Prompts(box=[r0, c0, r1, c1])).best] = 1
+    spleen_mask = predictor.predict(z, Prompts(points=[p[1:] for p in points],
+                                                positive=[p["positive"] for p in spleen["prompts"]])).best
+    expected[spleen_mask & (expected == 0)] = 2
+    return z, expected
+
+
 def test_segment_nifti_writes_labels_on_the_input_grid(tmp_path, golden_dir, sample_dir, liver_prompts, capsys):
     k, prompts = liver_prompts
     code, out = _run(tmp_path, golden_dir, sample_dir / "ct_phantom.nii.gz", prompts)
@@ -51,9 +83,18 @@ def test_segment_nifti_writes_labels_on_the_input_grid(tmp_path, golden_dir, sam
     assert written.shape == source.shape
     np.testing.assert_array_equal(written.affine, source.affine)
     data = np.asarray(written.dataobj)
-    # Without --propagate only the prompted slice (file index k) is segmented.
-    assert set(np.flatnonzero(data.any(axis=(0, 1)))) <= {k}
-    assert summary["objects"][0]["voxels"] == int((data == 1).sum())
+    # Without --propagate only the prompted slice (file index k) is segmented, and it is.
+    assert set(np.flatnonzero(data.any(axis=(0, 1)))) == {k}
+    assert summary["objects"][0]["voxels"] == int((data == 1).sum()) > 0
+    assert summary["objects"][1]["voxels"] == int((data == 2).sum()) > 0
+    # ... with exactly the masks the model gives for these prompts on that slice. (With random
+    # weights the masks are not organs, but they are deterministic and, here, not empty.)
+    nifti = load_volume(sample_dir / "ct_phantom.nii.gz")
+    z, expected = _expected_slice(golden_dir, nifti, prompts)
+    assert set(np.unique(expected)) == {0, 1, 2}
+    labels = read_labels(out, like=nifti)
+    np.testing.assert_array_equal(labels[z], expected)
+    assert not np.delete(labels, z, axis=0).any()
 
     # The same prompts in world (RAS mm) coordinates give the same labels.
     affine = source.affine

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pydicom.pixels
 import pytest
+import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from dicom_factory import (
@@ -113,7 +114,6 @@ def test_sagittal_maps_stack_to_columns(tmp_path, ct):
 
 
 def test_simpleitk_agrees_on_oblique_geometry(tmp_path, ct):
-    sitk = pytest.importorskip("SimpleITK")
     folder = tmp_path / "obl"
     write_series(folder, make_volume(ct, oblique(25, 30), spacing=(1.8, 0.6, 0.7)), instance_order="shuffled")
     volume = read_dicom_series(folder)

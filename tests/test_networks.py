@@ -9,26 +9,21 @@ few pixels whose score lies within a hair of the threshold.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import golden_path
 from napari_medsam.errors import MedSamError
 from napari_medsam.models import pipelines as P
 from napari_medsam.models.networks import build_network, load_network
 from napari_medsam.models.networks.tiny_vit import TinyViTImageEncoder
 from napari_medsam.models.networks.vit import ViTImageEncoder
 
-GOLDEN = Path(
-    os.environ.get("NAPARI_MEDSAM_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden")
-)
-needs_golden = pytest.mark.skipif(
-    not (GOLDEN / "README.md").is_file(),
-    reason=f"golden reference data not found at {GOLDEN} (set NAPARI_MEDSAM_GOLDEN to its folder)",
-)
+GOLDEN = golden_path()
+# Through conftest's fixture: a missing folder is reported loudly, and is an error under CI=true.
+needs_golden = pytest.mark.usefixtures("golden_dir")
 DEPTH2 = {"depth": 2, "global_attn_indexes": [1]}
 EMBED_ATOL = 1e-4
 LOGIT_TOL = {"atol": 1e-6, "rtol": 1e-4}
@@ -212,9 +207,7 @@ def test_load_network_rejects_other_architectures_weights():
 
 
 @pytest.fixture(scope="module")
-def vit_b_depth2():
-    if not (GOLDEN / "sam_vit_b_depth2_random.pth").is_file():
-        pytest.skip(f"golden reference data not found at {GOLDEN}")
+def vit_b_depth2(golden_dir):
     return load_network("vit_b", _state("sam_vit_b_depth2_random.pth"), **DEPTH2)
 
 

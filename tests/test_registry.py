@@ -9,8 +9,12 @@ import sys
 from urllib.parse import urlparse
 
 import pytest
+import torch
 
 from napari_medsam.errors import MedSamError
+from napari_medsam.models import networks
+from napari_medsam.models.checkpoint import expected_state
+from napari_medsam.models.device import DeviceError, available_devices, resolve_device, set_cpu_threads
 from napari_medsam.models.registry import (
     ARCHITECTURE_NAMES,
     MODELS,
@@ -143,18 +147,12 @@ def _read_keys(path) -> list[tuple[str, tuple[int, ...]]]:
     ],
 )
 def test_expected_state_equals_official_key_lists(golden_dir, arch, options, keys_file):
-    pytest.importorskip("napari_medsam.models.networks")
-    from napari_medsam.models.checkpoint import expected_state
-
     official = _read_keys(golden_dir / keys_file)
     ours = list(expected_state(arch, **options).items())
     assert ours == official  # same keys, same shapes, same order
 
 
 def test_registry_architectures_are_buildable():
-    networks = pytest.importorskip("napari_medsam.models.networks")
-    from napari_medsam.models.checkpoint import expected_state
-
     assert set(ARCHITECTURE_NAMES) == set(networks.ARCHITECTURES)
     sizes = {spec.architecture: len(expected_state(spec.architecture)) for spec in list_models()}
     assert sizes["vit_h"] > sizes["vit_l"] > sizes["vit_b"] == 314
@@ -164,9 +162,6 @@ def test_registry_architectures_are_buildable():
 
 
 def test_resolve_device_auto_and_explicit():
-    torch = pytest.importorskip("torch")
-    from napari_medsam.models.device import DeviceError, available_devices, resolve_device
-
     auto = resolve_device("auto")
     assert resolve_device(None) == auto
     if torch.cuda.is_available():
@@ -191,9 +186,6 @@ def test_resolve_device_auto_and_explicit():
 
 
 def test_set_cpu_threads():
-    torch = pytest.importorskip("torch")
-    from napari_medsam.models.device import DeviceError, set_cpu_threads
-
     before = torch.get_num_threads()
     try:
         assert set_cpu_threads(1) == 1 == torch.get_num_threads()

@@ -503,8 +503,9 @@ def test_record_paint_writes_an_edit_the_labels_do_not_hold_yet(two, labels):
 
 
 def test_paint_events_of_a_real_napari_labels_layer(labels):
-    layers = pytest.importorskip("napari.layers")
-    layer = layers.Labels(labels)
+    from napari.layers import Labels  # napari is a test dependency; imported here, where it is used
+
+    layer = Labels(labels)
     assert layer.data is labels
     s = SegmentationSession(labels)
     s.add_object()

@@ -22,7 +22,13 @@ import pytest
 import torch
 
 from napari_medsam.errors import MedSamError
-from napari_medsam.models.checkpoint import WeightsError, check_architecture, load_state_dict
+from napari_medsam.models.checkpoint import (
+    WeightsError,
+    check_architecture,
+    expected_state,
+    load_network,
+    load_state_dict,
+)
 from napari_medsam.models.registry import MODELS, ModelSpec
 from napari_medsam.models.weights import (
     ENV_VAR,
@@ -423,47 +429,39 @@ def test_files_that_are_not_checkpoints(tmp_path):
         load_state_dict(tmp_path / "missing.pth")
 
 
-# --- architecture checks and loading networks (need the network builders) -----------------------
+# --- architecture checks and loading networks ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    pytest.importorskip("napari_medsam.models.networks")
-    from napari_medsam.models import checkpoint
-
-    return checkpoint
-
-
-def test_architecture_mismatch_names_the_real_model(ckpt, golden_dir):
-    vit_h_layout = ckpt.expected_state("vit_h")  # shapes stand in for tensors
+def test_architecture_mismatch_names_the_real_model(golden_dir):
+    vit_h_layout = expected_state("vit_h")  # shapes stand in for tensors
     with pytest.raises(WeightsError) as info:
-        check_architecture(vit_h_layout, ckpt.expected_state("vit_b"), "MedSAM ViT-B")
+        check_architecture(vit_h_layout, expected_state("vit_b"), "MedSAM ViT-B")
     message = str(info.value)
     assert "looks like a SAM ViT-H checkpoint, not MedSAM ViT-B" in message
     assert "280 unexpected (e.g. image_encoder.blocks.12." in message and "missing" not in message
     assert "wrong shape" in message and "image_encoder.pos_embed [1, 64, 64, 1280] instead of" in message
     with pytest.raises(WeightsError) as info:  # the other way round: blocks are missing
-        check_architecture(ckpt.expected_state("vit_b"), vit_h_layout, "SAM ViT-H")
+        check_architecture(expected_state("vit_b"), vit_h_layout, "SAM ViT-H")
     assert "280 missing" in str(info.value) and "looks like a SAM ViT-B / MedSAM ViT-B" in str(info.value)
 
     mobile = load_state_dict(golden_dir / "mobile_sam_random.pt")
     with pytest.raises(WeightsError, match="looks like a MobileSAM checkpoint, not LiteMedSAM"):
-        check_architecture(mobile, ckpt.expected_state("lite_tiny_vit"), "LiteMedSAM")
-    check_architecture(mobile, ckpt.expected_state("tiny_vit"), "MobileSAM")  # fits: no error
+        check_architecture(mobile, expected_state("lite_tiny_vit"), "LiteMedSAM")
+    check_architecture(mobile, expected_state("tiny_vit"), "MobileSAM")  # fits: no error
 
     depth2 = load_state_dict(golden_dir / "sam_vit_b_depth2_random.pth")
     with pytest.raises(WeightsError) as info:
-        check_architecture(depth2, ckpt.expected_state("vit_b"), "MedSAM ViT-B")
+        check_architecture(depth2, expected_state("vit_b"), "MedSAM ViT-B")
     message = str(info.value)
     assert "closest to SAM ViT-B / MedSAM ViT-B" in message and "not a standard checkpoint" in message
     assert "2 with the wrong shape" in message and "image_encoder.blocks.1.attn.rel_pos_h" in message
 
     junk = {"conv.weight": torch.zeros(3, 3)}
     with pytest.raises(WeightsError, match="does not look like a checkpoint of any model"):
-        check_architecture(junk, ckpt.expected_state("vit_b"), "SAM ViT-B")
+        check_architecture(junk, expected_state("vit_b"), "SAM ViT-B")
 
 
-def test_download_and_load_golden_mobile_sam(ckpt, server, golden_dir, tmp_path):
+def test_download_and_load_golden_mobile_sam(server, golden_dir, tmp_path):
     data = (golden_dir / "mobile_sam_random.pt").read_bytes()
     assert hashlib.sha256(data).hexdigest().startswith("faebdd74e9dfa371")  # golden README
     server.state.files["/weights/mobile_sam.pt"] = data
@@ -474,7 +472,7 @@ def test_download_and_load_golden_mobile_sam(ckpt, server, golden_dir, tmp_path)
     )
     path = resolve_weights(spec, cache_dir=tmp_path)
     assert path.read_bytes() == data and server.state.requests[1][1] == "bytes=25000000-"
-    net = ckpt.load_network(spec, path, device="cpu")
+    net = load_network(spec, path, device="cpu")
     assert not net.training and net.image_size == 1024
     reference = torch.load(golden_dir / "mobile_sam_random.pt", map_location="cpu", weights_only=True)
     state = net.state_dict()
@@ -482,17 +480,17 @@ def test_download_and_load_golden_mobile_sam(ckpt, server, golden_dir, tmp_path)
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert next(net.parameters()).device.type == "cpu"
     with pytest.raises(WeightsError, match="looks like a MobileSAM checkpoint"):
-        ckpt.load_network("lite_medsam", path)
+        load_network("lite_medsam", path)
 
 
-def test_load_network_depth2_variant_by_spec(ckpt, golden_dir):
+def test_load_network_depth2_variant_by_spec(golden_dir):
     spec = dataclasses.replace(
         MODELS["sam_vit_b"], name="sam_vit_b_depth2", display_name="SAM ViT-B (depth 2)",
         arch_options=(("depth", 2), ("global_attn_indexes", (1,))),
     )
     path = golden_dir / "sam_vit_b_depth2_random.pth"
-    net = ckpt.load_network(spec, path)
+    net = load_network(spec, path)
     reference = load_state_dict(path)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in reference.items())
     with pytest.raises(WeightsError, match="do not fit SAM ViT-B"):
-        ckpt.load_network("sam_vit_b", path)
+        load_network("sam_vit_b", path)
