@@ -235,3 +235,17 @@ def test_outside_napari_nothing_is_written(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ADDED []" in result.stdout and "NAPARI False" in result.stdout
     assert not (tmp_path / "napari").exists()
+
+
+@pytest.mark.parametrize("name", ["ct_phantom_dicom", "ct_phantom.nii.gz"])
+def test_choose_reader_dialog_preselects_the_plugin(make_napari_viewer, sample_dir, name):
+    """Where napari still asks (a DICOM folder, or before the plugin was ever used), OK opens with napari-medsam."""
+    from napari._qt.dialogs.qt_reader_dialog import QtReaderDialog
+    from napari.plugins import _npe2
+
+    make_napari_viewer()
+    path = str(sample_dir / name)
+    readers = _npe2.get_readers(path)
+    assert {"napari", PLUGIN} <= set(readers)
+    dialog = QtReaderDialog(pth=path, readers=readers)
+    assert dialog.reader_btn_group.checkedButton().text() == readers[PLUGIN]
