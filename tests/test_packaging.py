@@ -40,6 +40,11 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+def _is_checkout_source(path: Path) -> bool:
+    """The checkout itself, its src/ (the editable install) or its tests/; not a venv inside it (.venv/)."""
+    return path == REPO.resolve() or _inside(path, REPO / "src") or _inside(path, REPO / "tests")
+
+
 def _own_entries() -> dict[Path, set[str]]:
     """For each folder holding files of an installed napari-medsam: the names of those files there."""
     owned: dict[Path, set[str]] = {}
@@ -59,8 +64,8 @@ def _dependency_path(scratch_path: list[str], shadow_root: Path) -> list[str]:
     running tests import from, wherever it lives: the venv's own site-packages, the base
     interpreter's (for a venv with system site packages), the user site, folders added by .pth
     files or PYTHONPATH. Left out: the standard library (the scratch interpreter has its own, of
-    the same base), the current directory and anything inside this checkout (the editable
-    install's `src/`, pytest's `tests/`). A folder that holds napari-medsam's own files (the
+    the same base), the current directory and this checkout's own code (the editable install's
+    `src/`, pytest's `tests/`); the project's `.venv/`, which lives inside the checkout, stays. A folder that holds napari-medsam's own files (the
     editable install's dist-info and .pth) is replaced by a "shadow" folder of symbolic links to
     everything else in it, so the only napari-medsam the scratch interpreter can find is the wheel.
     """
@@ -72,7 +77,7 @@ def _dependency_path(scratch_path: list[str], shadow_root: Path) -> list[str]:
         if not entry or not os.path.exists(entry):
             continue
         path = Path(entry).resolve()
-        if str(path) in own_stdlib or _inside(path, REPO) or path in seen:
+        if str(path) in own_stdlib or _is_checkout_source(path) or path in seen:
             continue
         seen.add(path)
         hidden = set(owned.get(path, ()))
