@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -28,32 +29,17 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=30)
     args = parser.parse_args()
 
-    import napari
     import numpy as np
     import torch
+    from bench_interactive import bench_scene
     from canvas_events import canvas_pos, move, press, release
     from qtpy.QtWidgets import QApplication
 
     from napari_medsam._napari.controller import SegmentationController
-    from napari_medsam.models.networks.sam import build_network
-    from napari_medsam.models.registry import get_model
-    from napari_medsam.segment.model import SamModel
     from napari_medsam.segment.predictor import SlicePredictor
 
-    spec = get_model(args.model)
-    torch.manual_seed(0)
-    model = SamModel(build_network(spec.architecture, **spec.build_options), spec.pipeline, name=args.model,
-                     signature=f"bench-{args.model}")
     n = args.size
-    rng = np.random.default_rng(0)
-    volume = rng.normal(40, 20, size=(4, n, n)).astype(np.int16)
-    yy, xx = np.mgrid[:n, :n]
-    volume[:, (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 5) ** 2] += 120
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    image = viewer.add_image(volume, name="ct", contrast_limits=(-160, 240))
-    labels = viewer.add_labels(np.zeros(volume.shape, np.uint8), name="labels")
-    labels.selected_label = 1
+    viewer, image, labels, model = bench_scene(args.model, n, depth=4)
     app = QApplication.instance()
     controller = SegmentationController(viewer, image, labels, model)
 

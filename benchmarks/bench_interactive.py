@@ -16,6 +16,33 @@ import statistics
 import time
 
 
+def bench_scene(model_name: str, size: int, depth: int):
+    """A napari window with a synthetic CT (a bright disc to click on, ``depth`` slices of size x size),
+    an empty Labels layer and the registry model's network with random weights: (viewer, image, labels, model)."""
+    import napari
+    import numpy as np
+    import torch
+
+    from napari_medsam.models.networks.sam import build_network
+    from napari_medsam.models.registry import get_model
+    from napari_medsam.segment.model import SamModel
+
+    spec = get_model(model_name)
+    torch.manual_seed(0)
+    model = SamModel(build_network(spec.architecture, **spec.build_options), spec.pipeline, name=model_name,
+                     signature=f"bench-{model_name}")
+    rng = np.random.default_rng(0)
+    volume = rng.normal(40, 20, size=(depth, size, size)).astype(np.int16)
+    yy, xx = np.mgrid[:size, :size]
+    volume[:, (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2] += 120
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    image = viewer.add_image(volume, name="ct", contrast_limits=(-160, 240))
+    labels = viewer.add_labels(np.zeros(volume.shape, np.uint8), name="labels")
+    labels.selected_label = 1
+    return viewer, image, labels, model
+
+
 def main() -> None:
     """Build a viewer with a synthetic CT, click repeatedly, print the timings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,35 +54,20 @@ def main() -> None:
                         help="override the thread-pool expiry the plugin sets (ms; Qt default 30000)")
     args = parser.parse_args()
 
-    import napari
     import numpy as np
     import torch
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_medsam._napari.controller import SegmentationController
-    from napari_medsam.models.networks.sam import build_network
-    from napari_medsam.models.registry import get_model
-    from napari_medsam.segment.model import SamModel
     from napari_medsam.segment.predictor import SlicePredictor
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = get_model(args.model)
-    torch.manual_seed(0)
-    model = SamModel(build_network(spec.architecture, **spec.build_options), spec.pipeline, name=args.model,
-                     signature=f"bench-{args.model}")
-    rng = np.random.default_rng(0)
     n = args.size
-    volume = rng.normal(40, 20, size=(6, n, n)).astype(np.int16)
-    yy, xx = np.mgrid[:n, :n]
-    volume[:, (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 5) ** 2] += 120  # a bright disc to click on
-
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    image = viewer.add_image(volume, name="ct", contrast_limits=(-160, 240))
-    labels = viewer.add_labels(np.zeros(volume.shape, np.uint8), name="labels")
-    labels.selected_label = 1
+    viewer, image, labels, model = bench_scene(args.model, n, depth=6)
+    rng = np.random.default_rng(0)
+    volume = image.data
     app = QApplication.instance()
     if args.expire_ms is not None:  # e.g. 30000 (Qt's default) to see what the plugin's setting saves
         from qtpy.QtCore import QThreadPool

@@ -104,3 +104,15 @@ def start_workflow(viewer, model, sample_dir, *, dock: bool = False):
 def stop_workflow(qtbot, widget, controller) -> None:
     qtbot.waitUntil(lambda: controller.queue.running is None and widget.segment_panel.worker is None, timeout=30000)
     widget.stop_segmentation()
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """torch on 2 threads for a module (the golden data were made so: the count changes float
+    reduction order); the next module gets the count it had before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -27,19 +27,11 @@ from napari_medsam.io.segments import segments_sidecar_path
 from napari_medsam.models import registry
 from napari_medsam.models.weights import resolve_weights
 from napari_medsam.phantoms import CT_LABELS, MR_LABELS
+from test_cli import scan  # noqa: F401  (fixture: a small CT-like NIfTI whose file order differs from display order)
 
 CLI = [sys.executable, "-m", "napari_medsam.cli"]
 
 
-@pytest.fixture
-def scan(tmp_path):
-    """A small CT-like NIfTI whose file order (i, j, k) = (30, 26, 10) differs from display order."""
-    data = np.full((30, 26, 10), -1000, np.int16)
-    data[5:20, 5:20, 2:8] = 60
-    affine = np.array([[-0.75, 0, 0, 20.0], [0, 0.75, 0, -30.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
-    path = tmp_path / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-    return path
 
 
 def _prompts(tmp_path, prompts: list, coordinates: str = "voxel"):

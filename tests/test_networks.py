@@ -29,13 +29,7 @@ EMBED_ATOL = 1e-4
 LOGIT_TOL = {"atol": 1e-6, "rtol": 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    # The golden data were made with 2 threads; the thread count changes float reduction order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def _read_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:

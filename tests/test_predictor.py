@@ -24,14 +24,7 @@ def tiny_model(pipeline: str = "sam", seed: int = 0) -> SamModel:
     return SamModel(net, pipeline, name=f"tiny-{pipeline}", signature=f"tiny-{pipeline}-{seed}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    # The golden data were made with 2 threads (the count changes float reduction order);
-    # whatever this module sets, the next module gets the count it had before.
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")
