@@ -169,3 +169,37 @@ def test_removing_layers_stops_and_never_restarts_segmentation(workflow):
     assert sorted(layer.name for layer in viewer.layers) == sorted(n for n in names if n != controller.labels_layer.name)
     viewer.layers.clear()  # what napari does when it closes
     assert len(viewer.layers) == 0 and widget.controller is None
+
+
+def test_model_input_follows_the_contrast_slider(workflow, qtbot):
+    from napari_medsam._napari.model_choices import MAPPING_LIMITS
+
+    viewer, widget, controller = workflow
+    image = controller.image_layer
+    assert widget.model_panel.mapping_combo.choice == MAPPING_LIMITS
+    show_slice(viewer, image, 20)
+    settle(qtbot, controller)
+    assert controller.is_embedded(0, 20)
+    before = controller.mapping
+    # A slider drag: many events; the mapping changes once, when it rests.
+    changes = []
+    original = controller.set_mapping
+    controller.set_mapping = lambda mapping: (changes.append(mapping), original(mapping))
+    for high in range(300, 360, 10):
+        image.contrast_limits = (-120, high)
+    assert controller.mapping == before and not changes
+    qtbot.waitUntil(lambda: len(changes) == 1, timeout=5000)
+    assert (controller.mapping.low, controller.mapping.high) == (-120, 350)
+    settle(qtbot, controller)
+    assert controller.is_embedded(0, 20)  # the shown slice, embedded again for what is on screen
+    # Back to the first limits: their embeddings are still cached, nothing to embed.
+    image.contrast_limits = (before.low, before.high)
+    qtbot.waitUntil(lambda: len(changes) == 2, timeout=5000)
+    assert controller.is_embedded(0, 20) and controller.queue.running is None
+    # With a CT preset chosen, the slider no longer changes the model's input.
+    widget.model_panel.mapping_combo.set_choice("soft tissue")
+    qtbot.wait(50)
+    count = len(changes)
+    image.contrast_limits = (-500, 500)
+    qtbot.wait(600)
+    assert len(changes) == count

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import napari
 
 AUTO_WINDOW = "auto (0.5-99.5 percentile)"
+CONTRAST_DEBOUNCE_MS = 400  # the model follows napari's contrast slider once it rests this long
 
 
 class MedSamWidget(QWidget):
@@ -110,6 +111,12 @@ class MedSamWidget(QWidget):
         self.setMinimumWidth(360)
 
         self._add_shortcuts()
+        from qtpy.QtCore import QTimer
+
+        self._contrast_timer = QTimer(self)
+        self._contrast_timer.setSingleShot(True)
+        self._contrast_timer.setInterval(CONTRAST_DEBOUNCE_MS)
+        self._contrast_timer.timeout.connect(self._on_mapping_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.window_combo.activated.connect(self._window_picked)
         self.new_labels_button.clicked.connect(self._new_labels_clicked)
@@ -233,8 +240,23 @@ class MedSamWidget(QWidget):
         self._sync_controller()
 
     def _on_mapping_changed(self) -> None:
-        if self.controller is not None:
-            self.controller.set_mapping(self.model_panel.mapping_for(self.controller.image_layer))
+        controller = self.controller
+        if controller is not None:
+            mapping = self.model_panel.mapping_for(controller.image_layer)
+            if mapping != controller.mapping:  # an unchanged mapping keeps the embeddings on screen
+                controller.set_mapping(mapping)
+
+    def _on_contrast_limits(self, event=None) -> None:
+        """napari's contrast slider moved: with "current contrast limits", the model follows it.
+
+        Debounced: a drag of the slider sends many events; the mapping changes once it rests, and
+        the shown slice is embedded again in the background (each mapping's embeddings are
+        cached apart, so going back to earlier limits costs nothing).
+        """
+        from .model_choices import MAPPING_LIMITS
+
+        if self.controller is not None and self.model_panel.mapping_combo.choice == MAPPING_LIMITS:
+            self._contrast_timer.start()
 
     def _on_labels_changed(self, _index: int | None = None) -> None:
         labels = self.labels_layer
@@ -297,6 +319,7 @@ class MedSamWidget(QWidget):
             self._notify(str(error))
             return None
         self.controller = controller
+        image.events.contrast_limits.connect(self._on_contrast_limits)
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(controller)
         # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
@@ -309,6 +332,8 @@ class MedSamWidget(QWidget):
         if self.controller is None:
             return
         controller, self.controller = self.controller, None
+        controller.image_layer.events.contrast_limits.disconnect(self._on_contrast_limits)
+        self._contrast_timer.stop()
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(None)
         controller.close()
