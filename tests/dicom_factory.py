@@ -263,3 +263,20 @@ def assert_matches_sources(
             voxel = tuple(int(v) for v in np.round(index))
             assert np.allclose(volume.index_to_world(voxel)[0], world, atol=1e-4)
             assert volume.array[voxel] == pixels[row, column]
+
+
+def move_shared_groups_per_frame(path: Path, keywords: tuple[str, ...] = ("PixelMeasuresSequence",)) -> Path:
+    """Rewrite an enhanced image so the given functional groups sit in every per-frame item, not the shared one.
+
+    Several scanners (e.g. Siemens XA enhanced MR) write pixel measures and orientation per frame.
+    """
+    import copy
+
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in keywords:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            item[keyword] = copy.deepcopy(shared[keyword])
+        del shared[keyword]
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -544,3 +544,91 @@ def test_failed_compute_raises_and_is_not_cached():
         cache.get_or_compute(key(0), broken)
     assert key(0) not in cache
     np.testing.assert_array_equal(cache.get_or_compute(key(0), lambda: embedding(0)), embedding(0))
+
+
+# -- transient errors are not damage (issue 9) ----------------------------------------------
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied"),
+    OSError(28, "No space left on device"),
+    OSError(16, "Device or resource busy"),
+])
+def test_disk_group_that_cannot_be_opened_is_kept_and_skipped(tmp_path, monkeypatch, caplog, error):
+    from napari_medsam.segment import cache_disk
+
+    DiskCache(tmp_path).put(key(0), embedding(0))
+    DiskCache(tmp_path).put(key(1), embedding(1))
+    group = DiskCache(tmp_path).groups()[0].path
+
+    def refuse(path, k):
+        raise error
+
+    monkeypatch.setattr(cache_disk.SliceGroup, "open", staticmethod(refuse))
+    blocked = DiskCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=cache_disk.__name__):
+        assert blocked.get(key(0)) is None
+        assert blocked.filled_indices(key(0)) == [] and key(1) not in blocked
+        assert blocked.put(key(2), embedding(2)) is False  # no rebuild over the user's group
+        assert blocked.get(key(1)) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "left as it is" in warnings[0].getMessage()
+    assert group.is_dir() and blocked.stats().corrupt == 0
+    monkeypatch.undo()  # the lock is gone: everything is still there
+    later = DiskCache(tmp_path)
+    assert later.filled_indices(key(0)) == [0, 1]
+    np.testing.assert_array_equal(later.get(key(0)), embedding(0))
+    np.testing.assert_array_equal(later.get(key(1)), embedding(1))
+
+
+def test_disk_group_whose_metadata_file_cannot_be_read_is_kept(tmp_path, monkeypatch):
+    """zarr may report an unreadable file as bad metadata: the file itself is then checked."""
+    from napari_medsam.segment import cache_disk
+
+    DiskCache(tmp_path).put(key(0), embedding(0))
+    group = DiskCache(tmp_path).groups()[0].path
+
+    def looks_garbled(path, k):
+        raise ValueError("metadata could not be parsed")
+
+    read_bytes = Path.read_bytes
+
+    def locked(self):
+        if self.name == "zarr.json":
+            raise PermissionError(13, "locked by another program", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(cache_disk.SliceGroup, "open", staticmethod(looks_garbled))
+    monkeypatch.setattr(Path, "read_bytes", locked)
+    blocked = DiskCache(tmp_path)
+    assert blocked.get(key(0)) is None and blocked.put(key(0), embedding(5)) is False
+    assert group.is_dir() and blocked.stats().corrupt == 0
+    monkeypatch.undo()
+    np.testing.assert_array_equal(DiskCache(tmp_path).get(key(0)), embedding(0))
+
+
+def test_disk_group_with_readable_but_broken_metadata_is_deleted(tmp_path):
+    DiskCache(tmp_path).put(key(0), embedding(0))
+    group = DiskCache(tmp_path).groups()[0].path
+    (group / "zarr.json").write_text("{not json")
+    fresh = DiskCache(tmp_path)
+    assert fresh.get(key(0)) is None
+    assert not group.exists() and fresh.stats().corrupt == 1
+
+
+def test_disk_slice_that_cannot_be_read_stays_marked(tmp_path, monkeypatch):
+    DiskCache(tmp_path).put(key(0), embedding(0))
+    cache = DiskCache(tmp_path)
+    assert cache.filled_indices(key(0)) == [0]  # the group is open
+    original = zarr.Array.__getitem__
+
+    def flaky(self, selection):
+        if self.dtype == np.float32:
+            raise OSError(5, "Input/output error")
+        return original(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", flaky)
+    assert cache.get(key(0)) is None
+    monkeypatch.undo()
+    assert cache.filled_indices(key(0)) == [0] and cache.stats().corrupt == 0
+    np.testing.assert_array_equal(cache.get(key(0)), embedding(0))

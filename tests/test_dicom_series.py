@@ -195,9 +195,12 @@ def test_localizer_stacks_in_one_series(tmp_path, ct):
     common = dict(series_uid=uid, frame_of_reference_uid=frame, study_uid=study)
     write_series(folder, make_volume(ct[:3, :, :40], SAGITTAL), prefix="s", **common)
     coronal = write_series(folder, make_volume(ct[:3], CORONAL), prefix="c", **common)
-    with pytest.raises(DicomSeriesError, match="several image stacks of the same size") as excinfo:
+    with pytest.raises(DicomSeriesError, match="holds 2 stacks of 3 images each") as excinfo:
         read_dicom_series(folder)
-    assert f"{uid}#1" in str(excinfo.value) and f"{uid}#2" in str(excinfo.value)
+    message = str(excinfo.value)
+    # One short line that names the series once, each stack by number, and how to choose one.
+    assert len(message) <= 220 and message.count(uid) == 1, message
+    assert "#1 " in message and "#2 " in message and "--series-uid UID#N" in message
     chosen = read_dicom_series(folder, series_uid=f"{uid}#2")
     assert chosen.shape[chosen.metadata["dicom_slice_axis_display"]] == 3
     write_series(folder, make_volume(ct), prefix="a", **common)

@@ -210,7 +210,7 @@ def test_medsam_pipeline_runs_through_the_predictor(golden_dir, medsam_vit_b, mo
     golden = np.load(golden_dir / "medsam_golden.npz")
     image = golden["image"]
     predictor = SlicePredictor(medsam_vit_b, np.zeros((1, *image.shape[:2]), np.int16), mapping=ct_window("soft tissue"))
-    monkeypatch.setattr(predictor, "model_image", lambda index: image)
+    monkeypatch.setattr(predictor, "model_image", lambda index, *mapping_and_axis: image)
     x0, y0, x1, y1 = golden["box"][0]
     out = predictor.predict(0, Prompts(box=[y0, x0, y1, x1]), exact=True, keep_logits=True)
     np.testing.assert_allclose(predictor.embed(0), golden["image_embedding"], atol=1e-4)
@@ -237,3 +237,31 @@ def test_from_checkpoint_loads_a_local_weight_file(golden_dir):
     with pytest.raises(WeightsError, match="LiteMedSAM|MobileSAM"):
         SamModel.from_checkpoint("mobile_sam", weights=golden_dir / "lite_medsam_random.pth", device="cpu",
                                  download=False)
+
+
+def test_a_mapping_change_during_embedding_cannot_store_under_the_wrong_key(monkeypatch):
+    """The window combo may change the mapping while a worker is embedding: the embedding must be
+    stored under the key of the mapping it was computed with, never under the new one's."""
+    model = tiny_model()
+    volume = _volume()
+    soft, bone = ct_window("soft tissue"), ct_window("bone")
+    predictor = SlicePredictor(model, volume, mapping=soft)
+    lookup = predictor.cache.get_or_compute
+
+    def lookup_while_the_user_switches_window(key, compute):
+        predictor.set_mapping(bone)  # the UI thread switches the window after the key was made
+        return lookup(key, compute)
+
+    monkeypatch.setattr(predictor.cache, "get_or_compute", lookup_while_the_user_switches_window)
+    got = predictor.embed(2)
+    monkeypatch.setattr(predictor.cache, "get_or_compute", lookup)
+    # What each mapping really gives, computed by separate predictors with their own caches.
+    expected = {m.signature: SlicePredictor(model, volume, mapping=m).embed(2) for m in (soft, bone)}
+    assert not np.allclose(expected[soft.signature], expected[bone.signature])
+    np.testing.assert_array_equal(got, expected[soft.signature])
+    for m in (soft, bone):
+        predictor.set_mapping(m)
+        if predictor.is_embedded(2):
+            np.testing.assert_array_equal(predictor.cache.get(predictor.key(2)), expected[m.signature])
+    predictor.set_mapping(soft)
+    assert predictor.is_embedded(2)

@@ -494,3 +494,37 @@ def test_load_network_depth2_variant_by_spec(golden_dir):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in reference.items())
     with pytest.raises(WeightsError, match="do not fit SAM ViT-B"):
         load_network("sam_vit_b", path)
+
+
+@pytest.mark.parametrize("wrong", ["other-bytes", "truncated"])
+def test_a_wrong_file_from_one_url_moves_on_to_the_next(payload, tmp_path, wrong):
+    """A mirror serving a bad copy (checksum or size mismatch) must not stop the download.
+
+    (A short copy was already a URL failure when its length is announced; the checksum case is
+    the one that used to stop at the first mirror.)"""
+    bad = tmp_path / "mirror-a" / "w.pth"
+    good = tmp_path / "mirror-b" / "w.pth"
+    bad.parent.mkdir()
+    good.parent.mkdir()
+    bad.write_bytes(bytes(len(payload)) if wrong == "other-bytes" else payload[: len(payload) // 2])
+    good.write_bytes(payload)
+    spec = _spec([bad.as_uri(), good.as_uri()], payload)
+    path = resolve_weights(spec, cache_dir=tmp_path / "cache")
+    assert path.read_bytes() == payload
+    assert _leftovers(tmp_path / "cache") == ["test_model.pth", "test_model.pth.sha256"]
+
+
+def test_every_url_serving_a_wrong_file_is_named_in_the_error(payload, tmp_path):
+    short = tmp_path / "a" / "w.pth"
+    garbled = tmp_path / "b" / "w.pth"
+    for path, data in ((short, payload[:1000]), (garbled, bytes(len(payload)))):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    spec = _spec([short.as_uri(), garbled.as_uri()], payload)
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(spec, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    # A short file:// copy is caught by its length before it is read; the garbled one by its hash.
+    assert f"{short.as_uri()} (" in message and f"1,000 bytes, expected {len(payload):,}" in message
+    assert f"{garbled.as_uri()} (checksum mismatch" in message and spec.sha256 in message
+    assert _leftovers(tmp_path / "cache") == []

@@ -25,6 +25,17 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--volume-index", type=int, help="4D NIfTI/NRRD: which volume to read (0-based)")
 
 
+def _add_modality_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", type=str.upper, choices=["CT", "MR", "OT"],
+                        help="override the modality (default: DICOM Modality, else guessed from the values)")
+
+
+def _print_read_warnings(command: str, volume) -> None:
+    """One stderr line per reader warning (gap-filled or skipped slices, series not read, ...)."""
+    for warning in volume.metadata.get("warnings") or []:
+        print(f"napari-medsam {command}: warning: {_one_line(warning)}", file=sys.stderr)
+
+
 def _add_quiet_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress on stderr (errors are still printed)")
@@ -49,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("path", help="NIfTI file, DICOM folder or file, DICOM-SEG, NRRD or MHA/MHD")
     _add_source_options(info)
+    _add_modality_option(info)
 
     export = sub.add_parser(
         "export",
@@ -64,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--segments", help="JSON file with segment names, colours and codes (see docs/cli.md)")
     export.add_argument("--names", help="segment names as 1=liver,2=spleen (simpler than --segments)")
     export.add_argument(
-        "--seg-type", choices=["labelmap", "binary"], default="labelmap",
-        help="DICOM-SEG encoding (default: labelmap)",
+        "--seg-type", choices=["binary", "labelmap"], default="binary",
+        help="DICOM-SEG encoding: binary (Segmentation Storage, read by every SEG viewer; default) "
+        "or labelmap (Label Map Segmentation Storage, DICOM 2024)",
     )
     _add_source_options(export)
 
@@ -92,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--cache", help="folder for the on-disk embedding cache (reused across runs)")
     _add_quiet_option(segment)
     _add_source_options(segment)
+    _add_modality_option(segment)
 
     models = sub.add_parser(
         "models",
@@ -183,7 +197,9 @@ def _one_line(exc: BaseException) -> str:
 def _info(args: argparse.Namespace) -> int:
     from .io import describe_volume, load_volume
 
-    volume = load_volume(args.path, series_uid=args.series_uid, volume_index=args.volume_index)
+    volume = load_volume(args.path, series_uid=args.series_uid, volume_index=args.volume_index,
+                         modality=args.modality)
+    _print_read_warnings("info", volume)
     print(json.dumps(describe_volume(volume), indent=2, default=str))
     return 0
 
@@ -194,6 +210,7 @@ def _export(args: argparse.Namespace) -> int:
 
     labels_format(args.out)  # refuse a bad output name before reading anything
     source = load_volume(args.source, series_uid=args.series_uid, volume_index=args.volume_index)
+    _print_read_warnings("export", source)
     if labels_format(args.out) == "dicom-seg":
         require_dicom_source(source, args.out)
     labels, described = read_labels_and_segments(args.labels, like=source)
@@ -222,7 +239,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_labels(labels, like, path: str, segments: list, *, seg_type: str = "labelmap") -> tuple[Path, Path | None]:
+def _write_labels(labels, like, path: str, segments: list, *, seg_type: str = "binary") -> tuple[Path, Path | None]:
     """Write labels (DICOM-SEG with its segments; other formats with a NAME.segments.json sidecar)."""
     from .io import labels_format, save_labels_named
 
@@ -239,21 +256,25 @@ def _segment(args: argparse.Namespace) -> int:
     from .io.segments import segments_for_labels, segments_sidecar_path
     from .models.weights import resolve_weights
     from .segment.cache import DiskCache, EmbeddingCache, MemoryCache
-    from .segment.headless import segment_volume
+    from .segment.headless import check_z_range, segment_volume
     from .segment.model import SamModel
     from .segment.prompt_file import load_prompt_file
 
     started = time.perf_counter()
     say = _Progress("napari-medsam segment", quiet=args.quiet)
+    z_range = tuple(args.zrange) if args.zrange else (None, None)
+    check_z_range(z_range, ())  # order and sign: before reading anything
     labels_format(args.out)
     check_writable_target(args.out)  # fail before minutes of computing, not after
     if labels_format(args.out) != "dicom-seg":
         check_writable_target(segments_sidecar_path(args.out))
     say.line(f"reading {args.image}")
-    volume = load_volume(args.image, series_uid=args.series_uid, volume_index=args.volume_index)
+    volume = load_volume(args.image, series_uid=args.series_uid, volume_index=args.volume_index,
+                         modality=args.modality)
     if labels_format(args.out) == "dicom-seg":
         require_dicom_source(volume, args.out)
     objects = load_prompt_file(args.prompts, volume)
+    check_z_range(z_range, volume.shape, objects)  # inside the scan: before any model is loaded
     mapping = _mapping(args.window, volume)
     download = say.bytes(f"downloading {args.model}")
     try:
@@ -270,10 +291,11 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         labels, summaries = segment_volume(
             volume, objects, model, mapping=mapping, propagate_objects=args.propagate,
-            z_range=tuple(args.zrange) if args.zrange else (None, None), cache=cache, progress=bar,
+            z_range=z_range, cache=cache, progress=bar,
         )
     finally:
         bar.close()
+        cache.flush()  # the last embeddings reach the disk before the process ends
     names = {o.label: o.name for o in objects}
     say.line(f"writing {args.out}")
     out, sidecar = _write_labels(labels, volume, args.out, segments_for_labels(labels, names=names))

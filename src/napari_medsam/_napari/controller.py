@@ -17,6 +17,7 @@ starts embedding it ahead of the first click. The decoder (a few ms) runs on the
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -92,6 +93,11 @@ class SegmentationController(SessionEditsMixin):
                                            colors=colors, overwrite=overwrite)
         self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
+        # predictor() and scan_signature() are called from embedding workers and the Qt thread.
+        # _state_lock guards the signature and the predictors (held for microseconds only);
+        # _hash_lock makes concurrent scan_signature() callers (workers) hash the scan once.
+        self._state_lock = threading.Lock()
+        self._hash_lock = threading.Lock()
         self._groups: dict[Key, SlicePrompts] = {}
         self._waiting: set[Key] = set()
         self._last_key: Key | None = None
@@ -251,22 +257,32 @@ class SegmentationController(SessionEditsMixin):
 
     def predictor(self, axis: int) -> SlicePredictor:
         """The predictor of one plane (all share one cache); only once the scan's signature is known."""
-        if self._signature is None:
-            raise RuntimeError("no slice embedded yet: the scan's signature is computed by the first embedding")
-        if axis not in self._predictors:
-            self._predictors[axis] = self._make_predictor(axis, self._signature)
-        return self._predictors[axis]
+        with self._state_lock:
+            if self._signature is None:
+                raise RuntimeError("no slice embedded yet: the scan's signature is computed by the first embedding")
+            predictor = self._predictors.get(axis)
+            if predictor is None:
+                predictor = self._predictors[axis] = self._make_predictor(axis, self._signature)
+            return predictor
 
     def scan_signature(self) -> str:
         """The scan's cache signature (hashes the voxels the first time: call it from a worker)."""
-        if self._signature is None:
-            self._signature = volume_signature(self._array, self._spacing)
-        return self._signature
+        signature = self._signature
+        if signature is not None:
+            return signature
+        with self._hash_lock:  # a second caller waits here for the first one's hash
+            if self._signature is None:
+                computed = volume_signature(self._array, self._spacing)
+                with self._state_lock:
+                    if self._signature is None:
+                        self._signature = computed
+            return self._signature
 
     def set_model(self, model: SamModel) -> None:
         """Predict with another model from now on (its embeddings are cached apart from the old one's)."""
-        self.model = model
-        self._predictors.clear()
+        with self._state_lock:
+            self.model = model
+            self._predictors.clear()
         self._on_view_changed()
 
     def is_embedded(self, axis: int, index: int) -> bool:
@@ -275,8 +291,10 @@ class SegmentationController(SessionEditsMixin):
 
     def set_mapping(self, mapping: IntensityMapping) -> None:
         """Embed with another intensity mapping from now on (cached embeddings of the old one stay)."""
-        self.mapping = mapping
-        for predictor in self._predictors.values():
+        with self._state_lock:
+            self.mapping = mapping
+            predictors = list(self._predictors.values())
+        for predictor in predictors:
             predictor.set_mapping(mapping)
         self._on_view_changed()
 
@@ -297,7 +315,8 @@ class SegmentationController(SessionEditsMixin):
         self._set_status(f"embedding slice {index} ({AXIS_NAMES[axis]})...")
 
     def _on_embedded(self, axis: int, index: int, signature: object) -> None:
-        self._signature = self._signature or str(signature)
+        with self._state_lock:
+            self._signature = self._signature or str(signature)
         landed = []
         for key in sorted(k for k in self._waiting if k[:2] == (axis, index)):
             self._waiting.discard(key)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import LabelsMismatchError, LabelsWriteError, UnsupportedFormatError, VolumeReadError
+from ..errors import LabelsMismatchError, LabelsWriteError, MedSamError, UnsupportedFormatError, VolumeReadError
 
 if TYPE_CHECKING:
     from ..volume import Volume
@@ -65,11 +65,34 @@ def source_kind(path: str | Path) -> str:
     return "unknown"
 
 
+MODALITIES = ("CT", "MR", "OT")
+
+
 def load_volume(
-    path: str | Path, *, series_uid: str | None = None, volume_index: int | None = None
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    volume_index: int | None = None,
+    modality: str | None = None,
 ) -> "Volume":
-    """Read a 3D scan (or a DICOM-SEG label volume) from ``path`` into a display-ordered Volume."""
-    path = Path(path).expanduser()
+    """Read a 3D scan (or a DICOM-SEG label volume) from ``path`` into a display-ordered Volume.
+
+    ``modality`` ("CT", "MR" or "OT") overrides what the file says or what was guessed from the
+    values (NIfTI, NRRD and MHA record no modality); CT then means values in HU.
+    """
+    if modality is not None and modality.upper() not in MODALITIES:
+        raise VolumeReadError(f"Unknown modality {modality!r}; use one of {', '.join(MODALITIES)}.")
+    volume = _load_volume(Path(path).expanduser(), series_uid, volume_index)
+    if modality is not None:
+        modality = modality.upper()
+        if modality != volume.modality:
+            volume.intensity_unit = "HU" if modality == "CT" else ""
+        volume.modality = modality
+        volume.metadata["modality_from"] = "user"
+    return volume
+
+
+def _load_volume(path: Path, series_uid: str | None, volume_index: int | None) -> "Volume":
     if not path.exists():
         raise VolumeReadError(f"{path} does not exist.")
     kind = source_kind(path)

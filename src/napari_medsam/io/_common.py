@@ -11,19 +11,46 @@ from ..volume import LPS_TO_RAS, Volume
 LABEL_DTYPES = (np.uint8, np.uint16, np.int32)
 
 
+CT_RANGE_HU = (-1024, 3071)  # what a 12-bit CT detector stores after the usual -1024 intercept
+FAT_HU = (-190, -30)  # adipose tissue, present in every scan of the trunk or limbs
+
+
 def guess_modality(array: np.ndarray) -> tuple[str, str]:
     """Guess (modality, intensity unit) for formats that do not record it (NIfTI, NRRD, MHA).
 
-    CT in Hounsfield units has air at about -1000; MR and other images have no such values.
+    CT in Hounsfield units is recognised by either of two signs. Air (about -1000) anywhere in the
+    volume, as in nearly every uncropped CT. Or, for a CT cropped to the body, whole-number values
+    that lie (almost) all within the CT range, go below 0, and put a visible share of voxels in the
+    fat band: MR magnitude images are never negative, and signed MR data (phase maps, normalised
+    floats) are fractional or spread far outside that range. Everything else is called MR.
     """
     if array.size == 0:
         return "OT", ""
-    # A strided sample keeps this cheap on big volumes; air fills a large part of any CT.
-    sample = array.reshape(-1)[:: max(1, array.size // 200_000)]
+    # A strided sample keeps this cheap on big volumes.
+    sample = np.asarray(array.reshape(-1)[:: max(1, array.size // 200_000)], dtype=np.float64)
     low = float(np.min(sample))
-    if low <= -500:
+    if low <= -500 and _share_in_ct_range(sample, low) >= 0.95:
+        return "CT", "HU"
+    if low < 0 and _looks_like_cropped_ct(sample):
         return "CT", "HU"
     return "MR", ""
+
+
+def _share_in_ct_range(sample: np.ndarray, low: float) -> float:
+    """Share of voxels within the CT range, not counting a padding value below it (-2048, -3024)."""
+    if low < CT_RANGE_HU[0]:
+        sample = sample[sample != low]
+    if sample.size == 0:
+        return 1.0
+    return float(np.mean((sample >= CT_RANGE_HU[0]) & (sample <= CT_RANGE_HU[1])))
+
+
+def _looks_like_cropped_ct(sample: np.ndarray) -> bool:
+    if not np.array_equal(sample, np.round(sample)):
+        return False
+    in_range = _share_in_ct_range(sample, float(np.min(sample)))
+    fat = np.mean((sample >= FAT_HU[0]) & (sample <= FAT_HU[1]))
+    return bool(in_range >= 0.99 and fat >= 0.02)
 
 
 def checked_labels(labels: np.ndarray, like: Volume, *, max_value: int = 2**31 - 1) -> np.ndarray:

@@ -62,7 +62,8 @@ class SegFile:
             seg_type = str(ds.SegmentationType).upper()
             segments = _segments(ds, seg_type)
             frames = _frames(ds, seg_type)
-        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, OSError, EOFError) as exc:
+            # pydicom parses sequences lazily, so a truncated file may only fail here.
             raise VolumeReadError(f"{path.name} is a damaged DICOM-SEG: {exc}.") from exc
         return cls(path, ds, seg_type, segments, frames)
 

@@ -93,6 +93,34 @@ def _frame_planes(path: Path, header: Dataset) -> list[Plane]:
     return planes
 
 
+def _dose_planes(path: Path, header: Dataset) -> list[Plane]:
+    """The frames of an RT Dose grid, placed by GridFrameOffsetVector along the slice normal.
+
+    A vector starting with 0 holds offsets from ImagePositionPatient along the normal; any other
+    vector (allowed only for axial grids) holds the z coordinate of each frame.
+    """
+    n_frames = int(header.get("NumberOfFrames", 1) or 1)
+    offsets = _floats(header.get("GridFrameOffsetVector"), n_frames, "GridFrameOffsetVector", path)
+    origin = _floats(header.get("ImagePositionPatient"), 3, "ImagePositionPatient", path)
+    orientation = header_orientation(header)
+    if orientation is None:
+        raise DicomSeriesError(f"{path.name} has no ImageOrientationPatient; the dose grid cannot be placed.")
+    normal = np.cross(orientation[:3], orientation[3:])
+    spacing = _pair(_floats(header.get("PixelSpacing"), 2, "PixelSpacing", path))
+    slope = _number(header.get("DoseGridScaling"), 1.0) if "DoseGridScaling" in header else _rescale(header, None)[0]
+    intercept = 0.0 if "DoseGridScaling" in header else _rescale(header, None)[1]
+    if offsets[0] == 0:
+        positions = [origin + offset * normal for offset in offsets]
+    elif np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-4):
+        positions = [np.array([origin[0], origin[1], z]) for z in offsets]
+    else:
+        raise DicomSeriesError(
+            f"{path.name}: GridFrameOffsetVector does not start with 0 (absolute z values) but the grid is "
+            "not axial; the frames cannot be placed."
+        )
+    return [Plane(path, k, header, pos, spacing, slope, intercept) for k, pos in enumerate(positions)]
+
+
 def collect_planes(info: DicomSeriesInfo, warnings: list[str]) -> list[Plane]:
     """Image planes of the chosen stack with position, spacing and rescale, after sanity checks."""
     if info.samples_per_pixel != 1:
@@ -105,6 +133,9 @@ def collect_planes(info: DicomSeriesInfo, warnings: list[str]) -> list[Plane]:
     for path, header in zip(info.files, info.headers):
         if is_multiframe_with_positions(header):
             planes.extend(_frame_planes(path, header))
+            continue
+        if int(header.get("NumberOfFrames", 1) or 1) > 1 and "GridFrameOffsetVector" in header:
+            planes.extend(_dose_planes(path, header))
             continue
         if int(header.get("NumberOfFrames", 1) or 1) > 1:
             raise NotAVolumeError(

@@ -8,16 +8,20 @@ volume's display grid, which works whatever order the reader stacked the images 
 sagittal, flipped) and also finds display slices that have no source image (blank slices a
 reader inserted for missing instances).
 
-Two encodings: ``"labelmap"`` (default; Label Map Segmentation Storage, one frame per labelled
-source image, pixel value = label value, label values kept exactly) and ``"binary"``
-(Segmentation Storage, one 1-bit frame per segment and image; the most widely supported form).
+Two encodings: ``"binary"`` (default; Segmentation Storage, one 1-bit frame per segment and
+image; every SEG reader in use reads it) and ``"labelmap"`` (Label Map Segmentation Storage, new
+in DICOM 2024: one frame per labelled source image, pixel value = label value, values kept exactly).
 BINARY needs segment numbers 1..N without gaps, so label values are renumbered in ascending
 order when they have gaps (e.g. labels {1, 3} are stored as segments 1 and 2); the returned
 :class:`Segment` list of :func:`read_dicom_seg` then reports the stored numbers.
 
-Validation: BINARY output passes ``dciodvfy`` without errors. The dicom3tools release of 2022
-predates Label Map Segmentation Storage (2024), so for LABELMAP files it reports "Information
-Object Not found" and reads the background segment 0 as a numbering error; nothing else.
+Validation: both encodings pass ``dciodvfy`` (dicom3tools 20260927) without errors. highdicom
+gives a LABELMAP file a "Background" segment numbered 0, which the Label Map IOD allows; older
+dicom3tools builds either do not know that IOD or apply BINARY's 1..N numbering rule to it.
+
+Sources as anonymisers and scanners leave them are accepted (see :func:`_prepared_sources`):
+SOP UIDs from the file meta, new study/series/frame-of-reference UIDs (with a ``UserWarning``)
+where the source has none, an empty character set, per-frame pixel measures and orientation.
 
 Errors: a source without DICOM headers -> LabelsWriteError (save as NIfTI instead); labels of the
 wrong shape, negative, fractional or above 65535, or labels on a blank inserted slice ->
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +65,7 @@ def write_dicom_seg(
     path: str | os.PathLike,
     segments: list[Segment] | None = None,
     *,
-    segmentation_type: str = "labelmap",
+    segmentation_type: str = "binary",
     algorithm_type: str = "semiautomatic",
     series_description: str = "napari-medsam segmentation",
     series_number: int | None = None,
@@ -80,7 +85,7 @@ def write_dicom_seg(
 
     seg_type = _choice(segmentation_type, SEGMENTATION_TYPES, "segmentation_type")
     algo = _choice(algorithm_type, ALGORITHM_TYPES, "algorithm_type")
-    sources = _unique_sources(like)
+    sources = _prepared_sources(_unique_sources(like))
     labels = checked_labels(labels, like, max_value=MAX_LABEL)
     present = present_labels(labels)
     if not present:
@@ -114,12 +119,12 @@ def write_dicom_seg(
     texts = [s.name for s in described] + [series_description, content_creator_name or ""]
     # Names may hold any character; UTF-8 then, rather than the source's (often Latin-1) set.
     charset = {} if all(t.isascii() for t in texts) else {"specific_character_set": "ISO_IR 192"}
-    first = _with_type2_defaults(sources[0])
+    first = sources[0]
     if series_number is None:
         series_number = _source_series_number(first) + 1000
     try:
         seg = hd.seg.Segmentation(
-            source_images=[first, *sources[1:]],
+            source_images=sources,
             pixel_array=frames,
             segmentation_type=seg_type.upper(),
             segment_descriptions=descriptions,
@@ -200,9 +205,26 @@ def plane_from_values(position, orientation, spacing, rows: int, columns: int, u
     )
 
 
+_FILE_META_UIDS = {"SOPInstanceUID": "MediaStorageSOPInstanceUID", "SOPClassUID": "MediaStorageSOPClassUID"}
+
+
+def source_uid(ds, keyword: str = "SOPInstanceUID") -> str:
+    """SOPInstanceUID or SOPClassUID of a source header; from its file meta when the data set's is empty.
+
+    Anonymisers often blank these two in the data set and leave them in the file meta information
+    (MediaStorageSOPInstanceUID / MediaStorageSOPClassUID), which names the same instance.
+    """
+    value = str(ds.get(keyword, "") or "").strip()
+    if not value:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            value = str(meta.get(_FILE_META_UIDS[keyword], "") or "").strip()
+    return value
+
+
 def dataset_planes(ds) -> list[Plane]:
     """The image planes of one source header: one for a classic image, one per frame otherwise."""
-    uid = str(ds.get("SOPInstanceUID", ""))
+    uid = source_uid(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if frames > 1:
@@ -276,11 +298,119 @@ def _unique_sources(like: Volume) -> list:
             f"DICOM-SEG needs a DICOM source series, but this is a {what} without DICOM headers. "
             "Save the labels as NIfTI (.nii.gz) instead."
         )
-    unique: dict[str, object] = {}
+    unique: dict[object, object] = {}
     for ds in datasets:
         # An enhanced multi-frame source may appear once per display slice; keep it once.
-        unique.setdefault(str(ds.SOPInstanceUID), ds)
+        unique.setdefault(source_uid(ds) or id(ds), ds)
     return list(unique.values())
+
+
+# The attributes highdicom requires to be equal in all source images of one SEG.
+_SAME_IN_ALL = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns")
+# UIDs a valid SEG needs from its source; new ones are made (with a warning) where all are empty.
+_REPLACEABLE_UIDS = {
+    "StudyInstanceUID": "study", "SeriesInstanceUID": "series", "FrameOfReferenceUID": "frame of reference",
+}
+
+
+def _prepared_sources(sources: list) -> list:
+    """Copies of the source headers in the form highdicom accepts, checked for consistency.
+
+    Fills SOP Instance/Class UIDs from the file meta, drops an empty SpecificCharacterSet (the
+    default repertoire), gives empty study/series/frame-of-reference UIDs new values (with a
+    warning), moves frame-invariant functional groups of an enhanced image into the shared
+    groups and adds empty Type 2 patient/study attributes.
+    """
+    from pydicom.uid import generate_uid
+
+    prepared = [copy.deepcopy(ds) for ds in sources]
+    for k, ds in enumerate(prepared):
+        for keyword in _FILE_META_UIDS:
+            value = source_uid(ds, keyword)
+            if not value:
+                raise LabelsWriteError(
+                    f"Source image {k + 1} of this series has no {keyword}, neither in the data set nor in "
+                    "the file meta information, so a DICOM-SEG cannot reference it. Save as NIfTI (.nii.gz)."
+                )
+            setattr(ds, keyword, value)
+        charset = ds.get("SpecificCharacterSet")
+        if charset is not None and not any(str(v).strip() for v in _values(charset)):
+            del ds.SpecificCharacterSet  # empty means the default repertoire (ISO_IR 6)
+        for keyword in _TYPE2_PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            _share_constant_groups(ds)
+    _check_same_in_all(prepared)
+    for keyword, what in _REPLACEABLE_UIDS.items():
+        if not str(prepared[0].get(keyword, "") or "").strip():
+            uid = generate_uid()
+            for ds in prepared:
+                setattr(ds, keyword, uid)
+            warnings.warn(
+                f"The source series has no {keyword}: the DICOM-SEG refers to it with a new {what} UID "
+                f"({uid}) that the source files do not carry.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return prepared
+
+
+def _values(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+
+
+def _check_same_in_all(sources: list) -> None:
+    """LabelsWriteError naming the attribute that differs between the files of one stack."""
+    if len(sources) < 2:
+        return
+    series = _short(str(sources[0].get("SeriesInstanceUID", "") or "?"))
+    for keyword in _SAME_IN_ALL:
+        found: dict[str, int] = {}
+        for ds in sources:
+            value = str(ds.get(keyword, "") or "").strip() or "(empty)"
+            found[value] = found.get(value, 0) + 1
+        if len(found) > 1:
+            shown = ", ".join(f"{_short(v)} x{n}" for v, n in sorted(found.items(), key=lambda kv: -kv[1])[:3])
+            raise LabelsWriteError(
+                f"The {len(sources)} files of series {series} carry {len(found)} different {keyword}s "
+                f"({shown}); a DICOM-SEG needs one: give them the same {keyword} and reload."
+            )
+
+
+def _short(uid: str) -> str:
+    return uid if len(uid) <= 20 else f"...{uid[-16:]}"
+
+
+_FRAME_INVARIANT_GROUPS = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+
+
+def _share_constant_groups(ds) -> None:
+    """Move per-frame pixel measures / plane orientation into the shared groups when equal in all frames.
+
+    highdicom reads both from the Shared Functional Groups of an enhanced source; scanners may
+    write them per frame instead (allowed by the standard when they could vary).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if "SharedFunctionalGroupsSequence" not in ds or not ds.SharedFunctionalGroupsSequence:
+        ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in _FRAME_INVARIANT_GROUPS:
+        if keyword in shared or not per_frame or not all(keyword in item for item in per_frame):
+            continue
+        first = per_frame[0][keyword]
+        if any(item[keyword].value != first.value for item in per_frame[1:]):
+            what = "pixel spacing" if keyword == "PixelMeasuresSequence" else "orientation"
+            raise LabelsWriteError(
+                f"The frames of enhanced image {_short(source_uid(ds))} differ in {what}; a DICOM-SEG "
+                "of it cannot be written. Save the labels as NIfTI (.nii.gz) instead."
+            )
+        shared[keyword] = copy.deepcopy(first)
+        for item in per_frame:
+            del item[keyword]
 
 
 def _segments_to_write(present: list[int], segments: list[Segment] | None) -> list[Segment]:
@@ -364,15 +494,6 @@ _TYPE2_PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime", "ReferringPhysicianName",
 )
-
-
-def _with_type2_defaults(ds):
-    """A copy of the first source header with empty values for absent Type 2 patient/study data."""
-    out = copy.deepcopy(ds)
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in out:
-            setattr(out, keyword, "")
-    return out
 
 
 def _source_series_number(ds) -> int:

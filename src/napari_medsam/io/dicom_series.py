@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom.pixels
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import DicomSeriesError, MedSamError, NotAVolumeError
 from ..volume import Volume, display_grid
@@ -66,11 +66,33 @@ def read_dicom_series(path: str | os.PathLike, series_uid: str | None = None) ->
     else:
         scan = scan_dicom(target)
         info, warnings = choose_series(scan, series_uid)
-    planes = collect_planes(info, warnings)
-    volume = _build_volume(info, planes, warnings)
+    try:
+        planes = collect_planes(info, warnings)
+        volume = _build_volume(info, planes, warnings)
+    except (ValueError, TypeError, OverflowError) as exc:
+        # pydicom hands back a malformed number (e.g. IS "1A") as text; converting it fails here.
+        raise DicomSeriesError(_malformed_message(info, exc)) from exc
     volume.metadata["series"] = [dict(i.describe(), selected=i is info) for i in scan]
-    volume.source_path = info.files[0] if info.multiframe else _common_folder(info.files, scan.root)
+    one_file = info.multiframe or len(info.files) == 1
+    volume.source_path = info.files[0] if one_file else _common_folder(info.files, scan.root)
     return volume
+
+
+def _malformed_message(info: DicomSeriesInfo, exc: Exception) -> str:
+    """One line naming the file and element whose value cannot be converted, when it can be found."""
+    for path, header in zip(info.files, info.headers):
+        for element in header.iterall():
+            if element.VR not in ("IS", "DS") or element.value in (None, ""):
+                continue
+            values = element.value if element.VM > 1 else [element.value]
+            try:
+                [float(v) for v in values]
+            except (TypeError, ValueError):
+                return (
+                    f"{path.name}: element {element.keyword or element.tag} holds {str(element.value)[:40]!r}, "
+                    f"which is not a valid {element.VR} number; fix or remove the file."
+                )
+    return f"Series {info.label()[:80]}: a DICOM element cannot be converted ({str(exc)[:80]}); check the files."
 
 
 def choose_series(
@@ -99,13 +121,14 @@ def choose_series(
     stacks = sorted((i for i in candidates if _group_id(i) == group), key=lambda i: -i.n_frames)
     chosen = stacks[0]
     if len(stacks) > 1 and stacks[1].n_frames == chosen.n_frames:
-        tied = "; ".join(
-            f"series_uid={i.key!r}: {i.label()}" for i in stacks if i.n_frames == chosen.n_frames
-        )
+        tied = [i for i in stacks if i.n_frames == chosen.n_frames]
+        # One short line: the UID once, each stack by its number and image size (the full keys
+        # are listed by `napari-medsam info` on any one file of a stack, under series_in_folder).
+        parts = ", ".join(f"#{i.stack_index + 1} {i.rows}x{i.columns}" for i in tied[:4])
         raise DicomSeriesError(
-            f"Series {chosen.series_uid} holds several image stacks of the same size (different "
-            f"orientation or image size, e.g. a localizer): {tied}. Choose one with "
-            "read_dicom_series(path, series_uid=...)."
+            f"Series {chosen.series_uid} holds {len(tied)} stacks of {chosen.n_frames} images each "
+            f"({parts}; other orientation or size). Choose one with --series-uid UID#N "
+            "(series_uid= in Python)."
         )
     warnings = _check_damaged(scan, chosen, file is None)
     warnings += [
@@ -151,15 +174,31 @@ def _owner(scan: DicomScanResult, file: Path) -> DicomSeriesInfo:
     wanted = file.resolve()
     owners = [i for i in scan if wanted in {f.resolve() for f in i.files}]
     if not owners:
-        raise DicomSeriesError(
-            f"{file} is not a DICOM file; choose a file of a DICOM image series or its folder."
-        )
+        for path, reason, _ in scan.damaged:
+            if path.resolve() == wanted:
+                raise DicomSeriesError(f"Cannot read {file.name}: {reason}.")
+        raise DicomSeriesError(_not_dicom_message(file))
     if not owners[0].has_pixel_data:
         raise DicomSeriesError(
             f"{file.name} is a {owners[0].modality or 'DICOM'} object without pixel data: it holds no "
             "images to open."
         )
     return owners[0]
+
+
+def _not_dicom_message(file: Path) -> str:
+    """Why a file is not read: not DICOM at all, or a bare data set (no preamble or meta header) without an image."""
+    try:
+        data = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+        n_elements = len(data)
+    except Exception:  # noqa: BLE001 - anything pydicom cannot parse even when forced is not DICOM
+        n_elements = 0
+    if n_elements and "Rows" not in data:
+        return (
+            f"{file.name} has no DICOM preamble or file meta header; read without them it holds "
+            f"{n_elements} element(s) but no image (no Rows/Columns/Pixel Data), so there is nothing to open."
+        )
+    return f"{file} is not a DICOM file; choose a file of a DICOM image series or its folder."
 
 
 def _explain_no_images(scan: DicomScanResult) -> None:
@@ -213,7 +252,9 @@ def _decode(plane_group: list[Plane]) -> Iterator[tuple[Plane, np.ndarray]]:
     path = plane_group[0].path
     syntax = _transfer_syntax(plane_group[0].header)
     try:
-        if plane_group[0].frame is None:
+        if not _has_meta_syntax(plane_group[0].header):
+            yield from _decode_without_meta(plane_group, syntax)
+        elif plane_group[0].frame is None:
             yield plane_group[0], pydicom.pixels.pixel_array(path)
         else:
             by_frame = {p.frame: p for p in plane_group}
@@ -224,6 +265,11 @@ def _decode(plane_group: list[Plane]) -> Iterator[tuple[Plane, np.ndarray]]:
         raise
     except Exception as exc:  # pydicom raises many types for damaged or undecodable data
         reason = f"{type(exc).__name__}: {exc}"
+        if not syntax.is_transfer_syntax:
+            raise DicomSeriesError(
+                f"Could not read the pixel data of {path}: it has no file meta header and its encoding "
+                f"could not be recognised ({reason})."
+            ) from exc
         if syntax.is_compressed and str(syntax) in _DECODERS:
             raise DicomSeriesError(
                 f"Could not decode {path}: its transfer syntax is {syntax.name} ({syntax}), which needs the "
@@ -336,6 +382,8 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
     modality = str(first.get("Modality", "") or "OT")
     rescale_type = str(first.get("RescaleType", "") or "").strip()
     unit = "HU" if modality == "CT" else ("" if rescale_type in ("", "US") else rescale_type)
+    if modality == "RTDOSE":
+        unit = str(first.get("DoseUnits", "") or "").strip()
     metadata = {
         "series_uid": info.series_uid,
         "series_key": info.key,
@@ -351,7 +399,7 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
         "dicom_slice_axis_flipped": bool(flipped),
         "transfer_syntax": str(_transfer_syntax(first)),
     }
-    if info.multiframe:
+    if info.multiframe or any(p.frame is not None for p in planes):
         metadata["dicom_frame_numbers"] = frames
     return Volume(
         array=array, spacing_mm=spacing, origin_mm=origin, direction=direction, modality=modality,
@@ -364,9 +412,31 @@ def _frame_name(plane: Plane) -> str:
     return plane.path.name if plane.frame is None else f"{plane.path.name} frame {plane.frame + 1}"
 
 
-def _transfer_syntax(header: Dataset) -> UID:
+def _has_meta_syntax(header: Dataset) -> bool:
     meta = getattr(header, "file_meta", None)
-    return UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    return meta is not None and bool(str(meta.get("TransferSyntaxUID", "") or ""))
+
+
+def _transfer_syntax(header: Dataset) -> UID:
+    """The file's transfer syntax; for a bare stream without file meta, the encoding pydicom found."""
+    if _has_meta_syntax(header):
+        return UID(str(header.file_meta.TransferSyntaxUID))
+    implicit, little = getattr(header, "original_encoding", (None, None))
+    if implicit is None:
+        return UID("")
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _decode_without_meta(plane_group: list[Plane], syntax: UID) -> Iterator[tuple[Plane, np.ndarray]]:
+    """Pixels of a file without file meta (read forced): pydicom needs the syntax it was parsed with."""
+    data = pydicom.dcmread(plane_group[0].path, force=True)
+    data.file_meta = FileMetaDataset()
+    data.file_meta.TransferSyntaxUID = syntax
+    pixels = data.pixel_array
+    for plane in plane_group:
+        yield plane, pixels if plane.frame is None else pixels[plane.frame]
 
 
 def _first(value: object) -> object:

@@ -161,7 +161,15 @@ _SYNONYMS = {
     "kidney right": "right kidney", "lung left": "left lung", "lung right": "right lung",
     "l lung": "left lung", "r lung": "right lung", "kidney l": "left kidney",
     "kidney r": "right kidney", "lung l": "left lung", "lung r": "right lung",
+    "vertebral body": "vertebra", "vertebral bodies": "vertebra", "tumors": "tumor", "tumours": "tumor",
+    "neoplasms": "tumor", "cancers": "tumor", "carcinomas": "tumor", "hepatic": "liver",
+    "renal": "kidney", "splenic": "spleen", "aortic": "aorta", "pulmonary": "lung",
 }
+
+# Words that name a side; the structure found in the rest of the name gets that laterality.
+_SIDES = {"left": LEFT, "l": LEFT, "lt": LEFT, "right": RIGHT, "r": RIGHT, "rt": RIGHT}
+# Paired structures: only these take a Left/Right modifier from the name.
+_PAIRED = {"kidney", "lung", "adrenal gland", "femur", "rib", "breast", "lateral ventricle"}
 
 # Lesion words win over organ words in a compound name ("liver tumour" is a tumour).
 _ABNORMAL_KEYS = tuple(k for k, v in KNOWN_STRUCTURES.items() if v.category == ABNORMAL_STRUCTURE)
@@ -236,21 +244,49 @@ def _normalise(name: str) -> str:
     return " ".join(re.sub(r"[_\-./,]+", " ", name.lower()).split())
 
 
+def _singular(word: str) -> str:
+    """``word`` itself when known, else its synonym, else a known singular of an English plural."""
+    if word in KNOWN_STRUCTURES or word in _SIDES:
+        return word
+    if word in _SYNONYMS:
+        return _SYNONYMS[word]
+    for ending, replacement in (("ies", "y"), ("es", ""), ("s", "")):
+        if len(word) > len(ending) + 2 and word.endswith(ending):
+            stem = word[: -len(ending)] + replacement
+            if stem in KNOWN_STRUCTURES or stem in _SYNONYMS:
+                return _SYNONYMS.get(stem, stem)
+    return word
+
+
 def lookup_structure(name: str) -> KnownStructure | None:
-    """The coded structure a free-text name refers to, or None when it is not recognised."""
+    """The coded structure a free-text name refers to, or None when it is not recognised.
+
+    Case, separators (``_ - . /``), plurals and common synonyms ("tumour", "lesions", "renal")
+    do not matter; a lesion word wins over an organ word ("liver tumour" is a tumour); a side word
+    (left/right, L/R) gives a paired organ its laterality ("Kidney_R", "lungs left").
+    """
     key = _normalise(name)
     key = _SYNONYMS.get(key, key)
     if key in KNOWN_STRUCTURES:
         return KNOWN_STRUCTURES[key]
-    words = [_SYNONYMS.get(w, w) for w in key.split()]
-    text = " " + " ".join(words) + " "
+    words = [_singular(w) for w in key.split()]
+    joined = " ".join(words)
+    joined = _SYNONYMS.get(joined, joined)
+    if joined in KNOWN_STRUCTURES:
+        return KNOWN_STRUCTURES[joined]
+    text = f" {joined} "
     for abnormal in _ABNORMAL_KEYS:
         if f" {abnormal} " in text:
             return KNOWN_STRUCTURES[abnormal]
-    # Longest match first so "left kidney cortex" finds "left kidney", not "kidney".
+    sides = {_SIDES[w] for w in words if w in _SIDES}
+    rest = " " + " ".join(w for w in words if w not in _SIDES) + " "
+    # Longest match first so "small intestine wall" finds "small intestine", not a shorter key.
     for known in sorted(KNOWN_STRUCTURES, key=len, reverse=True):
-        if f" {known} " in text:
-            return KNOWN_STRUCTURES[known]
+        if f" {known} " in rest:
+            found = KNOWN_STRUCTURES[known]
+            if len(sides) == 1 and known in _PAIRED and found.modifier is None:
+                return KnownStructure(found.category, found.type, found.color, sides.pop())
+            return found
     return None
 
 

@@ -108,7 +108,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_SAM_CITATION,
         homepage=_SAM_HOME,
         notes="Meta's general-purpose SAM, smallest ViT (91M parameters). Points and boxes. "
-        "Needs a GPU for interactive use; about 20 s per slice on a 2-core laptop CPU.",
+        "Best on a GPU; on a 2-core CPU this plugin embeds a slice in about 5 s (docs/performance.md).",
     ),
     ModelSpec(
         name="sam_vit_l",
@@ -123,7 +123,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         license=_SAM_LICENSE,
         citation=_SAM_CITATION,
         homepage=_SAM_HOME,
-        notes="Meta's SAM with the ViT-L encoder (308M parameters); GPU only in practice.",
+        notes="Meta's SAM with the ViT-L encoder (308M parameters); GPU only in practice (about 16 s "
+        "per slice on a 2-core CPU in this plugin, docs/performance.md).",
     ),
     ModelSpec(
         name="sam_vit_h",
@@ -139,7 +140,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_SAM_CITATION,
         homepage=_SAM_HOME,
         notes="Meta's largest SAM (636M parameters), the most accurate on natural images; "
-        "needs a GPU with several GB of memory.",
+        "needs a GPU with several GB of memory (about 32 s per slice on a 2-core CPU in this plugin).",
     ),
     ModelSpec(
         name="medsam",
@@ -158,7 +159,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_MEDSAM_CITATION,
         homepage="https://github.com/bowang-lab/MedSAM",
         notes="SAM ViT-B fine-tuned on 1.57M medical image-mask pairs (CT, MRI, ultrasound, ...). "
-        "Box prompts. The best choice for CT/MRI on a GPU; slow on a CPU (like SAM ViT-B).",
+        "Box prompts. The best choice for CT/MRI on a GPU; on a 2-core CPU about 5 s per slice in this "
+        "plugin, like SAM ViT-B (docs/performance.md).",
     ),
     ModelSpec(
         name="mobile_sam",
@@ -180,7 +182,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         "Applications. arXiv:2306.14289 (2023)",
         homepage="https://github.com/ChaoningZhang/MobileSAM",
         notes="SAM's decoder with a 5M-parameter TinyViT encoder distilled from SAM ViT-H. "
-        "Points and boxes, natural-image training. About 2 s per slice on a laptop CPU.",
+        "Points and boxes, natural-image training. About 0.7 s per slice on a 2-core CPU in this plugin "
+        "(docs/performance.md).",
     ),
     ModelSpec(
         name="lite_medsam",
@@ -199,8 +202,9 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_MEDSAM_CITATION + "; LiteMedSAM: Ma J. et al. Efficient MedSAMs: Segment "
         "Anything in Medical Images on Laptop. arXiv:2412.16085 (2024)",
         homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
-        notes="MedSAM distilled into a TinyViT encoder at 256x256 (about 10x faster than MedSAM). "
-        "Box prompts. The recommended model for CT/MRI on a CPU (about 2 s per slice).",
+        notes="MedSAM distilled into a TinyViT encoder at 256x256 (about 8x faster than MedSAM in this "
+        "plugin). Box prompts. The recommended model for CT/MRI on a CPU: about 0.6 s per slice on a "
+        "2-core CPU (docs/performance.md).",
     ),
 )
 

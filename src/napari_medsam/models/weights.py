@@ -168,19 +168,16 @@ def download_weights(
                 part.unlink()
                 tried.append(f"{url} (it sent an HTML page, not the file)")
                 continue
+            # A wrong file from one server (a truncated transfer, a changed upload) is deleted and
+            # the next URL is tried; only when every URL failed is it an error, naming each failure.
             if spec.size_bytes is not None and size != spec.size_bytes:
                 part.unlink()
-                raise WeightsError(
-                    f"the download of {spec.filename} from {url} has {size:,} bytes, expected "
-                    f"{spec.size_bytes:,}; the incomplete file was deleted. Try again."
-                )
+                tried.append(f"{url} (it sent {size:,} bytes, expected {spec.size_bytes:,}; deleted)")
+                continue
             if spec.sha256 is not None and hexdigest != spec.sha256:
                 part.unlink()
-                raise WeightsError(
-                    f"checksum mismatch for {spec.filename} downloaded from {url}: SHA-256 {hexdigest}, "
-                    f"expected {spec.sha256}. The download was corrupted or the file on the server "
-                    "changed; it was deleted. Try again, and report it if it keeps happening."
-                )
+                tried.append(f"{url} (checksum mismatch: SHA-256 {hexdigest}, expected {spec.sha256}; deleted)")
+                continue
             os.replace(part, dest)
             _write_sidecar(dest, hexdigest)
             return dest

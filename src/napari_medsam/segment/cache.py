@@ -62,6 +62,9 @@ class EmbeddingCache:
         self.disk = disk
         self._lock = threading.Lock()
         self._pending: dict[EmbeddingKey, _Pending] = {}
+        # Calls of get_or_compute under way (in any thread); flush() waits for them to end.
+        self._active = 0
+        self._idle = threading.Condition(self._lock)
 
     def get(self, key: EmbeddingKey) -> np.ndarray | None:
         """The cached embedding (memory, else disk, promoted to memory) or None."""
@@ -94,6 +97,27 @@ class EmbeddingCache:
         ``compute`` runs without any lock held. If another thread is already computing the same
         key, this waits for its result instead of computing it twice.
         """
+        with self._lock:
+            self._active += 1
+        try:
+            return self._get_or_compute(key, compute)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no :meth:`get_or_compute` call is under way, so that its disk write is done.
+
+        A background thread (propagation's prefetch) may still be embedding a slice when the
+        caller has finished; a process that exits then loses that slice's disk write. Call this
+        before exiting. Returns False if ``timeout`` seconds passed first.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _get_or_compute(self, key: EmbeddingKey, compute: Callable[[], Any]) -> np.ndarray:
         found = self.get(key)
         if found is not None:
             return found

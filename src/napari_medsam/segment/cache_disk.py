@@ -4,7 +4,9 @@ Each group holds every slice of one (volume, model, intensity mapping, display a
 layout and crash safety are described in :mod:`.cache_group`. This module adds the folder
 (:func:`cache_root`), thread safety, damage recovery (a damaged slice or group is a miss and
 is rebuilt on the next write), clearing by key fields, and a size limit with
-least-recently-used eviction of whole groups.
+least-recently-used eviction of whole groups. Only provable damage is deleted: a group that
+cannot be opened because of an operating-system error (a locked file, a permission, an I/O
+error) is left on disk untouched and merely not used by this :class:`DiskCache`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class DiskCache:
         # upper bound (chunks are compressed) that decides when a rescan is due.
         self._approx_bytes: int | None = None
         self._hits = self._misses = self._evictions = self._corrupt = 0
+        # Groups that could not be opened for a reason other than damage (a locked or unreadable
+        # file, an I/O error): left alone on disk and not used by this object; group id -> reason.
+        self._unavailable: dict[str, str] = {}
 
     def get(self, key: EmbeddingKey) -> np.ndarray | None:
         """The slice's embedding as a new float32 array, or None if absent or damaged."""
@@ -115,6 +120,8 @@ class DiskCache:
         array = as_embedding_array(embedding)
         with self._lock:
             group = self._open(key)
+            if group is None and key.group_id() in self._unavailable:
+                return False  # the group's folder could not be opened (see _open): leave it alone
             if group is not None and group.shape != array.shape:
                 log.warning(
                     "embedding shape changed from %s to %s; rebuilding %s", group.shape, array.shape, group.path
@@ -231,12 +238,24 @@ class DiskCache:
             if (cached.path / "zarr.json").is_file():
                 return cached
             del self._groups[gid]  # deleted by another process or another DiskCache
+        if gid in self._unavailable:
+            return None
         path = self._path_of(key)
         if not path.exists():
             return None
         try:
             group = SliceGroup.open(path, key)
-        except Exception as exc:  # unreadable JSON, missing arrays, foreign metadata, ...
+        except Exception as exc:
+            reason = _access_problem(path, exc)
+            if reason is not None:
+                # Not damage: a locked file, a permission, an I/O error. Deleting would destroy
+                # embeddings that may be fine, so this object works without the group instead.
+                self._unavailable[gid] = reason
+                log.warning("embedding cache group %s cannot be opened (%s); it is left as it is and "
+                            "not used until the next start", path, reason)
+                return None
+            # The files could be read and are not a group of this key and layout (unreadable
+            # JSON, missing arrays, foreign metadata): it can never be used, so it is rebuilt.
             self._corrupt += 1
             log.warning("embedding cache group %s is unusable (%s); it will be rebuilt", path, exc)
             self._remove_dir(path)
@@ -264,3 +283,27 @@ class DiskCache:
                     shutil.rmtree(path, ignore_errors=True)
             except OSError:
                 pass
+
+
+def _access_problem(path: Path, exc: BaseException) -> str | None:
+    """Why a group could not be opened if that is not provably damage, else None.
+
+    Damage is only assumed when the group's folder can be listed and every metadata file in it
+    can be read, so that the failure lies in their content. An operating-system error on the
+    way (other than a file that is simply absent) means the content was never seen.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, (FileNotFoundError, NotADirectoryError)):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    try:
+        os.listdir(path)
+        for metadata in (path / "zarr.json", path / "embedding" / "zarr.json", path / "digest" / "zarr.json"):
+            if metadata.is_file():
+                metadata.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as probe:
+        return f"{type(probe).__name__}: {probe}"
+    return None

@@ -126,6 +126,10 @@ class SliceGroup:
                 return None, False
             stored = np.asarray(self.embedding[index])
             intact = stored.shape == self.shape and _slice_digest(self.path.name, index, stored) == expected
+        except OSError as exc:
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                return None, False  # could not read it (locked, I/O error): a miss, but not damage
+            intact = False
         except Exception:  # zarr and Blosc raise several types for damaged chunks
             intact = False
         if intact:

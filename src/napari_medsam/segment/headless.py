@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import MedSamError
 from ..volume import Volume
 from .cache import EmbeddingCache
 from .intensity import IntensityMapping
@@ -48,6 +49,30 @@ class ObjectSummary:
         }
 
 
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+
+
+def check_z_range(z_range: tuple[int | None, int | None], shape: tuple[int, ...],
+                  objects: list[ObjectPrompts] = ()) -> None:
+    """Raise :class:`MedSamError` unless ``z_range`` is an ordered range of existing slices.
+
+    Each bound may be None (to the volume's edge). With ``objects``, the bounds must lie inside
+    the slices of every object's propagation plane; without, only their order and sign are checked.
+    """
+    lo, hi = z_range
+    for bound in (lo, hi):
+        if bound is not None and bound < 0:
+            raise MedSamError(f"--zrange {lo} {hi}: slice indices start at 0")
+    if lo is not None and hi is not None and lo > hi:
+        raise MedSamError(f"--zrange {lo} {hi}: the first slice is after the last; give the lower index first")
+    for axis in sorted({obj.axis for obj in objects}):
+        depth = int(shape[axis])
+        for bound in (lo, hi):
+            if bound is not None and bound > depth - 1:
+                raise MedSamError(f"--zrange {lo} {hi}: the scan has {depth} {AXIS_NAMES[axis]} slices "
+                                  f"(0..{depth - 1})")
+
+
 def segment_volume(
     volume: Volume,
     objects: list[ObjectPrompts],
@@ -61,10 +86,25 @@ def segment_volume(
     cancel=None,
 ) -> tuple[np.ndarray, list[ObjectSummary]]:
     """Segment every object of ``objects`` on ``volume``; return the label volume and summaries."""
+    if propagate_objects:
+        check_z_range(z_range, volume.shape, objects)
     labels = np.zeros(volume.shape, dtype=np.uint16 if max(o.label for o in objects) > 255 else np.uint8)
     predictors: dict[int, SlicePredictor] = {}
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     summaries = []
+    try:
+        _segment_objects(volume, objects, model, labels, predictors, summaries, mapping=mapping, cache=cache,
+                         propagate_objects=propagate_objects, z_range=z_range, progress=progress, cancel=cancel)
+    finally:
+        # Propagation's prefetch thread may still be embedding (and writing to the disk cache)
+        # after propagate() returned: wait for it, or a process that exits now loses that slice.
+        for predictor in predictors.values():
+            predictor.cache.flush()
+    return labels, summaries
+
+
+def _segment_objects(volume, objects, model, labels, predictors, summaries, *, mapping, cache, propagate_objects,
+                     z_range, progress, cancel) -> None:
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     for obj in objects:
         started = time.perf_counter()
         predictor = predictors.get(obj.axis)
@@ -91,4 +131,3 @@ def segment_volume(
         summary.slices = [int(i) for i in np.flatnonzero(owned.any(axis=tuple(a for a in range(3) if a != obj.axis)))]
         summary.seconds = time.perf_counter() - started
         summaries.append(summary)
-    return labels, summaries
