@@ -632,3 +632,37 @@ def test_disk_slice_that_cannot_be_read_stays_marked(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert cache.filled_indices(key(0)) == [0] and cache.stats().corrupt == 0
     np.testing.assert_array_equal(cache.get(key(0)), embedding(0))
+
+
+def test_disk_clear_keeps_group_that_cannot_be_read_and_deletes_damaged_one(tmp_path, monkeypatch, caplog):
+    """clear() follows the rule of opening: only provable damage is deleted (issue 9)."""
+    from napari_medsam.segment import cache_disk
+
+    DiskCache(tmp_path).put(key(0, volume="locked"), embedding(0))
+    DiskCache(tmp_path).put(key(0, volume="broken"), embedding(1))
+    DiskCache(tmp_path).put(key(0, volume="fine"), embedding(2))
+    paths = {info.fields["volume_signature"]: info.path for info in DiskCache(tmp_path).groups()}
+    (paths["broken"] / "zarr.json").write_text("{not json")
+    read_bytes = Path.read_bytes
+    original_open = zarr.open_group
+
+    def locked_read(self):
+        if paths["locked"] in self.parents:
+            raise PermissionError(13, "locked by another program", str(self))
+        return read_bytes(self)
+
+    def locked_open(store=None, *args, **kwargs):
+        if Path(str(store)) == paths["locked"]:
+            raise PermissionError(13, "locked by another program", str(store))
+        return original_open(store, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", locked_read)
+    monkeypatch.setattr(cache_group.zarr, "open_group", locked_open)
+    with caplog.at_level(logging.WARNING, logger=cache_disk.__name__):
+        removed = DiskCache(tmp_path).clear()
+    assert removed == 2  # the damaged group and the sound one
+    assert paths["locked"].is_dir() and not paths["broken"].exists() and not paths["fine"].exists()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("left as it is" in m and str(paths["locked"]) in m for m in messages)
+    monkeypatch.undo()  # the lock is gone: the kept group is intact
+    np.testing.assert_array_equal(DiskCache(tmp_path).get(key(0, volume="locked")), embedding(0))

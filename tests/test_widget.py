@@ -203,3 +203,54 @@ def test_model_input_follows_the_contrast_slider(workflow, qtbot):
     image.contrast_limits = (-500, 500)
     qtbot.wait(600)
     assert len(changes) == count
+
+
+def test_modality_combo_overrides_the_guess_per_layer(workflow, qtbot):
+    """The Scan group's Modality combo: CT -> MR -> auto on the sample CT, without reading the file."""
+    from napari_medsam._napari.layers import volume_from_layer_meta
+    from napari_medsam._napari.widget import AUTO_WINDOW, MODALITY_OVERRIDE
+    from napari_medsam.windows import CT_WINDOWS
+
+    viewer, widget, controller = workflow
+    image = widget.image_layer
+    volume = volume_from_layer_meta(image.metadata)
+    assert volume.modality == "CT" and widget.modality_combo.currentText() == "auto"
+    assert widget.window_combo.currentText() in CT_WINDOWS
+    entry = image.metadata["napari_medsam"]
+    settle(qtbot, controller)
+    mappings = []
+    original = controller.set_mapping
+    controller.set_mapping = lambda mapping: (mappings.append(mapping), original(mapping))
+
+    widget.modality_combo.setCurrentText("MR")
+    widget.modality_combo.activated.emit(widget.modality_combo.currentIndex())  # as a user's pick
+    assert volume.modality == "MR" and volume.intensity_unit == "" and volume.metadata["modality_from"] == "user"
+    assert entry[MODALITY_OVERRIDE] == "MR" and volume_from_layer_meta(image.metadata) is volume
+    assert "<b>MR</b> (override)" in widget.info.text() and "HU" not in widget.info.text()
+    assert widget.window_combo.currentText() == AUTO_WINDOW
+    # The percentile window, and the model input ("current contrast limits") follows it.
+    assert tuple(image.contrast_limits) != (-160.0, 240.0)
+    assert mappings and (mappings[-1].low, mappings[-1].high) == tuple(image.contrast_limits)
+    settle(qtbot, controller)
+
+    widget.set_modality("CT")
+    assert volume.modality == "CT" and volume.intensity_unit == "HU" and entry[MODALITY_OVERRIDE] == "CT"
+    assert "<b>CT</b> (override) HU" in widget.info.text()
+    assert widget.window_combo.currentText() in CT_WINDOWS
+    settle(qtbot, controller)
+
+    # Remembered per layer: another image resets the combo, coming back shows the override.
+    other = viewer.add_image(np.zeros((3, 8, 8), np.float32), name="plain")
+    widget.image_combo.setCurrentText("plain")
+    assert widget.modality_combo.currentText() == "auto" and not widget.modality_combo.isEnabled()
+    widget.image_combo.setCurrentText(image.name)
+    assert widget.modality_combo.currentText() == "CT" and widget.modality_combo.isEnabled()
+    viewer.layers.remove(other)
+    if widget.controller is not None:  # picking the scan again started segmenting it again
+        settle(qtbot, widget.controller)
+
+    widget.set_modality(None)
+    assert widget.modality_combo.currentText() == "auto" and MODALITY_OVERRIDE not in entry
+    assert volume.modality == "CT" and volume.intensity_unit == "HU" and "modality_from" not in volume.metadata
+    assert "(override)" not in widget.info.text() and "<b>CT</b> HU" in widget.info.text()
+    assert widget.window_combo.currentText() in CT_WINDOWS

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -226,12 +227,24 @@ def _export(args: argparse.Namespace) -> int:
     chosen = {s.label: s for s in described if s.label not in names}
     chosen.update({s.label: s for s in overrides})
     segments = segments_for_labels(labels, names=names, overrides=list(chosen.values()))
-    out, sidecar = _write_labels(labels, source, args.out, segments, seg_type=args.seg_type)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out, sidecar = _write_labels(labels, source, args.out, segments, seg_type=args.seg_type)
+    written_warnings = []
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, UserWarning):  # ours (e.g. new UIDs in a DICOM-SEG)
+            written_warnings.append(_one_line(caught_warning.message))
+            print(f"napari-medsam export: warning: {written_warnings[-1]}", file=sys.stderr)
+        else:  # a library's deprecation or similar: handled as it would be without us
+            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                   caught_warning.lineno)
     summary = {
         "written": str(out),
         "format": labels_format(out),
         "shape": list(source.shape),
         "segments": [{"label": s.label, "name": s.name, "voxels": int((labels == s.label).sum())} for s in segments],
+        # What the reader filled or skipped (also on stderr above) and what writing had to invent.
+        "warnings": [_one_line(w) for w in source.metadata.get("warnings") or []] + written_warnings,
     }
     if sidecar is not None:
         summary["segments_file"] = str(sidecar)

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
     import napari
 
 AUTO_WINDOW = "auto (0.5-99.5 percentile)"
+# The Modality combo: None follows the file (DICOM Modality) or the guess from the values.
+MODALITY_CHOICES = {"auto": None, "CT": "CT", "MR": "MR"}
+# In the image layer's metadata[META_KEY]: the user's override, and what the scan said before it.
+MODALITY_OVERRIDE = "modality_override"
+MODALITY_ORIGINAL = "modality_original"
 CONTRAST_DEBOUNCE_MS = 400  # the model follows napari's contrast slider once it rests this long
 
 
@@ -65,10 +70,17 @@ class MedSamWidget(QWidget):
         self.window_combo = QComboBox()
         self.window_combo.addItems([*CT_WINDOWS.keys(), AUTO_WINDOW])
         self.window_combo.setToolTip("CT window (level/width in HU) for display; voxels keep their values")
+        self.modality_combo = QComboBox()
+        for label, value in MODALITY_CHOICES.items():
+            self.modality_combo.addItem(label, value)
+        self.modality_combo.setToolTip("auto: the file's DICOM Modality, else a guess from the values. CT or MR "
+                                       "overrides it for this image (window presets, model input); "
+                                       "the file is not read again")
 
         scan_box = QGroupBox("Scan")
         scan_form = QFormLayout(scan_box)
         scan_form.addRow("Image", self.image_combo)
+        scan_form.addRow("Modality", self.modality_combo)
         scan_form.addRow("Window", self.window_combo)
         scan_form.addRow(self.info)
 
@@ -119,6 +131,7 @@ class MedSamWidget(QWidget):
         self._contrast_timer.timeout.connect(self._on_mapping_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.window_combo.activated.connect(self._window_picked)
+        self.modality_combo.activated.connect(self._modality_picked)
         self.new_labels_button.clicked.connect(self._new_labels_clicked)
         self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
         self.export_button.clicked.connect(self._export_clicked)
@@ -209,17 +222,25 @@ class MedSamWidget(QWidget):
         if layer is None:
             self.info.setText("Open a CT or MR scan (File > Open, or File > Open Sample > napari-medsam).")
             self.window_combo.setEnabled(False)
+            self.modality_combo.setEnabled(False)
             self._sync_controller(may_start=False)
             return
         self.window_combo.setEnabled(True)
+        self.modality_combo.setEnabled(volume is not None)
+        self._show_modality_override(layer)
         self._sync_controller(may_start=may_start)
         if volume is None:
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
+        self._show_scan(volume, apply_window=False)
+
+    def _show_scan(self, volume, *, apply_window: bool) -> None:
+        """The info label and the window preset for ``volume``'s modality (applied if asked, or if not the default)."""
         spacing = " x ".join(f"{s:.3g}" for s in volume.spacing_mm)
         shape = " x ".join(str(s) for s in volume.shape)
+        by_user = " (override)" if volume.metadata.get("modality_from") == "user" else ""
         lines = [
-            f"<b>{volume.modality}</b> {volume.intensity_unit}  from {volume.source_format}",
+            f"<b>{volume.modality}</b>{by_user} {volume.intensity_unit}  from {volume.source_format}",
             f"{shape} voxels (slice x row x column)",
             f"{spacing} mm",
         ]
@@ -232,8 +253,52 @@ class MedSamWidget(QWidget):
         self.window_combo.setCurrentText((preferred if preferred in CT_WINDOWS else "soft tissue") if is_ct
                                          else AUTO_WINDOW)
         self.window_combo.blockSignals(False)
-        if is_ct and self.window_combo.currentText() != "soft tissue":
+        if apply_window or (is_ct and self.window_combo.currentText() != "soft tissue"):
             self.apply_window(self.window_combo.currentText())
+
+    # ----------------------------------------------------------------- modality
+    def _show_modality_override(self, layer) -> None:
+        entry = layer.metadata.get(META_KEY) or {}
+        index = self.modality_combo.findData(entry.get(MODALITY_OVERRIDE))
+        self.modality_combo.blockSignals(True)
+        self.modality_combo.setCurrentIndex(max(index, 0))
+        self.modality_combo.blockSignals(False)
+
+    def _modality_picked(self, _index: int | None = None) -> None:
+        self.set_modality(self.modality_combo.currentData())
+
+    def set_modality(self, modality: str | None) -> None:
+        """Override the chosen image's modality ("CT", "MR"; None: back to the file's or the guess).
+
+        Changes the Volume in the layer's metadata as ``load_volume(modality=...)`` would (CT means
+        values in HU), remembers the choice in the layer's metadata, shows it, and picks the
+        window for it (a CT preset, or the percentile window otherwise); the model's input follows
+        the window when it is "current contrast limits". The file is not read again.
+        """
+        layer, volume = self.image_layer, self.volume
+        if layer is None or volume is None:
+            return
+        entry = layer.metadata.setdefault(META_KEY, {})
+        original = entry.setdefault(MODALITY_ORIGINAL, {
+            "modality": volume.modality, "intensity_unit": volume.intensity_unit,
+            "modality_from": volume.metadata.get("modality_from"),
+        })
+        if modality is None:
+            volume.modality, volume.intensity_unit = original["modality"], original["intensity_unit"]
+            if original["modality_from"] is None:
+                volume.metadata.pop("modality_from", None)
+            else:
+                volume.metadata["modality_from"] = original["modality_from"]
+            entry.pop(MODALITY_OVERRIDE, None)
+        else:
+            modality = modality.upper()
+            if modality != volume.modality:
+                volume.intensity_unit = "HU" if modality == "CT" else ""
+            volume.modality = modality
+            volume.metadata["modality_from"] = "user"
+            entry[MODALITY_OVERRIDE] = modality
+        self._show_modality_override(layer)
+        self._show_scan(volume, apply_window=True)
 
     # ----------------------------------------------------------------- segmentation
     def _on_model_changed(self, model) -> None:
@@ -429,7 +494,7 @@ class MedSamWidget(QWidget):
     def export_labels(self, path: str | Path):
         """Save the selected label layer in a background thread; return the napari worker."""
         from .workers import start_worker
-        from .writer import _segments, source_volume_for
+        from .writer import _segments, save_labels_noting_warnings, source_volume_for
 
         layer = self.labels_layer
         if layer is None:
@@ -441,27 +506,28 @@ class MedSamWidget(QWidget):
         if volume_from_layer_meta(layer.metadata) is None and self.volume is not None:
             attributes["metadata"] = {**layer.metadata, META_KEY: {"volume": self.volume}}
 
-        def save() -> Path:
-            from ..io import save_labels_named
-
+        def save() -> tuple[Path, list[str]]:
             like = source_volume_for(labels, attributes)
-            return save_labels_named(labels, like, path, _segments(labels, attributes))[0]
+            return save_labels_noting_warnings(labels, like, path, _segments(labels, attributes))
 
         self.status.setText(f"Saving {Path(path).name}...")
         self.export_button.setEnabled(False)
-        worker = start_worker(save, on_done=self._saved,
+        worker = start_worker(save, on_done=lambda result: self._saved(*result),
                               on_error=lambda exc: self._notify(f"Export failed: {exc}. Nothing was written; "
                                                                 "your labels are unchanged in napari."),
                               on_finished=lambda: self.export_button.setEnabled(True))
         self._worker = worker
         return worker
 
-    def _saved(self, path: Path) -> None:
-        self.last_saved = Path(path)
-        self.status.setText(f"Saved {Path(path).name}")
+    def _saved(self, path: Path, warnings: list[str] = ()) -> None:
         from napari.utils.notifications import show_info
 
+        from .writer import notify_warnings
+
+        self.last_saved = Path(path)
+        self.status.setText(f"Saved {Path(path).name}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
         show_info(f"Saved {path}")
+        notify_warnings(list(warnings))  # e.g. new UIDs a DICOM-SEG had to be given
 
     def _notify(self, message: str) -> None:
         from napari.utils.notifications import show_warning

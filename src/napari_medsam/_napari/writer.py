@@ -11,18 +11,52 @@ from ..errors import LabelsWriteError, MedSamError
 
 
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
-    """Write one Labels layer on the grid of the image it was drawn on."""
-    from ..io import save_labels_named
+    """Write one Labels layer on the grid of the image it was drawn on.
 
+    What writing had to make up (e.g. new UIDs for a DICOM-SEG whose source has none) is shown
+    as a napari warning notification.
+    """
     labels = np.asarray(data)
     try:
         like = source_volume_for(labels, attributes)
         segments = _segments(labels, attributes)
-        written, _ = save_labels_named(labels, like, path, segments)  # names beside NIfTI/NRRD/MHA
+        written, messages = save_labels_noting_warnings(labels, like, path, segments)
     except MedSamError as exc:
         _notify_error(str(exc))
         raise
+    notify_warnings(messages)
     return [str(written)]
+
+
+def save_labels_noting_warnings(labels: np.ndarray, like, path, segments) -> tuple[Path, list[str]]:
+    """``save_labels_named`` (names beside NIfTI/NRRD/MHA); also returns the UserWarnings it raised, one line each."""
+    import warnings
+
+    from ..io import save_labels_named
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        written, _ = save_labels_named(labels, like, path, segments)
+    messages = []
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, UserWarning):
+            messages.append(" ".join(str(caught_warning.message).split()))
+        else:  # a library's deprecation or similar: handled as it would be without us
+            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                   caught_warning.lineno)
+    return Path(written), messages
+
+
+def notify_warnings(messages: list[str]) -> None:
+    """One napari warning notification per message (nothing without napari)."""
+    if not messages:
+        return
+    try:
+        from napari.utils.notifications import show_warning
+    except Exception:  # noqa: BLE001
+        return
+    for message in messages:
+        show_warning(message)
 
 
 def source_volume_for(labels: np.ndarray, attributes: dict):

@@ -157,7 +157,10 @@ class DiskCache:
     ) -> int:
         """Delete the groups matching every given field (all groups if none given); returns the count.
 
-        Unreadable groups are deleted too, whatever the fields: they can never be used.
+        Groups whose metadata are provably damaged (the files can be read but are not a group)
+        are deleted too, whatever the fields: they can never be used. A group that cannot be
+        read because of an operating-system error (a locked file, a permission, an I/O error)
+        is kept, as opening it would keep it, with a log warning; it is not counted.
         """
         wanted = dict(
             volume_signature=volume_signature,
@@ -168,9 +171,16 @@ class DiskCache:
         removed = 0
         with self._lock:
             for info in self.groups():
-                if info.fields is None or fields_match(info.fields, **wanted):
-                    self._remove_dir(info.path)
-                    removed += 1
+                if info.fields is None:
+                    reason = _unreadable_because(info.path)
+                    if reason is not None:
+                        log.warning("embedding cache group %s cannot be read (%s); it is left as it is, "
+                                    "not cleared", info.path, reason)
+                        continue
+                elif not fields_match(info.fields, **wanted):
+                    continue
+                self._remove_dir(info.path)
+                removed += 1
             self._sweep_leftovers()
         return removed
 
@@ -285,7 +295,18 @@ class DiskCache:
                 pass
 
 
-def _access_problem(path: Path, exc: BaseException) -> str | None:
+def _unreadable_because(path: Path) -> str | None:
+    """For a group whose key fields could not be read: why, if that is not provably damage, else None."""
+    import zarr
+
+    try:
+        zarr.open_group(path, mode="r").attrs.asdict()
+    except Exception as exc:  # noqa: BLE001 - sorted into damage or not below
+        return _access_problem(path, exc)
+    return _access_problem(path, None)  # readable metadata that are not a group of ours: damage
+
+
+def _access_problem(path: Path, exc: BaseException | None) -> str | None:
     """Why a group could not be opened if that is not provably damage, else None.
 
     Damage is only assumed when the group's folder can be listed and every metadata file in it
