@@ -7,10 +7,10 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from . import __version__
+from .cli_progress import Progress as _Progress
 from .errors import MedSamError
 
 
@@ -206,7 +206,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .io import labels_format, load_volume, read_labels_and_segments, require_dicom_source
+    from .io import labels_format, load_volume, read_labels_and_segments, require_dicom_source, save_labels_named
     from .io.segments import Segment, segments_for_labels, segments_from_json
 
     labels_format(args.out)  # refuse a bad output name before reading anything
@@ -227,17 +227,10 @@ def _export(args: argparse.Namespace) -> int:
     chosen = {s.label: s for s in described if s.label not in names}
     chosen.update({s.label: s for s in overrides})
     segments = segments_for_labels(labels, names=names, overrides=list(chosen.values()))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        out, sidecar = _write_labels(labels, source, args.out, segments, seg_type=args.seg_type)
-    written_warnings = []
-    for caught_warning in caught:
-        if issubclass(caught_warning.category, UserWarning):  # ours (e.g. new UIDs in a DICOM-SEG)
-            written_warnings.append(_one_line(caught_warning.message))
-            print(f"napari-medsam export: warning: {written_warnings[-1]}", file=sys.stderr)
-        else:  # a library's deprecation or similar: handled as it would be without us
-            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
-                                   caught_warning.lineno)
+    out, sidecar, written_warnings = save_labels_named(labels, source, args.out, segments,
+                                                       segmentation_type=args.seg_type)
+    for message in written_warnings:
+        print(f"napari-medsam export: warning: {message}", file=sys.stderr)
     summary = {
         "written": str(out),
         "format": labels_format(out),
@@ -252,19 +245,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_labels(labels, like, path: str, segments: list, *, seg_type: str = "binary") -> tuple[Path, Path | None]:
-    """Write labels (DICOM-SEG with its segments; other formats with a NAME.segments.json sidecar)."""
-    from .io import labels_format, save_labels_named
-
-    if labels_format(path) == "dicom-seg":
-        from .io.dicom_seg import write_dicom_seg
-
-        return write_dicom_seg(labels, like, path, segments=segments, segmentation_type=seg_type), None
-    return save_labels_named(labels, like, path, segments)
-
-
 def _segment(args: argparse.Namespace) -> int:
-    from .io import labels_format, load_volume, require_dicom_source
+    from .io import labels_format, load_volume, require_dicom_source, save_labels_named
     from .io.atomic import check_writable_target
     from .io.segments import segments_for_labels, segments_sidecar_path
     from .models.weights import resolve_weights
@@ -307,12 +289,15 @@ def _segment(args: argparse.Namespace) -> int:
             z_range=z_range, cache=cache, progress=bar,
         )
     finally:
-        bar.close()
-        cache.flush()  # the last embeddings reach the disk before the process ends
+        bar.close()  # segment_volume has flushed the cache: the last embeddings are on disk
     names = {o.label: o.name for o in objects}
     say.line(f"writing {args.out}")
-    out, sidecar = _write_labels(labels, volume, args.out, segments_for_labels(labels, names=names))
+    out, sidecar, written_warnings = save_labels_named(labels, volume, args.out,
+                                                       segments_for_labels(labels, names=names))
+    for message in written_warnings:
+        print(f"napari-medsam segment: warning: {message}", file=sys.stderr)
     warnings = [f"{s.name} (label {s.label}): the model found nothing" for s in summaries if not s.voxels]
+    warnings += written_warnings
     summary = {
         "written": str(out), "model": args.model, "device": str(model.device), "window": mapping.name,
         "propagate": args.propagate, "seconds": round(time.perf_counter() - started, 3),
@@ -342,131 +327,6 @@ def _mapping(window: str | None, volume):
         return ct_window(window)
     except ValueError as exc:
         raise MedSamError(str(exc)) from None
-
-
-class _Progress:
-    """Progress of one command on stderr: tqdm bars on a terminal, plain lines otherwise.
-
-    When stderr is not a terminal (a log file, a pipe, CI) a bar would either vanish (tqdm's
-    choice) or fill the log with carriage returns, so each step becomes one plain line instead,
-    rate-limited: a line when a phase starts, at every tenth of it, when it ends, and whenever
-    ``interval_s`` have passed since the previous line. ``quiet`` silences all of it (errors are
-    printed by ``main``, not here).
-    """
-
-    STEPS = 10
-
-    def __init__(self, prefix: str, *, quiet: bool = False, stream=None, tty: bool | None = None,
-                 interval_s: float = 5.0, clock=time.monotonic) -> None:
-        self.prefix = prefix
-        self.quiet = quiet
-        self.stream = stream if stream is not None else sys.stderr
-        if tty is None:
-            isatty = getattr(self.stream, "isatty", None)
-            tty = bool(isatty and isatty())
-        self.tty = tty
-        self.interval_s = interval_s
-        self.clock = clock
-
-    def line(self, text: str) -> None:
-        """One plain line (a stage of the command), unless quiet."""
-        if not self.quiet:
-            print(f"{self.prefix}: {text}", file=self.stream, flush=True)
-
-    def slices(self) -> "_SliceProgress":
-        """A ``progress(done, total, message)`` callback for the segmentation engine."""
-        return _SliceProgress(self)
-
-    def bytes(self, what: str):
-        """A ``progress(done_bytes, total_bytes)`` callback for weight downloads."""
-        if self.tty and not self.quiet:
-            from .models.weights import tqdm_progress
-
-            return tqdm_progress(what)
-        return _ByteLines(self, what)
-
-
-class _Steps:
-    """Decides which progress updates deserve a plain line (see :class:`_Progress`)."""
-
-    def __init__(self, progress: _Progress, *, counts_steps: bool) -> None:
-        self.progress = progress
-        # Counted steps (slices) never repeat a count within a phase, so a repeat means the next
-        # object started; byte counts may repeat (a download waiting for another process).
-        self.counts_steps = counts_steps
-        self.last_done: float | None = None
-        self.last_bucket = -1
-        self.last_time = 0.0
-        self.ended = False
-
-    def due(self, done: float, total: float | None) -> bool:
-        now = self.progress.clock()
-        new_phase = (self.last_done is None or done < self.last_done
-                     or (self.counts_steps and done == self.last_done))  # a count that starts again
-        if new_phase:
-            self.last_bucket, self.ended = -1, False
-        self.last_done = done
-        # The tenth of the work reached; a total that grows (propagation's estimate) never
-        # brings back a tenth already shown.
-        bucket = int(self.progress.STEPS * done / total) if total else -1
-        end = bool(total) and done >= total
-        show = (new_phase or bucket > self.last_bucket or (end and not self.ended)
-                or now - self.last_time >= self.progress.interval_s)
-        self.last_bucket = max(self.last_bucket, bucket)
-        if show:
-            self.last_time = now
-            self.ended = self.ended or end
-        return show
-
-
-class _SliceProgress:
-    """The engine's progress(done, total, message) as a tqdm bar or rate-limited lines."""
-
-    def __init__(self, progress: _Progress) -> None:
-        self.progress = progress
-        self.steps = _Steps(progress, counts_steps=True)
-        self.bar = None
-        if progress.tty and not progress.quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, unit="slice", file=progress.stream, leave=False)
-
-    def __call__(self, done: int, total: int, message: str = "") -> None:
-        if self.progress.quiet:
-            return
-        if self.bar is not None:
-            if total and self.bar.total != total:
-                self.bar.total = total
-            self.bar.n = done
-            self.bar.set_description(message[:40], refresh=False)
-            self.bar.refresh()
-        elif self.steps.due(done, total):
-            self.progress.line(f"{done}/{total} slices" + (f" - {message}" if message else ""))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class _ByteLines:
-    """A download's progress(done_bytes, total_bytes) as rate-limited plain lines (or nothing)."""
-
-    def __init__(self, progress: _Progress, what: str) -> None:
-        self.progress = progress
-        self.what = what
-        self.steps = _Steps(progress, counts_steps=False)
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if self.progress.quiet or not self.steps.due(done, total):
-            return
-        if total:
-            self.progress.line(f"{self.what}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({100 * done // total}%)")
-        else:
-            self.progress.line(f"{self.what}: {done / 1e6:.1f} MB")
-
-    def close(self) -> None:
-        pass
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The planes cut across display axis 0, 1 and 2 of a Volume (slices run feet to head).
+AXIS_NAMES = ("axial", "coronal", "sagittal")
 
 
 @dataclass(frozen=True)

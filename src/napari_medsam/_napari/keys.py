@@ -5,7 +5,7 @@ Light on purpose (no torch, no napari): the dock widget imports it at napari's s
 
 from __future__ import annotations
 
-AXIS_NAMES = ("axial", "coronal", "sagittal")
+from ..volume import AXIS_NAMES  # noqa: F401  (re-exported for the panels)
 
 # key -> (controller method, description). Bound on the scan's own layers (image, labels,
 # prompts), on the viewer and on every other layer that has no editing keys of its own (see

@@ -291,12 +291,10 @@ class MedSamWidget(QWidget):
                 volume.metadata["modality_from"] = original["modality_from"]
             entry.pop(MODALITY_OVERRIDE, None)
         else:
-            modality = modality.upper()
-            if modality != volume.modality:
-                volume.intensity_unit = "HU" if modality == "CT" else ""
-            volume.modality = modality
-            volume.metadata["modality_from"] = "user"
-            entry[MODALITY_OVERRIDE] = modality
+            from ..io import override_modality
+
+            override_modality(volume, modality)
+            entry[MODALITY_OVERRIDE] = volume.modality
         self._show_modality_override(layer)
         self._show_scan(volume, apply_window=True)
 
@@ -494,7 +492,7 @@ class MedSamWidget(QWidget):
     def export_labels(self, path: str | Path):
         """Save the selected label layer in a background thread; return the napari worker."""
         from .workers import start_worker
-        from .writer import _segments, save_labels_noting_warnings, source_volume_for
+        from .writer import _segments, source_volume_for
 
         layer = self.labels_layer
         if layer is None:
@@ -507,8 +505,11 @@ class MedSamWidget(QWidget):
             attributes["metadata"] = {**layer.metadata, META_KEY: {"volume": self.volume}}
 
         def save() -> tuple[Path, list[str]]:
+            from ..io import save_labels_named
+
             like = source_volume_for(labels, attributes)
-            return save_labels_noting_warnings(labels, like, path, _segments(labels, attributes))
+            written, _, messages = save_labels_named(labels, like, path, _segments(labels, attributes))
+            return written, messages
 
         self.status.setText(f"Saving {Path(path).name}...")
         self.export_button.setEnabled(False)

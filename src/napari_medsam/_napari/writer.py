@@ -20,31 +20,14 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     try:
         like = source_volume_for(labels, attributes)
         segments = _segments(labels, attributes)
-        written, messages = save_labels_noting_warnings(labels, like, path, segments)
+        from ..io import save_labels_named
+
+        written, _, messages = save_labels_named(labels, like, path, segments)
     except MedSamError as exc:
         _notify_error(str(exc))
         raise
     notify_warnings(messages)
     return [str(written)]
-
-
-def save_labels_noting_warnings(labels: np.ndarray, like, path, segments) -> tuple[Path, list[str]]:
-    """``save_labels_named`` (names beside NIfTI/NRRD/MHA); also returns the UserWarnings it raised, one line each."""
-    import warnings
-
-    from ..io import save_labels_named
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        written, _ = save_labels_named(labels, like, path, segments)
-    messages = []
-    for caught_warning in caught:
-        if issubclass(caught_warning.category, UserWarning):
-            messages.append(" ".join(str(caught_warning.message).split()))
-        else:  # a library's deprecation or similar: handled as it would be without us
-            warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
-                                   caught_warning.lineno)
-    return Path(written), messages
 
 
 def notify_warnings(messages: list[str]) -> None:

@@ -80,16 +80,27 @@ def load_volume(
     ``modality`` ("CT", "MR" or "OT") overrides what the file says or what was guessed from the
     values (NIfTI, NRRD and MHA record no modality); CT then means values in HU.
     """
-    if modality is not None and modality.upper() not in MODALITIES:
-        raise VolumeReadError(f"Unknown modality {modality!r}; use one of {', '.join(MODALITIES)}.")
+    if modality is not None:
+        _check_modality(modality)  # before minutes of reading
     volume = _load_volume(Path(path).expanduser(), series_uid, volume_index)
     if modality is not None:
-        modality = modality.upper()
-        if modality != volume.modality:
-            volume.intensity_unit = "HU" if modality == "CT" else ""
-        volume.modality = modality
-        volume.metadata["modality_from"] = "user"
+        override_modality(volume, modality)
     return volume
+
+
+def _check_modality(modality: str) -> str:
+    if modality.upper() not in MODALITIES:
+        raise VolumeReadError(f"Unknown modality {modality!r}; use one of {', '.join(MODALITIES)}.")
+    return modality.upper()
+
+
+def override_modality(volume: "Volume", modality: str) -> None:
+    """Make ``volume`` a scan of ``modality`` ("CT", "MR", "OT") whatever the file said; CT means HU."""
+    modality = _check_modality(modality)
+    if modality != volume.modality:
+        volume.intensity_unit = "HU" if modality == "CT" else ""
+    volume.modality = modality
+    volume.metadata["modality_from"] = "user"
 
 
 def _load_volume(path: Path, series_uid: str | None, volume_index: int | None) -> "Volume":
@@ -149,8 +160,12 @@ def require_dicom_source(like: "Volume", path: str | Path) -> None:
         )
 
 
-def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segments=None) -> Path:
-    """Write ``labels`` (display order, ``like.shape``) next to the scan ``like`` was read from."""
+def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segments=None,
+                segmentation_type: str = "binary") -> Path:
+    """Write ``labels`` (display order, ``like.shape``) next to the scan ``like`` was read from.
+
+    ``segmentation_type`` is the DICOM-SEG encoding ("binary" or "labelmap"); other formats ignore it.
+    """
     fmt = labels_format(path)
     if fmt == "nifti":
         from .nifti import write_nifti_labels
@@ -160,28 +175,44 @@ def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segment
         require_dicom_source(like, path)
         from .dicom_seg import write_dicom_seg
 
-        return write_dicom_seg(labels, like, path, segments=segments)
+        return write_dicom_seg(labels, like, path, segments=segments, segmentation_type=segmentation_type)
     from .itk import write_itk_labels
 
     return write_itk_labels(labels, like, path)
 
 
-def save_labels_named(labels: np.ndarray, like: "Volume", path: str | Path, segments: list) -> tuple[Path, Path | None]:
+def save_labels_named(labels: np.ndarray, like: "Volume", path: str | Path, segments: list, *,
+                      segmentation_type: str = "binary") -> tuple[Path, Path | None, list[str]]:
     """:func:`save_labels`, keeping the segments' names: in the DICOM-SEG, or for NIfTI/NRRD/MHA
     (which hold numbers only) in the ``NAME.segments.json`` sidecar beside the file, where the
-    readers look for them. Returns (labels path, sidecar path or None)."""
+    readers look for them. Returns (labels path, sidecar path or None, what writing had to make
+    up: the UserWarnings it raised, e.g. new UIDs for a DICOM-SEG whose source has none, one line
+    each, for the caller to show)."""
+    import warnings
+
     from .atomic import check_writable_target
     from .segments import save_segments_sidecar, segments_sidecar_path
 
-    if labels_format(path) == "dicom-seg" or not segments:
-        return save_labels(labels, like, path, segments=segments), None
-    check_writable_target(segments_sidecar_path(path))
-    out = save_labels(labels, like, path, segments=segments)
-    try:
-        return out, save_segments_sidecar(segments, out)
-    except MedSamError:
-        out.unlink(missing_ok=True)  # no labels without their names
-        raise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        sidecar = None
+        if labels_format(path) == "dicom-seg" or not segments:
+            out = save_labels(labels, like, path, segments=segments, segmentation_type=segmentation_type)
+        else:
+            check_writable_target(segments_sidecar_path(path))
+            out = save_labels(labels, like, path, segments=segments)
+            try:
+                sidecar = save_segments_sidecar(segments, out)
+            except MedSamError:
+                out.unlink(missing_ok=True)  # no labels without their names
+                raise
+    messages = []
+    for item in caught:
+        if issubclass(item.category, UserWarning):
+            messages.append(" ".join(str(item.message).split()))
+        else:  # a library's deprecation or similar: passed on as it would be without us
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    return Path(out), sidecar, messages
 
 
 def read_labels(path: str | Path, like: "Volume") -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MedSamError
-from ..volume import Volume
+from ..volume import AXIS_NAMES, Volume
 from .cache import EmbeddingCache
 from .intensity import IntensityMapping
 from .model import SamModel
@@ -47,9 +47,6 @@ class ObjectSummary:
             "voxels": self.voxels, "volume_ml": round(self.volume_ml, 3),
             "stop_reasons": self.stop_reasons, "seconds": round(self.seconds, 3),
         }
-
-
-AXIS_NAMES = ("axial", "coronal", "sagittal")
 
 
 def check_z_range(z_range: tuple[int | None, int | None], shape: tuple[int, ...],

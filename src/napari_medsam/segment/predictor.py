@@ -140,9 +140,11 @@ class SlicePredictor:
         """Use another intensity mapping; embeddings made with the old one stay cached under it."""
         self.mapping = mapping
 
-    def key(self, index: int) -> EmbeddingKey:
-        """The cache key of slice ``index`` under the current model and mapping."""
-        return EmbeddingKey(self.volume_signature, self.model.signature, self.mapping.signature, self.axis,
+    def key(self, index: int, model: SamModel | None = None, mapping: IntensityMapping | None = None) -> EmbeddingKey:
+        """The cache key of slice ``index`` under ``model`` and ``mapping`` (default: the current ones)."""
+        model = self.model if model is None else model
+        mapping = self.mapping if mapping is None else mapping
+        return EmbeddingKey(self.volume_signature, model.signature, mapping.signature, self.axis,
                             self._check_index(index))
 
     def is_embedded(self, index: int) -> bool:
@@ -154,26 +156,23 @@ class SlicePredictor:
         """The raw 2D slice (a view of the volume's voxels)."""
         return np.take(self.array, self._check_index(index), axis=self.axis)
 
-    def model_image(self, index: int, mapping: IntensityMapping | None = None, axis: int | None = None) -> np.ndarray:
+    def model_image(self, index: int, mapping: IntensityMapping | None = None) -> np.ndarray:
         """The (H', W', 3) uint8 image the model sees: mapped intensities, square pixels.
 
-        ``mapping`` and ``axis`` default to the predictor's current ones; :meth:`embed` passes the
-        values it built its cache key from, so a mapping changed meanwhile cannot leak in.
+        ``mapping`` defaults to the current one; :meth:`embed` passes the one it built its cache
+        key from, so a mapping changed meanwhile cannot leak in.
         """
-        mapping = self.mapping if mapping is None else mapping
-        axis = self.axis if axis is None else axis
-        rgb = mapping.to_rgb(np.take(self.array, self._check_index(index, axis), axis=axis))
-        size = self._model_image_size(axis)
+        rgb = (self.mapping if mapping is None else mapping).to_rgb(self.slice_image(index))
+        size = self._model_image_size()
         if size != rgb.shape[:2]:
             import cv2
 
             rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         return rgb
 
-    def _model_image_size(self, axis: int | None = None) -> tuple[int, int]:
-        axis = self.axis if axis is None else axis
-        rows, cols = (s for a, s in enumerate(self.array.shape) if a != axis)
-        spacing = [s for a, s in enumerate(self.spacing_mm) if a != axis]
+    def _model_image_size(self) -> tuple[int, int]:
+        rows, cols = self.slice_shape
+        spacing = [s for a, s in enumerate(self.spacing_mm) if a != self.axis]
         aspect = spacing[0] / spacing[1]
         if abs(aspect - 1.0) <= ASPECT_TOLERANCE:
             return rows, cols
@@ -183,13 +182,11 @@ class SlicePredictor:
     # ------------------------------------------------------------------ model calls
     def embed(self, index: int) -> np.ndarray:
         """The (1, 256, 64, 64) embedding of slice ``index``, from the cache or the encoder."""
-        # Read every attribute the key depends on exactly once; the computation below uses these
-        # same values, so the stored embedding always belongs to the key it is stored under even
-        # when another thread swaps the mapping (or the model) in the meantime.
-        model, mapping, axis = self.model, self.mapping, self.axis
-        index = self._check_index(index, axis)
-        key = EmbeddingKey(self.volume_signature, model.signature, mapping.signature, axis, index)
-        return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(index, mapping, axis)))
+        # Read the model and mapping once: the key and the computation use these same values, so
+        # the stored embedding belongs to its key even when another thread swaps either meanwhile.
+        model, mapping = self.model, self.mapping
+        key = self.key(index, model, mapping)
+        return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(key.index, mapping)))
 
     def predict(self, index: int, prompts: Prompts, multimask: bool = False, *, exact: bool = False,
                 keep_logits: bool = False) -> SliceMasks:
@@ -219,11 +216,10 @@ class SlicePredictor:
                           logits=decoded.logits)
 
     # ------------------------------------------------------------------ checks
-    def _check_index(self, index: int, axis: int | None = None) -> int:
-        axis = self.axis if axis is None else axis
-        value, n = int(index), int(self.array.shape[axis])
-        if not 0 <= value < n:
-            raise IndexError(f"slice {index} is outside 0..{n - 1} along axis {axis}")
+    def _check_index(self, index: int) -> int:
+        value = int(index)
+        if not 0 <= value < self.n_slices:
+            raise IndexError(f"slice {index} is outside 0..{self.n_slices - 1} along axis {self.axis}")
         return value
 
     def _check_prompts(self, prompts: Prompts) -> None:
