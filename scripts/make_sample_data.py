@@ -28,7 +28,7 @@ except ImportError:  # running from a source checkout that is not installed
 from pydicom.uid import JPEG2000Lossless
 
 from napari_medsam.errors import MedSamError
-from napari_medsam.io.dicom_write import write_dicom_series
+from napari_medsam.io.dicom.write import write_dicom_series
 from napari_medsam.io.nifti import write_nifti_labels, write_nifti_volume
 from napari_medsam.io.segments import default_segment, save_segments_sidecar
 from napari_medsam.phantoms import make_ct_phantom, make_mr_phantom

@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from napari_medsam.io.dicom_write import write_dicom_series
+from napari_medsam.io.dicom.write import write_dicom_series
 from napari_medsam.volume import Volume
 
 # Acquisition frames as Volume.direction columns (slice, row, column axis in LPS).

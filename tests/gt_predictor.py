@@ -255,7 +255,7 @@ def main() -> None:
     """Print the tables of docs/propagation.md."""
     import sys
 
-    from napari_medsam.segment.stop_rules import StopRule
+    from napari_medsam.segment.propagation.stop_rules import StopRule
 
     small = dict(shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6))
     large = dict(shape=(56, 168, 168), spacing=(2.8, 2.1, 2.1))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import zarr
 
-from napari_medsam.segment import cache_group, cache_keys
+from napari_medsam.segment.cache import group as cache_group, keys as cache_keys
 from napari_medsam.segment.cache import (
     ENV_VAR,
     DiskCache,
@@ -555,7 +555,7 @@ def test_failed_compute_raises_and_is_not_cached():
     OSError(16, "Device or resource busy"),
 ])
 def test_disk_group_that_cannot_be_opened_is_kept_and_skipped(tmp_path, monkeypatch, caplog, error):
-    from napari_medsam.segment import cache_disk
+    from napari_medsam.segment.cache import disk as cache_disk
 
     DiskCache(tmp_path).put(key(0), embedding(0))
     DiskCache(tmp_path).put(key(1), embedding(1))
@@ -583,7 +583,7 @@ def test_disk_group_that_cannot_be_opened_is_kept_and_skipped(tmp_path, monkeypa
 
 def test_disk_group_whose_metadata_file_cannot_be_read_is_kept(tmp_path, monkeypatch):
     """zarr may report an unreadable file as bad metadata: the file itself is then checked."""
-    from napari_medsam.segment import cache_disk
+    from napari_medsam.segment.cache import disk as cache_disk
 
     DiskCache(tmp_path).put(key(0), embedding(0))
     group = DiskCache(tmp_path).groups()[0].path
@@ -636,7 +636,7 @@ def test_disk_slice_that_cannot_be_read_stays_marked(tmp_path, monkeypatch):
 
 def test_disk_clear_keeps_group_that_cannot_be_read_and_deletes_damaged_one(tmp_path, monkeypatch, caplog):
     """clear() follows the rule of opening: only provable damage is deleted (issue 9)."""
-    from napari_medsam.segment import cache_disk
+    from napari_medsam.segment.cache import disk as cache_disk
 
     DiskCache(tmp_path).put(key(0, volume="locked"), embedding(0))
     DiskCache(tmp_path).put(key(0, volume="broken"), embedding(1))

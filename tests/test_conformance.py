@@ -88,7 +88,7 @@ EXPECTED_VOLUMES: dict[str, int | None] = {
 # Defects found by this module and not fixed here: test id -> reason (strict xfail of the SEG test).
 SEG_DEFECTS: dict[str, str] = {
     name: (
-        "DICOM-SEG export of an RT Dose grid fails: the SEG writer (io/dicom_seg.py) asks for "
+        "DICOM-SEG export of an RT Dose grid fails: the SEG writer (io/dicom/seg_write.py) asks for "
         "per-frame plane positions, which an RT Dose defines by GridFrameOffsetVector; the reader "
         "opens the grid, so export must work too (issue 9)."
     )

@@ -21,7 +21,7 @@ from dicom_factory import (
     write_sr,
 )
 from napari_medsam.errors import DicomSeriesError, MedSamError, NotAVolumeError
-from napari_medsam.io.dicom_series import read_dicom_series
+from napari_medsam.io.dicom.series import read_dicom_series
 
 
 @pytest.fixture(scope="module")

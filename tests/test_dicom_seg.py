@@ -1,4 +1,4 @@
-"""DICOM-SEG export/import and segment descriptions (napari_medsam.io.dicom_seg / .segments)."""
+"""DICOM-SEG export/import and segment descriptions (napari_medsam.io.dicom / .segments)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from dicom_factory import AXIAL, CORONAL, SAGITTAL, make_volume, oblique, phantom, write_enhanced_ct, write_series
 
 from napari_medsam.errors import LabelsMismatchError, LabelsWriteError, VolumeReadError
-from napari_medsam.io.dicom_seg import load_dicom_seg_volume, read_dicom_seg, write_dicom_seg
-from napari_medsam.io.dicom_series import read_dicom_series
+from napari_medsam.io.dicom import load_dicom_seg_volume, read_dicom_seg, write_dicom_seg
+from napari_medsam.io.dicom.series import read_dicom_series
 from napari_medsam.io.segments import (
     ABNORMAL_STRUCTURE,
     ANATOMICAL_STRUCTURE,

@@ -21,8 +21,8 @@ from dicom_factory import edit, make_volume, move_shared_groups_per_frame, phant
 from dicom_validation import DCIODVFY, dciodvfy_report
 
 from napari_medsam.errors import LabelsWriteError
-from napari_medsam.io.dicom_seg import dataset_planes, fit_plane, read_dicom_seg, source_uid, write_dicom_seg
-from napari_medsam.io.dicom_series import read_dicom_series
+from napari_medsam.io.dicom import dataset_planes, fit_plane, read_dicom_seg, source_uid, write_dicom_seg
+from napari_medsam.io.dicom.series import read_dicom_series
 from napari_medsam.io.segments import default_segment
 from napari_medsam.volume import Volume
 

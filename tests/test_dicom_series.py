@@ -27,8 +27,8 @@ from dicom_factory import (
     write_sr,
 )
 from napari_medsam.errors import DicomSeriesError
-from napari_medsam.io.dicom_scan import scan_dicom
-from napari_medsam.io.dicom_series import read_dicom_series, stack_plane
+from napari_medsam.io.dicom.scan import scan_dicom
+from napari_medsam.io.dicom.series import read_dicom_series, stack_plane
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 from dicom_factory import make_volume, oblique, phantom
 from napari_medsam.errors import DicomWriteError
-from napari_medsam.io.dicom_series import read_dicom_series
-from napari_medsam.io.dicom_write import write_dicom_series
+from napari_medsam.io.dicom.series import read_dicom_series
+from napari_medsam.io.dicom.write import write_dicom_series
 
 from dicom_validation import DCIODVFY, dciodvfy_report
 

@@ -15,7 +15,7 @@ from dicom_factory import edit, make_volume, phantom, write_series
 
 from napari_medsam.cli import main
 from napari_medsam.io import save_labels
-from napari_medsam.io.dicom_series import read_dicom_series
+from napari_medsam.io.dicom.series import read_dicom_series
 
 SHAPE = (4, 20, 24)
 

@@ -16,7 +16,7 @@ from napari_medsam.segment.predictor import Prompts, SliceMasks
 from napari_medsam.segment.prompting import (PromptSettings, interior_points, interpolate_boxes, mask_box,
                                              parse_prompt_mode, prompts_from_mask, ring_points)
 from napari_medsam.segment.propagation import (propagate, propagate_objects, repropagate, segment_boxes)
-from napari_medsam.segment.stop_rules import FrontCounters, StopRule, judge
+from napari_medsam.segment.propagation.stop_rules import FrontCounters, StopRule, judge
 
 SHAPE, SPACING = (40, 96, 96), (4.0, 3.6, 3.6)
 ORGANS = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney"}

@@ -16,16 +16,24 @@ from scipy import ndimage
 
 from .volume import AxisMapping, Volume
 
+# Labels 1-5 and 7 keep their numbers from the first phantom. Number 6 ("vertebrae", all of the
+# spine as one label) is retired: each vertebra now has its own label (11-15, top to bottom),
+# so a propagation can run from one vertebra into the next.
 CT_LABELS: dict[int, str] = {
-    1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta", 6: "vertebrae", 7: "lungs",
+    1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta", 7: "lungs",
+    8: "gallbladder", 9: "pancreas", 10: "right common iliac artery", 11: "left common iliac artery",
+    12: "vertebra T12", 13: "vertebra L1", 14: "vertebra L2", 15: "vertebra L3", 16: "vertebra L4",
 }
+# Vertebral levels from the top of the default field of view down, with their labels; level k
+# has its body centred at z = z0 - k * period (see make_ct_phantom).
+CT_VERTEBRAE: tuple[tuple[str, int], ...] = (("T12", 12), ("L1", 13), ("L2", 14), ("L3", 15), ("L4", 16))
 MR_LABELS: dict[int, str] = {1: "white matter", 2: "grey matter", 3: "ventricles", 4: "lesion"}
 
 # Nominal Hounsfield units of the clean CT map (before partial-volume blur and noise).
 CT_HU: dict[str, float] = {
     "air": -1000, "skin": 20, "fat": -100, "mesenteric fat": -90, "muscle": 50, "lung": -850,
     "liver": 60, "spleen": 50, "kidney medulla": 35, "kidney cortex": 150, "renal sinus fat": -60,
-    "aorta": 250, "ivc": 120, "heart": 90, "gallbladder": 8, "stomach wall": 45, "stomach fluid": 15,
+    "aorta": 250, "ivc": 120, "heart": 90, "gallbladder": 15, "pancreas": 115, "stomach wall": 45, "stomach fluid": 15,
     "bowel wall": 40, "bowel content": 20, "bowel gas": -950, "rib": 550, "vertebra cancellous": 400,
     "vertebra cortex": 700, "vertebral arch": 650, "disc": 90, "spinal canal": 20,
 }
@@ -126,6 +134,36 @@ def _volume(array: np.ndarray, g: _Grid, modality: str, unit: str, meta: dict) -
     )
 
 
+def _pancreas(g: _Grid, shift: tuple[float, float, float]) -> np.ndarray:
+    """The pancreas: a tube of varying radius along a polyline (head -> neck -> body -> tail), flattened front to back."""
+    # (x, y, z) in mm and radius: uncinate process, head, neck, body, tail.
+    nodes = np.array([
+        (-30.0, -18.0, -20.0, 11.0), (-30.0, -24.0, -4.0, 15.0), (-8.0, -30.0, 8.0, 10.0),
+        (24.0, -26.0, 16.0, 9.0), (50.0, -8.0, 22.0, 8.5), (68.0, 10.0, 27.0, 7.5),
+    ])
+    nodes[:, :3] += shift
+    # Work on the bounding box of the gland only, to keep the phantom fast.
+    lo, hi = nodes[:, :3].min(0) - nodes[:, 3].max(), nodes[:, :3].max(0) + nodes[:, 3].max()
+    out = np.zeros(g.shape, dtype=bool)
+    sel = [(g.z.ravel() >= lo[2]) & (g.z.ravel() <= hi[2]), (g.y.ravel() >= lo[1]) & (g.y.ravel() <= hi[1]),
+           (g.x.ravel() >= lo[0]) & (g.x.ravel() <= hi[0])]
+    if not all(s.any() for s in sel):
+        return out
+    idx = [np.flatnonzero(s) for s in sel]
+    zz, yy, xx = (g.z.ravel()[idx[0]][:, None, None], g.y.ravel()[idx[1]][None, :, None],
+                  g.x.ravel()[idx[2]][None, None, :])
+    inside = np.zeros((len(idx[0]), len(idx[1]), len(idx[2])), dtype=bool)
+    flat = 1.35  # front-to-back thinner than wide
+    for a, b in zip(nodes[:-1], nodes[1:]):
+        d = b[:3] - a[:3]
+        t = np.clip(((xx - a[0]) * d[0] + (yy - a[1]) * d[1] + (zz - a[2]) * d[2]) / float(d @ d), 0.0, 1.0)
+        r = a[3] + t * (b[3] - a[3])
+        dist2 = (xx - a[0] - t * d[0]) ** 2 + (flat * (yy - a[1] - t * d[1])) ** 2 + (zz - a[2] - t * d[2]) ** 2
+        inside |= dist2 < r * r
+    out[np.ix_(idx[0], idx[1], idx[2])] = inside
+    return out
+
+
 def make_ct_phantom(
     shape: tuple[int, int, int] = (56, 168, 168),
     spacing_mm: tuple[float, float, float] = (2.8, 2.1, 2.1),
@@ -133,11 +171,17 @@ def make_ct_phantom(
 ) -> tuple[Volume, np.ndarray, dict[int, str]]:
     """Synthetic contrast-enhanced abdominal CT (int16 HU) with its uint8 label map and label names."""
     g = _grid(shape, spacing_mm)
-    anatomy_seq, texture_seq, noise_seq = np.random.SeedSequence(seed).spawn(3)
+    # The fourth stream jitters the structures added later (pancreas, iliac arteries), so the
+    # first three, and with them every organ of the first phantom, stay as they were for a seed.
+    anatomy_seq, texture_seq, noise_seq, extra_seq = np.random.SeedSequence(seed).spawn(4)
     rng = np.random.default_rng(anatomy_seq)
+    extra = np.random.default_rng(extra_seq)
 
     def jit(scale: float = 3.0) -> float:
         return float(rng.uniform(-scale, scale))
+
+    def jit2(scale: float = 3.0) -> float:
+        return float(extra.uniform(-scale, scale))
 
     x, y, z = g.x, g.y, g.z
     hu = np.full(g.shape, CT_HU["air"], dtype=np.float32)
@@ -214,17 +258,29 @@ def make_ct_phantom(
     hu[lumen & (y < -46.0)] = CT_HU["bowel gas"]
 
 
-    # Great vessels: contrast-filled aorta left-anterior of the spine, IVC to the right.
+    # Great vessels: contrast-filled aorta left-anterior of the spine, IVC to the right. The aorta
+    # divides at the L3-L4 level (about 3 cm above the default volume's inferior end) into the
+    # two common iliac arteries, which diverge laterally and a little posteriorly; at the
+    # bifurcation the two iliac lumens are still inside the aortic outline, so the tube branches.
     aorta_x = 14.0 + 3.0 * np.sin(z / 50.0) + jit(1.5)
     aorta_radius = 10.0 + 0.012 * z
-    aorta = ((x - aorta_x) ** 2 + (y + 1.0) ** 2 < aorta_radius**2) & body
+    bifurcation_z = -45.0 + jit2(3.0)
+    below = np.clip(bifurcation_z - z, 0.0, None)  # mm below the bifurcation
+    aorta = ((x - aorta_x) ** 2 + (y + 1.0) ** 2 < aorta_radius**2) & body & (z >= bifurcation_z)
+    iliac_radius = 6.5
+    iliac_y = -1.0 + 0.15 * below
+    iliacs = {}
+    for side, label in ((-1, 10), (1, 11)):
+        iliac_x = aorta_x + side * (3.5 + 0.55 * below)
+        iliacs[label] = ((x - iliac_x) ** 2 + (y - iliac_y) ** 2 < iliac_radius**2) & body & (z < bifurcation_z)
+    arteries = aorta | iliacs[10] | iliacs[11]
     ivc = (((x + 24) / 13) ** 2 + ((y - 3) / 9) ** 2 < 1) & body
 
     # Lungs beside the mediastinum, heart in front above the left dome.
     mediastinum = ((x - 5) / 30) ** 2 + ((y - 10) / 150) ** 2 < 1
     heart_r = _radius(g, (25, -40, 98), (66, 55, 52), yaw_deg=-20)
     heart = thorax & (heart_r < 1)
-    lungs = thorax & ~mediastinum & ~heart & ~ivc & ~aorta
+    lungs = thorax & ~mediastinum & ~heart & ~ivc & ~arteries
     hu[thorax & mediastinum] = CT_HU["mesenteric fat"]
     hu[heart] = CT_HU["heart"]
     hu[lungs] = CT_HU["lung"]
@@ -256,22 +312,40 @@ def make_ct_phantom(
     right_lobe = _radius(g, (-56 + jit(), -4 + jit(), -2 + jit()), (88, 100, 76)) * (1 + 0.18 * dz)
     left_lobe = _radius(g, (14 + jit(), -50 + jit(), 30 + jit()), (70, 40, 34), yaw_deg=-15)
     blend = -0.12 * np.logaddexp(-right_lobe / 0.12, -left_lobe / 0.12)  # smooth union of the lobes
-    liver = abdomen & (blend < 1) & ~kidneys[3] & ~kidneys[4] & ~ivc & ~aorta
+    liver = abdomen & (blend < 1) & ~kidneys[3] & ~kidneys[4] & ~ivc & ~arteries
+    # Gallbladder: a fluid-filled pear in the gallbladder fossa, under the liver and touching it
+    # (cut out of the liver); its fundus hangs below the liver's anterior edge.
     gallbladder = _radius(g, (-42 + jit(), -52 + jit(), -12 + jit()), (16, 20, 34), pitch_deg=-20) < 1
     liver &= ~gallbladder
+    gallbladder &= abdomen & ~labels.astype(bool)
+    # Pancreas: a thin enhancing gland along a curve rising from the head (right, inferior, beside
+    # the duodenal C-loop) through the neck in front of the vessels to the tail at the splenic
+    # hilum (left, superior, posterior), so its axial cross-section changes from slice to slice:
+    # a thick round head low down, a thin oblique body and tail higher up. It is cut out of the
+    # liver and stops at the spleen, so both touch it; the stomach's back wall touches the body.
+    pancreas = _pancreas(g, (jit2(3.0), jit2(3.0), jit2(3.0)))
+    pancreas &= abdomen & ~keepout & ~gallbladder & ~kidneys[3] & ~kidneys[4] & ~ivc & ~arteries
+    pancreas &= ~(_radius(g, (-4, -2, 0), (14, 12, 1e9)) < 1)  # portal confluence and SMA/SMV fat
+    liver &= ~pancreas
     hu[liver] = CT_HU["liver"]
     labels[liver] = 1
-    hu[gallbladder & abdomen & ~labels.astype(bool)] = CT_HU["gallbladder"]
+    hu[gallbladder] = CT_HU["gallbladder"]
+    labels[gallbladder] = 8
 
     # Spleen: a crescent along the left posterolateral wall, under the left dome.
     spleen_r = _radius(g, (76 + jit(), 36 + jit(), 26 + jit()), (26, 64, 54), yaw_deg=40, bend=0.01)
     spleen = abdomen & (spleen_r < 1) & ~kidneys[4]
     hu[spleen] = CT_HU["spleen"]
     labels[spleen] = 2
+    pancreas &= ~spleen
+    hu[pancreas] = CT_HU["pancreas"]
+    labels[pancreas] = 9
 
     hu[ivc] = CT_HU["ivc"]
-    hu[aorta] = CT_HU["aorta"]
+    hu[arteries] = CT_HU["aorta"]
     labels[aorta] = 5
+    for label, iliac in iliacs.items():
+        labels[iliac] = label
 
     # Bone last, so it wins over anything drawn across it.
     hu[(body_r < 1) & is_disc] = CT_HU["disc"]
@@ -279,7 +353,12 @@ def make_ct_phantom(
     hu[vbody & (core_r < 1)] = CT_HU["vertebra cancellous"]
     hu[arch] = CT_HU["vertebral arch"]
     hu[canal] = CT_HU["spinal canal"]
-    labels[vbody | arch] = 6
+    # One label per vertebra (body and arch): level k has its body centred at z0 - k * period.
+    # Vertebrae beyond T12-L4 (only on a field of view taller than the default) are not labelled.
+    level = np.rint((z - z0) / period).astype(int)
+    bone = vbody | arch
+    for k, (_, label) in enumerate(CT_VERTEBRAE):
+        labels[bone & (level == 2 - k)] = label
 
     blurred = _finish(hu, g, (1.0, 0.9, 0.9))
     noise = np.random.default_rng(noise_seq).standard_normal(g.shape, dtype=np.float32)

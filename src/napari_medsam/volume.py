@@ -107,7 +107,7 @@ class Volume:
     nifti_header: Any = None
     # pydicom datasets (without pixel data) of a DICOM source, in STACK order (sorted along the
     # slice normal; None for blank slices inserted at gaps). How the stack axis maps to display
-    # axes is in metadata["dicom_slice_axis_display"/"dicom_slice_axis_flipped"]; see io/dicom_series.py.
+    # axes is in metadata["dicom_slice_axis_display"/"dicom_slice_axis_flipped"]; see io/dicom/series.py.
     dicom_datasets: list | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 

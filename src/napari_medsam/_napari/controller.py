@@ -26,12 +26,12 @@ from psygnal import Signal
 
 from ..errors import LabelsMismatchError, NotAVolumeError
 from ..segment.cache import EmbeddingCache, volume_signature
-from ..segment.cache_memory import MemoryCache
+from ..segment.cache.memory import MemoryCache
 from ..segment.intensity import IntensityMapping, default_mapping
 from ..segment.model import SamModel
 from ..segment.predictor import SliceMasks, SlicePredictor
 from ..segment.session import SegmentationSession
-from ..segment.session_state import SlicePrompts
+from ..segment.session.state import SlicePrompts
 from .layers import META_KEY, volume_from_layer_meta
 from .prompt_layers import NEGATIVE_COLOR, POSITIVE_COLOR, Key, add_prompt_layers
 from .controller_input import NEGATIVE_MODIFIERS, PromptInputMixin

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import MedSamError
-from ..segment.session_state import SlicePrompts
+from ..segment.session.state import SlicePrompts
 from .keys import SHORTCUTS
 from .prompt_layers import UNASSIGNED, Key, box_keys, collect_groups, point_defaults
 

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from ..errors import MedSamError
-from ..segment.session_state import SessionChange
+from ..segment.session.state import SessionChange
 from .layers import META_KEY
 from .prompt_layers import Key, write_group
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..segment.session_state import SlicePrompts
+from ..segment.session.state import SlicePrompts
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"

@@ -20,11 +20,11 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpin
 from superqt import QLabeledRangeSlider
 
 from ..errors import MedSamError
-from ..segment.stop_rules import StopRule
+from ..segment.propagation.stop_rules import StopRule
 
 if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not when the panel docks
     from ..segment.prompting import PromptSettings
-    from ..segment.propagation_run import PropagationResult
+    from ..segment.propagation.run import PropagationResult
     from .propagate_run import Run
 
 __all__ = ["COLUMNS", "PROMPT_MODES", "PropagatePanel"]
@@ -229,7 +229,7 @@ class PropagatePanel(QGroupBox):
     def repropagate_from(self, index: int) -> bool:
         """Re-propagate the last run's object from its corrected slice ``index`` (other key slices protected)."""
         from ..segment.propagation import repropagate
-        from ..segment.propagation_run import slice_index
+        from ..segment.propagation.run import slice_index
 
         c = self.controller
         if c is None or self._run is not None or self._last is None or self._last[0] not in c.session:
@@ -298,7 +298,7 @@ class PropagatePanel(QGroupBox):
         run.bar.set_description(f"Object {run.obj}: {message}")
 
     def _finish(self, run: Run, outcome: PropagationResult | Exception) -> None:
-        from ..segment.propagation_run import PropagationResult
+        from ..segment.propagation.run import PropagationResult
         from .propagate_run import summarize
 
         result = outcome if isinstance(outcome, PropagationResult) else None
@@ -326,7 +326,7 @@ class PropagatePanel(QGroupBox):
 
     def _on_mask_written(self, info: Any) -> None:
         """A new prediction of the last run's object on another slice is a correction: re-propagate from it."""
-        from ..segment.propagation_run import slice_index
+        from ..segment.propagation.run import slice_index
 
         axis, index, label = (int(v) for v in info)
         if (not self.repropagate_check.isChecked() or self._run is not None or self._last is None
@@ -385,7 +385,7 @@ class PropagatePanel(QGroupBox):
 
     def _update_overlay(self) -> None:
         """Say on the canvas whether the shown slice is a key slice or a propagated one of the last run's object."""
-        from ..segment.propagation_run import slice_index
+        from ..segment.propagation.run import slice_index
 
         c, last = self.controller, self._last
         plane = None if c is None or last is None else c.current_plane()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..segment.propagation_run import PropagationResult, UndoRecord, slice_index
+from ..segment.propagation.run import PropagationResult, UndoRecord, slice_index
 
 KEPT = ("key", "propagated", "interpolated")
 

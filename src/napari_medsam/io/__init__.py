@@ -116,11 +116,11 @@ def _load_volume(path: Path, series_uid: str | None, volume_index: int | None) -
 
         return read_itk(path, volume_index=volume_index)
     if kind == "dicom":
-        from .dicom_series import read_dicom_series
+        from .dicom.series import read_dicom_series
 
         return read_dicom_series(path, series_uid=series_uid)
     if kind == "dicom-seg":
-        from .dicom_seg import load_dicom_seg_volume
+        from .dicom.seg_read import load_dicom_seg_volume
 
         volume, segments = load_dicom_seg_volume(path)
         volume.metadata["segments"] = segments
@@ -173,7 +173,7 @@ def save_labels(labels: np.ndarray, like: "Volume", path: str | Path, *, segment
         return write_nifti_labels(labels, like, path)
     if fmt == "dicom-seg":
         require_dicom_source(like, path)
-        from .dicom_seg import write_dicom_seg
+        from .dicom.seg_write import write_dicom_seg
 
         return write_dicom_seg(labels, like, path, segments=segments, segmentation_type=segmentation_type)
     from .itk import write_itk_labels
@@ -231,7 +231,7 @@ def read_labels_and_segments(path: str | Path, like: "Volume") -> tuple[np.ndarr
     if not path.exists():
         raise VolumeReadError(f"{path} does not exist.")
     if source_kind(path) == "dicom-seg":
-        from .dicom_seg import read_dicom_seg
+        from .dicom.seg_read import read_dicom_seg
 
         labels, segments = read_dicom_seg(path, like=like)
         return labels, list(segments)

@@ -20,7 +20,7 @@ from .model import SamModel
 from .predictor import SlicePredictor
 from .prompt_file import ObjectPrompts
 from .propagation import propagate
-from .stop_rules import StopRule
+from .propagation import StopRule
 
 
 @dataclass

@@ -69,7 +69,7 @@ class SamModel:
             set_cpu_threads(threads)
         from ..models.registry import get_model
         from ..models.weights import resolve_weights
-        from .cache_keys import file_signature
+        from .cache.keys import file_signature
 
         spec = get_model(name)
         path = resolve_weights(spec, weights, download=download, progress=progress, cancel=cancel)

@@ -20,8 +20,8 @@ import numpy as np
 
 from ..volume import Volume
 from .cache import EmbeddingCache
-from .cache_keys import EmbeddingKey, volume_signature
-from .cache_memory import MemoryCache
+from .cache.keys import EmbeddingKey, volume_signature
+from .cache.memory import MemoryCache
 from .intensity import IntensityMapping, default_mapping
 from .model import Decoded, ImageGeometry, SamModel
 

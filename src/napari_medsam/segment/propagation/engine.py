@@ -22,11 +22,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import PropagationError
-from .postprocess import PostProcess
-from .predictor import Prompts, SliceMasks, SlicePredictorProtocol
-from .prompting import PromptSettings, interpolate_boxes
-from .propagation_run import (CancelCheck, Front, ProgressCallback, PropagationResult, PropagationRun, UndoRecord,
+from ...errors import PropagationError
+from ..postprocess import PostProcess
+from ..predictor import Prompts, SliceMasks, SlicePredictorProtocol
+from ..prompting import PromptSettings, interpolate_boxes
+from .run import (CancelCheck, Front, ProgressCallback, PropagationResult, PropagationRun, UndoRecord,
                               slice_index)
 from .stop_rules import FrontCounters, SliceReport, StopRule, judge
 

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ..errors import DicomSeriesError
+from ...errors import DicomSeriesError
 
 MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -1,7 +1,7 @@
 """On-disk embedding cache: a folder of zarr groups that survives restarts and resumes runs.
 
 Each group holds every slice of one (volume, model, intensity mapping, display axis); its
-layout and crash safety are described in :mod:`.cache_group`. This module adds the folder
+layout and crash safety are described in :mod:`.group`. This module adds the folder
 (:func:`cache_root`), thread safety, damage recovery (a damaged slice or group is a miss and
 is rebuilt on the next write), clearing by key fields, and a size limit with
 least-recently-used eviction of whole groups. Only provable damage is deleted: a group that
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import platformdirs
 
-from .cache_group import SliceGroup, folder_bytes, read_group_fields
-from .cache_keys import CacheStats, EmbeddingKey, as_embedding_array, fields_match
+from .group import SliceGroup, folder_bytes, read_group_fields
+from .keys import CacheStats, EmbeddingKey, as_embedding_array, fields_match
 
 __all__ = ["DEFAULT_DISK_BYTES", "ENV_VAR", "DiskCache", "GroupInfo", "cache_root"]
 

@@ -39,8 +39,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ..errors import DicomWriteError
-from ..volume import Volume
+from ...errors import DicomWriteError
+from ...volume import Volume
 
 CT_INTERCEPT = -1024.0
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from .postprocess import PostProcess, postprocess_mask
-from .predictor import Prompts, SlicePredictorProtocol
-from .prompting import PromptSettings, interpolate_masks, prompts_from_mask
+from ..postprocess import PostProcess, postprocess_mask
+from ..predictor import Prompts, SlicePredictorProtocol
+from ..prompting import PromptSettings, interpolate_masks, prompts_from_mask
 from .stop_rules import (STATUS_INTERPOLATED, STATUS_KEY, STATUS_PROPAGATED, STATUS_STOPPED, FrontCounters,
                          SliceReport, StopRule, dice, judge)
 

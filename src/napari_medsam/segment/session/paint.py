@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import SessionError
+from ...errors import SessionError
 
 
 def voxel_indices(indices: Any, shape: tuple[int, int, int]) -> np.ndarray:

@@ -6,8 +6,8 @@ Typical use::
     key = EmbeddingKey(volume_signature(vol.array, vol.spacing_mm), model_sig, "window:40:400", 0, z)
     embedding = cache.get_or_compute(key, lambda: encoder(image_of_slice(z)))
 
-The pieces live in :mod:`.cache_keys` (keys and signatures), :mod:`.cache_memory` and
-:mod:`.cache_disk`; everything is re-exported here. Nothing here imports torch: tensors are
+The pieces live in :mod:`.keys` (keys and signatures), :mod:`.memory` and
+:mod:`.disk`; everything is re-exported here. Nothing here imports torch: tensors are
 accepted and converted to numpy, and embeddings come back as float32 numpy arrays.
 """
 
@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cache_disk import DEFAULT_DISK_BYTES, ENV_VAR, DiskCache, GroupInfo, cache_root
-from .cache_keys import CacheStats, EmbeddingKey, as_embedding_array, file_signature, volume_signature
-from .cache_memory import DEFAULT_MEMORY_BYTES, MemoryCache
+from .disk import DEFAULT_DISK_BYTES, ENV_VAR, DiskCache, GroupInfo, cache_root
+from .keys import CacheStats, EmbeddingKey, as_embedding_array, file_signature, volume_signature
+from .memory import DEFAULT_MEMORY_BYTES, MemoryCache
 
 __all__ = [
     "DEFAULT_DISK_BYTES",

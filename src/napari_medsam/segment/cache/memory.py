@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cache_keys import CacheStats, EmbeddingKey, as_embedding_array
+from .keys import CacheStats, EmbeddingKey, as_embedding_array
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "MemoryCache"]
 

@@ -7,8 +7,9 @@ The panel turns clicks, boxes and paint strokes into calls here and subscribes w
 :meth:`~SegmentationSession.on_change` to refresh exactly what changed. See docs/session.md.
 
 The methods are split over mixins by topic: objects and history here, prompts and
-predictions in :mod:`.session_prompts`, label edits (predictions written, hand edits,
-clearing, propagation runs) in :mod:`.session_edits`.
+predictions in :mod:`.prompts`, label edits (predictions written, hand edits,
+clearing, propagation runs) in :mod:`.edits`; the undo history in :mod:`.history`, the
+object and prompt records in :mod:`.state`, paint-stroke geometry in :mod:`.paint`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import SessionError
-from ..io.segments import MAX_LABEL, as_color, default_segment, palette_color, present_labels
-from .session_edits import EditsMixin
-from .session_history import DEFAULT_HISTORY_BYTES, History, Step
-from .session_prompts import PromptsMixin
-from .session_state import Candidate, LockMap, SegObject, SessionChange, SlicePrompts, store
+from ...errors import SessionError
+from ...io.segments import MAX_LABEL, as_color, default_segment, palette_color, present_labels
+from .edits import EditsMixin
+from .history import DEFAULT_HISTORY_BYTES, History, Step
+from .prompts import PromptsMixin
+from .state import Candidate, LockMap, SegObject, SessionChange, SlicePrompts, store
 
 __all__ = ["DEFAULT_HISTORY_BYTES", "SegObject", "SegmentationSession", "SessionChange", "SlicePrompts", "Step"]
 

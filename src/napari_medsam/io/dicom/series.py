@@ -32,10 +32,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..errors import DicomSeriesError, MedSamError, NotAVolumeError
-from ..volume import Volume, display_grid
-from .dicom_planes import Plane, collect_planes, file_direction, slice_grid
-from .dicom_scan import DicomScanResult, DicomSeriesInfo, functional_group_value, scan_dicom
+from ...errors import DicomSeriesError, MedSamError, NotAVolumeError
+from ...volume import Volume, display_grid
+from .planes import Plane, collect_planes, file_direction, slice_grid
+from .scan import DicomScanResult, DicomSeriesInfo, functional_group_value, scan_dicom
 
 __all__ = ["read_dicom_series", "scan_dicom", "stack_plane", "DicomSeriesInfo", "DicomScanResult"]
 

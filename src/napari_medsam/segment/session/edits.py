@@ -1,10 +1,10 @@
 """Label edits of a session: predictions written, hand edits recorded, clearing, propagation runs.
 
 The write rule of a prediction is the one propagation uses (see
-:meth:`.propagation_run.PropagationRun.would_write`), applied to one slice: the object's voxels
+:meth:`..propagation.run.PropagationRun.would_write`), applied to one slice: the object's voxels
 outside the new mask are cleared, the mask is written where the voxel is free or already the
 object's (anywhere with ``overwrite``), and voxels painted or erased by hand are never touched.
-Every edit becomes a :class:`~.session_history.Step` of patches cropped to the changed voxels.
+Every edit becomes a :class:`~.history.Step` of patches cropped to the changed voxels.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import SessionError
-from .propagation import ObjectsResult
-from .propagation_run import PropagationResult
-from .session_history import Patch, Step
-from .session_paint import atoms_to_voxels, group_by_plane, per_voxel, voxel_indices
-from .session_prompts import check_masks
-from .session_state import Candidate, LockMap, Region, SegObject, SessionChange, bbox, region_of_slice, shift
+from ...errors import SessionError
+from ..propagation import ObjectsResult
+from ..propagation.run import PropagationResult
+from .history import Patch, Step
+from .paint import atoms_to_voxels, group_by_plane, per_voxel, voxel_indices
+from .prompts import check_masks
+from .state import Candidate, LockMap, Region, SegObject, SessionChange, bbox, region_of_slice, shift
 
 Key = tuple[int, int]
 

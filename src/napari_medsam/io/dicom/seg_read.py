@@ -1,7 +1,6 @@
 """Reading DICOM-SEG files: segment descriptions, frames and their placement on a grid.
 
-Used through :func:`napari_medsam.io.dicom_seg.read_dicom_seg` and
-:func:`~napari_medsam.io.dicom_seg.load_dicom_seg_volume`. Frames are painted in ascending
+Entry points: :func:`read_dicom_seg` and :func:`load_dicom_seg_volume`. Frames are painted in ascending
 segment number, so where BINARY segments overlap the higher segment number wins.
 """
 
@@ -14,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.multival import MultiValue
 
-from ..errors import LabelsMismatchError, VolumeReadError
-from ..volume import Volume, display_grid
-from .dicom_seg import SEG_SOP_CLASSES, Plane, functional_group_value, dataset_planes, fit_plane, plane_from_values
-from .segments import Code, Segment, default_segment, palette_color
+from ...errors import LabelsMismatchError, VolumeReadError
+from ...volume import Volume, display_grid
+from ..segments import Code, Segment, default_segment, palette_color
+from .scan import functional_group_value
+from .seg_geometry import SEG_SOP_CLASSES, Plane, dataset_planes, fit_plane, plane_from_values
 
 _POSITION_TOLERANCE_MM = 1e-2
 
@@ -275,3 +275,24 @@ def _grid_for(planes: list[Plane], ds, path: Path) -> Volume:
         np.zeros(grid.shape, dtype=np.uint8), grid.spacing_mm, grid.origin_mm, grid.direction, modality="SEG",
         source_format="dicom-seg", source_path=path, axes=grid.axes, file_axis_names=("column", "row", "slice"),
     )
+
+
+def read_dicom_seg(path: str | os.PathLike, like: Volume | None = None) -> tuple[np.ndarray, list[Segment]]:
+    """Label array (display order) and segments of a DICOM-SEG, on ``like``'s grid when given.
+
+    Frames are placed by their referenced SOP Instance UIDs; frames whose references are not in
+    ``like`` are placed by their plane position instead (a SEG made by another tool in the same
+    frame of reference). Overlapping BINARY segments: the higher segment number wins. Without
+    ``like`` the grid is the SEG's own (see :func:`load_dicom_seg_volume`).
+    """
+    seg = SegFile.open(path)
+    if like is None:
+        volume = seg.to_volume()
+        return volume.array, seg.segments
+    return seg.labels_on(like), seg.segments
+
+
+def load_dicom_seg_volume(path: str | os.PathLike) -> tuple[Volume, list[Segment]]:
+    """A labels Volume on the SEG's own grid (display orientation) and its segments."""
+    seg = SegFile.open(path)
+    return seg.to_volume(), seg.segments

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import SessionError
-from .predictor import Prompts, SliceMasks
-from .session_history import Step
-from .session_state import Candidate, SlicePrompts, store
+from ...errors import SessionError
+from ..predictor import Prompts, SliceMasks
+from .history import Step
+from .state import Candidate, SlicePrompts, store
 
 Key = tuple[int, int]
 

@@ -42,7 +42,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .cache_keys import EmbeddingKey
+from .keys import EmbeddingKey
 
 LAYOUT = 1
 _MIN_CAPACITY = 64

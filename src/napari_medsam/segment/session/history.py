@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .predictor import SliceMasks
-from .session_state import Candidate, LockMap, Region, SegObject, SlicePrompts, slice_masks_nbytes
+from ..predictor import SliceMasks
+from .state import Candidate, LockMap, Region, SegObject, SlicePrompts, slice_masks_nbytes
 
 DEFAULT_HISTORY_BYTES = 256 * 2**20  # 256 MiB for all objects' undo and redo steps together
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from ... import __version__
 
 __all__ = [
     "CacheStats",

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ..errors import DicomSeriesError, NotAVolumeError
-from .dicom_scan import (
+from ...errors import DicomSeriesError, NotAVolumeError
+from .scan import (
     DicomSeriesInfo,
     functional_group_value,
     header_orientation,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .predictor import Prompts, SliceMasks
+from ..predictor import Prompts, SliceMasks
 
 Region = tuple[slice, slice, slice]  # a box of the label volume: start:stop on each display axis
 
