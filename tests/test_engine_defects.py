@@ -147,3 +147,53 @@ def test_model_notes_quote_the_plugins_own_measured_speeds():
     if ratio:
         real = measured[rows["medsam"]] / measured[rows["lite_medsam"]]
         assert abs(int(ratio.group(1)) - real) < 1, (ratio.group(0), real)
+
+
+def test_flush_waits_for_a_prefetch_that_has_not_reached_the_cache_yet(tmp_path):
+    """A queued prefetch counts from the moment it is queued, not only inside get_or_compute.
+
+    The stand-in's embed() pauses before calling the cache (where a real predictor computes the
+    key and prepares the image); the old flush() returned during that pause, so a process
+    exiting then lost the slice's disk write.
+    """
+    from napari_medsam.segment.cache import EmbeddingCache, MemoryCache
+    from napari_medsam.segment.propagation.run import Prefetcher
+
+    disk = DiskCache(tmp_path / "cache")
+    cache = EmbeddingCache(MemoryCache(), disk)
+    started = threading.Event()
+
+    def key(index: int) -> EmbeddingKey:
+        return EmbeddingKey("vol", "model:w:1:2", "window:40:400", 0, index)
+
+    class SlowStartPredictor:
+        def __init__(self) -> None:
+            self.cache = cache
+
+        def embed(self, index: int) -> np.ndarray:
+            started.set()
+            time.sleep(0.4)
+            return self.cache.get_or_compute(key(index), lambda: np.ones((1, 4, 2, 2), np.float32))
+
+    prefetcher = Prefetcher(SlowStartPredictor(), enabled=True)
+    prefetcher.ahead(7)
+    assert started.wait(5)
+    prefetcher.close()  # the run ends while the worker is still before get_or_compute
+    assert cache.flush(timeout=10)
+    assert disk.get(key(7)) is not None  # on disk once flush() returned
+
+    # A queued slice that is cancelled before it starts releases its hold: flush does not hang.
+    blocker = threading.Event()
+
+    class BlockedPredictor(SlowStartPredictor):
+        def embed(self, index: int) -> np.ndarray:
+            blocker.wait(5)
+            return super().embed(index)
+
+    prefetcher = Prefetcher(BlockedPredictor(), enabled=True)
+    prefetcher.ahead(1)
+    prefetcher.ahead(2)  # queued behind slice 1
+    prefetcher.close()  # slice 2 is cancelled
+    blocker.set()
+    assert cache.flush(timeout=10)
+    assert disk.get(key(1)) is not None

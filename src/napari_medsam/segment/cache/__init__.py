@@ -107,12 +107,34 @@ class EmbeddingCache:
                 if self._active == 0:
                     self._idle.notify_all()
 
+    def hold(self) -> Callable[[], None]:
+        """Count work that will call :meth:`get_or_compute` later (queued prefetch) as under way.
+
+        :meth:`flush` waits for held work as for running calls. Returns the release function,
+        which must be called exactly once (calling it again does nothing).
+        """
+        with self._lock:
+            self._active += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
+
+        return release
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no :meth:`get_or_compute` call is under way, so that its disk write is done.
 
         A background thread (propagation's prefetch) may still be embedding a slice when the
         caller has finished; a process that exits then loses that slice's disk write. Call this
-        before exiting. Returns False if ``timeout`` seconds passed first.
+        before exiting. Work announced with :meth:`hold` counts from the moment it was queued,
+        so a prefetch thread that has not yet reached :meth:`get_or_compute` is waited for too. Returns False if ``timeout`` seconds passed first.
         """
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)

@@ -127,9 +127,25 @@ class Prefetcher:
         self.ready.add(index)
 
     def ahead(self, index: int) -> None:
-        """Start embedding slice ``index`` in the background (no-op without a pool or if already asked)."""
-        if self.pool is not None and index not in self.ready and index not in self.futures:
-            self.futures[index] = self.pool.submit(self._embed, index)
+        """Start embedding slice ``index`` in the background (no-op without a pool or if already asked).
+
+        A predictor with an embedding cache is told at once (``cache.hold()``), so that
+        ``cache.flush()`` waits for this slice from the moment it is queued until it is stored or
+        cancelled, not only while the worker is inside ``get_or_compute``.
+        """
+        if self.pool is None or index in self.ready or index in self.futures:
+            return
+        hold = getattr(getattr(self.predictor, "cache", None), "hold", None)
+        release = hold() if callable(hold) else None
+        try:
+            future = self.pool.submit(self._embed, index)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            future.add_done_callback(lambda _future: release())
+        self.futures[index] = future
 
     def close(self) -> None:
         """Drop queued work; a running embedding finishes on its own (it only fills the cache)."""
