@@ -220,6 +220,57 @@ def test_enhanced_source_with_varying_pixel_spacing_is_refused(tmp_path):
         write_dicom_seg(labels_for(like), like, tmp_path / "seg.dcm")
 
 
+def _rt_dose(tmp_path: Path, offsets: str) -> Path:
+    """pydicom's RT Dose grid (15 frames of 10 x 10) with valid UIDs; GridFrameOffsetVector either
+    relative to ImagePositionPatient (as shipped) or absolute z values in descending order."""
+    from pydicom.data import get_testdata_file
+
+    path = tmp_path / "dose" / "rtdose.dcm"
+    path.parent.mkdir()
+    shutil.copy(get_testdata_file("rtdose.dcm"), path)
+
+    def change(ds: pydicom.Dataset, _index: int) -> None:
+        # The shipped UIDs have roots dciodvfy rejects (the conformance test documents that).
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            setattr(ds, keyword, pydicom.uid.generate_uid())
+        if offsets == "absolute":
+            relative = [float(v) for v in ds.GridFrameOffsetVector]
+            z = float(ds.ImagePositionPatient[2]) + max(relative) - np.asarray(relative)
+            ds.GridFrameOffsetVector = [float(v) for v in z]
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(z[0])]
+
+    edit([path], change)
+    return path
+
+
+@pytest.mark.parametrize("seg_type", SEG_TYPES)
+@pytest.mark.parametrize("offsets", ["relative", "absolute"])
+def test_rt_dose_grid_source(tmp_path, seg_type, offsets):
+    """A SEG of an RT Dose references each labelled frame by number, at the frame's own position."""
+    from napari_medsam.io.dicom.dose import dose_frame_positions
+
+    path = _rt_dose(tmp_path, offsets)
+    like = read_dicom_series(path)
+    source = like.dicom_datasets[0]
+    positions = dose_frame_positions(source)
+    z = np.asarray([float(v) for v in source.GridFrameOffsetVector])
+    np.testing.assert_allclose(positions[:, 2], z if offsets == "absolute" else z + positions[0, 2])
+    # The reader and the SEG geometry place every frame on the same display slice.
+    planes = dataset_planes(source)
+    assert [p.frame_number for p in planes] == list(range(1, 16))
+    np.testing.assert_allclose([p.origin for p in planes], positions)
+    seg_path = write_checked(tmp_path, like, seg_type)  # dciodvfy 0 errors; frames read back by number
+    seg = pydicom.dcmread(seg_path)
+    uid = str(source.SOPInstanceUID)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert str(reference.ReferencedSOPInstanceUID) == uid
+        frame = int(reference.ReferencedFrameNumber)
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, positions[frame - 1], atol=1e-4)
+
+
 def _assert_names_the_inconsistency(tmp_path: Path, like: Volume, keyword: str) -> None:
     with pytest.raises(LabelsWriteError) as raised:
         write_dicom_seg(labels_for(like), like, tmp_path / "seg.dcm")

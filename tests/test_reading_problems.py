@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -18,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from dicom_factory import edit, make_volume, phantom, write_series
 from napari_medsam.cli import main
-from napari_medsam.errors import DicomSeriesError, VolumeReadError
+from napari_medsam.errors import DicomSeriesError, LabelsWriteError, VolumeReadError
 from napari_medsam.io import load_volume, save_labels
 from napari_medsam.io._common import file_affine_lps
 from napari_medsam.io.nifti import write_nifti_volume
@@ -75,7 +76,7 @@ def test_missing_slice_is_filled_and_reported(series, capsys, tmp_path):
     volume = load_volume(folder)
     assert volume.shape == ct.shape and volume.metadata["missing_slices"] == [3]
     (warning,) = volume.metadata["warnings"]
-    assert "misses 1 slice" in warning and "[3]" in warning
+    assert "misses 1 slice" in warning and "slice(s) 3 of axis" in warning
     np.testing.assert_array_equal(np.delete(volume.array, 3, axis=0), np.delete(ct, 3, axis=0))
 
     facts, err = _info(capsys, folder)
@@ -117,7 +118,7 @@ def test_slice_of_another_size_is_left_out_and_reported(series, capsys):
     warnings = volume.metadata["warnings"]
     assert len(warnings) == 2
     assert any("another orientation or size" in w for w in warnings)
-    assert any("misses 1 slice" in w and "[2]" in w for w in warnings)
+    assert any("misses 1 slice" in w and "slice(s) 2 of axis" in w for w in warnings)
     _, err = _info(capsys, folder)
     assert err == [f"napari-medsam info: warning: {w}" for w in warnings]
 
@@ -133,12 +134,84 @@ def test_napari_reader_notifies_gap_fill(series, monkeypatch):
     monkeypatch.setattr(notifications, "show_warning", shown.append)
     layers = read_paths(str(folder))
     assert len(layers) == 1
-    assert len(shown) == 1 and "misses 1 slice" in shown[0] and "[4]" in shown[0]
+    assert len(shown) == 1 and "misses 1 slice" in shown[0] and "slice(s) 4 of axis" in shown[0]
 
 
 def test_clean_series_prints_no_warning(series, capsys):
     facts, err = _info(capsys, series[0])
     assert facts["warnings"] == [] and err == []
+
+
+# --- short lines: long paths and long index lists stay about 200 characters ----------------------
+
+SHORT_LINE = 200
+# A folder deep in a long path, as a PACS export or a cloud-drive mount makes them.
+DEEP = [f"level_{k}_" + "patient_study_series_export" for k in range(8)]
+
+
+def test_many_missing_slices_give_one_short_warning(tmp_path, capsys):
+    """pydicom's real CT2 series: 4 images spread over 165 planes, so 161 planes are filled."""
+    source = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "77654033" / "CT2"
+    folder = tmp_path.joinpath(*DEEP) / "CT2"
+    shutil.copytree(source, folder)
+    volume = load_volume(folder)
+    (warning,) = volume.metadata["warnings"]
+    assert len(volume.metadata["missing_slices"]) == 161
+    assert "misses 161 slice(s)" in warning and "(161 in all)" in warning
+    assert len(warning) < SHORT_LINE and "\n" not in warning, warning
+    _, err = _info(capsys, folder)
+    assert err == [f"napari-medsam info: warning: {warning}"]
+
+
+def test_scattered_missing_slices_are_ranges(series):
+    folder, files, _ = series
+    for k in (1, 2, 3, 5):
+        files[k].unlink()
+    (warning,) = load_volume(folder).metadata["warnings"]
+    assert "slice(s) 1-3, 5 (4 in all) of axis 0" in warning, warning
+
+
+def test_errors_deep_in_a_long_path_stay_short(tmp_path, capsys, series):
+    deep = tmp_path.joinpath(*DEEP)
+    deep.mkdir(parents=True)
+    assert len(str(deep)) > 250
+    not_dicom = deep / "notes_about_this_export.dcm"
+    not_dicom.write_text("not an image")
+    truncated = deep / "series" / "IM00003.dcm"
+    truncated.parent.mkdir()
+    truncated.write_bytes(series[1][3].read_bytes()[:400])
+    cases = [
+        (deep / "missing.nii.gz", "does not exist"),
+        (not_dicom, "notes_about_this_export.dcm"),
+        (truncated.parent, "IM00003.dcm"),
+        (deep / "empty", "is empty"),
+    ]
+    (deep / "empty").mkdir()
+    for path, expected in cases:
+        with pytest.raises(VolumeReadError) as caught:
+            load_volume(path)
+        message = str(caught.value)
+        assert expected in message and len(message) < SHORT_LINE, message
+        line = _error_line(capsys, ["info", str(path)])
+        assert len(line) < SHORT_LINE + len("napari-medsam info: error: "), line
+    volume = load_volume(series[0])
+    with pytest.raises(LabelsWriteError) as caught:
+        save_labels(np.zeros(volume.shape, np.uint8), volume, deep / "no_such_folder" / "labels.nii.gz")
+    message = str(caught.value)
+    assert "labels.nii.gz" in message and "does not exist" in message and len(message) < SHORT_LINE, message
+
+
+def test_short_text_helpers():
+    from napari_medsam.io._text import index_ranges, short_path, short_uid
+
+    assert index_ranges([*range(3, 41), 52, *range(60, 182)]) == "3-40, 52, 60-181 (161 in all)"
+    assert index_ranges([4]) == "4" and index_ranges([1, 5]) == "1, 5"
+    assert index_ranges(range(0, 100, 2)) == "0, 2, 4, 6, …, 98 (50 in all)"
+    long = "/data/" + "/".join(DEEP) + "/series_3/IM0001.dcm"
+    shown = short_path(long)
+    assert len(shown) <= 64 and shown.startswith("/data") and shown.endswith("series_3/IM0001.dcm")
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
+    assert len(short_uid(uid)) <= 28 and short_uid(uid).startswith("1.2.826.") and short_uid("1.2.3") == "1.2.3"
 
 
 # --- RT Dose and files without a meta header ------------------------------------------------------

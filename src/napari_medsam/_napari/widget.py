@@ -1,10 +1,11 @@
 """The napari-medsam dock widget: scan, model, objects, segmentation, propagation, labels and export.
 
 The widget composes the panels (:mod:`.model_panel`, :mod:`.objects_panel`, :mod:`.segment_panel`,
-:mod:`.propagate_panel`) around one :class:`~.controller.SegmentationController`, which it starts
-when a model is loaded and a scan is picked, and restarts when the scan changes. This module
-holds the scan picker and window, the label layer on the scan's grid, and saving that layer in
-the right format (DICOM-SEG for a DICOM series, NIfTI otherwise).
+:mod:`.propagate_panel`) and its own groups (:mod:`.scan_group`: scan picker, modality and window;
+:mod:`.labels_group`: the label layer and its export) around one
+:class:`~.controller.SegmentationController`, which it starts when a model is loaded and a scan is
+picked, and restarts when the scan changes. This module holds that life cycle, the layer pickers
+and the keyboard shortcuts.
 """
 
 from __future__ import annotations
@@ -14,42 +15,34 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QComboBox,
-    QScrollArea,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ..errors import MedSamError
-from ..windows import CT_WINDOWS, window_limits
-from .layers import META_KEY, labels_layer_data, volume_from_layer_meta
+from .labels_group import LabelsGroupMixin
+from .layers import volume_from_layer_meta
 from .model_panel import ModelPanel
 from .objects_panel import ObjectsPanel
 from .propagate_panel import PropagatePanel
+from .scan_group import (
+    AUTO_WINDOW,
+    MODALITY_CHOICES,
+    MODALITY_ORIGINAL,
+    MODALITY_OVERRIDE,
+    ScanGroupMixin,
+)
 from .segment_panel import SegmentPanel
 from .settings import Settings
-from .writer import default_output_path
 
 if TYPE_CHECKING:
     import napari
 
-AUTO_WINDOW = "auto (0.5-99.5 percentile)"
-# The Modality combo: None follows the file (DICOM Modality) or the guess from the values.
-MODALITY_CHOICES = {"auto": None, "CT": "CT", "MR": "MR"}
-# In the image layer's metadata[META_KEY]: the user's override, and what the scan said before it.
-MODALITY_OVERRIDE = "modality_override"
-MODALITY_ORIGINAL = "modality_original"
+# The Scan group's names are re-exported: callers and tests import them from here.
+__all__ = ["MedSamWidget", "AUTO_WINDOW", "MODALITY_CHOICES", "MODALITY_ORIGINAL", "MODALITY_OVERRIDE"]
+
 CONTRAST_DEBOUNCE_MS = 400  # the model follows napari's contrast slider once it rests this long
 
 
-class MedSamWidget(QWidget):
+class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
     """Dock widget: pick the scan, window it, make and export label layers."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", settings: Settings | None = None) -> None:
@@ -62,27 +55,7 @@ class MedSamWidget(QWidget):
         self.cache = None
         self.last_saved: Path | None = None
 
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("The scan to segment (a 3D image layer)")
-        self.info = QLabel()
-        self.info.setWordWrap(True)
-        self.info.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.window_combo = QComboBox()
-        self.window_combo.addItems([*CT_WINDOWS.keys(), AUTO_WINDOW])
-        self.window_combo.setToolTip("CT window (level/width in HU) for display; voxels keep their values")
-        self.modality_combo = QComboBox()
-        for label, value in MODALITY_CHOICES.items():
-            self.modality_combo.addItem(label, value)
-        self.modality_combo.setToolTip("auto: the file's DICOM Modality, else a guess from the values. CT or MR "
-                                       "overrides it for this image (window presets, model input); "
-                                       "the file is not read again")
-
-        scan_box = QGroupBox("Scan")
-        scan_form = QFormLayout(scan_box)
-        scan_form.addRow("Image", self.image_combo)
-        scan_form.addRow("Modality", self.modality_combo)
-        scan_form.addRow("Window", self.window_combo)
-        scan_form.addRow(self.info)
+        scan_box = self._build_scan_box()
 
         self.model_panel = ModelPanel(self.settings)
         self.objects_panel = ObjectsPanel()
@@ -90,19 +63,7 @@ class MedSamWidget(QWidget):
         self.propagate_panel = PropagatePanel()
         self.segment_panel.overwrite.setChecked(bool(self.settings.get("overwrite", False)))
 
-        self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("The label layer the masks go into (on the scan's grid)")
-        self.new_labels_button = QPushButton("New label layer")
-        self.new_labels_button.setToolTip("Add an empty Labels layer on the scan's grid")
-        self.export_button = QPushButton("Export labels...")
-        self.export_button.setToolTip("DICOM-SEG for a DICOM series, NIfTI otherwise; segments named after the objects")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.new_labels_button)
-        buttons.addWidget(self.export_button)
-        labels_box = QGroupBox("Labels")
-        labels_layout = QVBoxLayout(labels_box)
-        labels_layout.addWidget(self.labels_combo)
-        labels_layout.addLayout(buttons)
+        labels_box = self._build_labels_box()
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -130,11 +91,7 @@ class MedSamWidget(QWidget):
         self._contrast_timer.setInterval(CONTRAST_DEBOUNCE_MS)
         self._contrast_timer.timeout.connect(self._on_mapping_changed)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.window_combo.activated.connect(self._window_picked)
-        self.modality_combo.activated.connect(self._modality_picked)
-        self.new_labels_button.clicked.connect(self._new_labels_clicked)
         self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
-        self.export_button.clicked.connect(self._export_clicked)
         self.model_panel.model_changed.connect(self._on_model_changed)
         self.model_panel.mapping_changed.connect(self._on_mapping_changed)
         for panel in (self.objects_panel, self.segment_panel):
@@ -233,70 +190,6 @@ class MedSamWidget(QWidget):
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
         self._show_scan(volume, apply_window=False)
-
-    def _show_scan(self, volume, *, apply_window: bool) -> None:
-        """The info label and the window preset for ``volume``'s modality (applied if asked, or if not the default)."""
-        spacing = " x ".join(f"{s:.3g}" for s in volume.spacing_mm)
-        shape = " x ".join(str(s) for s in volume.shape)
-        by_user = " (override)" if volume.metadata.get("modality_from") == "user" else ""
-        lines = [
-            f"<b>{volume.modality}</b>{by_user} {volume.intensity_unit}  from {volume.source_format}",
-            f"{shape} voxels (slice x row x column)",
-            f"{spacing} mm",
-        ]
-        if volume.is_oblique():
-            lines.append("oblique acquisition: shown with its exact rotation")
-        self.info.setText("<br>".join(lines))
-        is_ct = volume.modality == "CT"
-        self.window_combo.blockSignals(True)
-        preferred = self.settings.get("window", "soft tissue")
-        self.window_combo.setCurrentText((preferred if preferred in CT_WINDOWS else "soft tissue") if is_ct
-                                         else AUTO_WINDOW)
-        self.window_combo.blockSignals(False)
-        if apply_window or (is_ct and self.window_combo.currentText() != "soft tissue"):
-            self.apply_window(self.window_combo.currentText())
-
-    # ----------------------------------------------------------------- modality
-    def _show_modality_override(self, layer) -> None:
-        entry = layer.metadata.get(META_KEY) or {}
-        index = self.modality_combo.findData(entry.get(MODALITY_OVERRIDE))
-        self.modality_combo.blockSignals(True)
-        self.modality_combo.setCurrentIndex(max(index, 0))
-        self.modality_combo.blockSignals(False)
-
-    def _modality_picked(self, _index: int | None = None) -> None:
-        self.set_modality(self.modality_combo.currentData())
-
-    def set_modality(self, modality: str | None) -> None:
-        """Override the chosen image's modality ("CT", "MR"; None: back to the file's or the guess).
-
-        Changes the Volume in the layer's metadata as ``load_volume(modality=...)`` would (CT means
-        values in HU), remembers the choice in the layer's metadata, shows it, and picks the
-        window for it (a CT preset, or the percentile window otherwise); the model's input follows
-        the window when it is "current contrast limits". The file is not read again.
-        """
-        layer, volume = self.image_layer, self.volume
-        if layer is None or volume is None:
-            return
-        entry = layer.metadata.setdefault(META_KEY, {})
-        original = entry.setdefault(MODALITY_ORIGINAL, {
-            "modality": volume.modality, "intensity_unit": volume.intensity_unit,
-            "modality_from": volume.metadata.get("modality_from"),
-        })
-        if modality is None:
-            volume.modality, volume.intensity_unit = original["modality"], original["intensity_unit"]
-            if original["modality_from"] is None:
-                volume.metadata.pop("modality_from", None)
-            else:
-                volume.metadata["modality_from"] = original["modality_from"]
-            entry.pop(MODALITY_OVERRIDE, None)
-        else:
-            from ..io import override_modality
-
-            override_modality(volume, modality)
-            entry[MODALITY_OVERRIDE] = volume.modality
-        self._show_modality_override(layer)
-        self._show_scan(volume, apply_window=True)
 
     # ----------------------------------------------------------------- segmentation
     def _on_model_changed(self, model) -> None:
@@ -421,114 +314,6 @@ class MedSamWidget(QWidget):
         self.stop_segmentation()
         self.model_panel.shutdown()
         super().closeEvent(event)
-
-    # ----------------------------------------------------------------- window
-    def _window_picked(self, _index: int) -> None:
-        name = self.window_combo.currentText()
-        if name in CT_WINDOWS:
-            self.settings.set("window", name)
-        self.apply_window(name)
-
-    def apply_window(self, name: str) -> None:
-        """Set the image layer's contrast limits to a CT window or to robust percentiles."""
-        layer = self.image_layer
-        if layer is None:
-            return
-        if name == AUTO_WINDOW:
-            data = np.asarray(layer.data)
-            sample = data.reshape(-1)[:: max(1, data.size // 500_000)].astype(np.float32)
-            low, high = np.percentile(sample[sample != 0] if np.any(sample != 0) else sample, [0.5, 99.5])
-            limits = (float(low), float(max(high, low + 1)))
-        else:
-            limits = window_limits(name)
-        layer.contrast_limits_range = (
-            min(layer.contrast_limits_range[0], limits[0]),
-            max(layer.contrast_limits_range[1], limits[1]),
-        )
-        layer.contrast_limits = limits
-        self.status.setText(f"Window: {name} ({limits[0]:g} to {limits[1]:g})")
-        if self.controller is not None and layer is self.controller.image_layer:
-            self._on_mapping_changed()  # "current contrast limits" follows the window
-
-    # ----------------------------------------------------------------- labels
-    def add_labels_layer(self, name: str | None = None):
-        """Add an empty Labels layer on the selected scan's grid; return it."""
-        layer = self.image_layer
-        volume = self.volume
-        if layer is None:
-            self._notify("Open a scan first.")
-            return None
-        base = name or f"{layer.name} labels"
-        if volume is not None:
-            data, kwargs, _ = labels_layer_data(np.zeros(volume.shape, np.uint16), volume, base)
-            new = self.viewer.add_labels(data, **kwargs)
-        else:
-            new = self.viewer.add_labels(
-                np.zeros(layer.data.shape, np.uint16), name=base, scale=layer.scale,
-                translate=layer.translate, affine=layer.affine.affine_matrix,
-            )
-        self.labels_combo.setCurrentText(new.name)
-        return new
-
-    def _new_labels_clicked(self) -> None:
-        self.stop_segmentation()
-        self.add_labels_layer()
-        self._sync_controller()
-
-    def _export_clicked(self) -> None:
-        layer = self.labels_layer
-        if layer is None:
-            self._notify("Choose or create a label layer first.")
-            return
-        volume = volume_from_layer_meta(layer.metadata) or self.volume
-        suggested = default_output_path(volume, layer.name)
-        filters = "DICOM-SEG (*.dcm);;NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)"
-        if suggested.suffix != ".dcm":
-            filters = "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)"
-        path, _ = QFileDialog.getSaveFileName(self, "Export labels", str(suggested), filters)
-        if path:
-            self.export_labels(path)
-
-    def export_labels(self, path: str | Path):
-        """Save the selected label layer in a background thread; return the napari worker."""
-        from .workers import start_worker
-        from .writer import _segments, source_volume_for
-
-        layer = self.labels_layer
-        if layer is None:
-            self._notify("Choose or create a label layer first.")
-            return None
-        labels = np.asarray(layer.data).copy()  # the user may keep painting while we write
-        attributes = {"metadata": layer.metadata, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
-                      "affine": layer.affine.affine_matrix}
-        if volume_from_layer_meta(layer.metadata) is None and self.volume is not None:
-            attributes["metadata"] = {**layer.metadata, META_KEY: {"volume": self.volume}}
-
-        def save() -> tuple[Path, list[str]]:
-            from ..io import save_labels_named
-
-            like = source_volume_for(labels, attributes)
-            written, _, messages = save_labels_named(labels, like, path, _segments(labels, attributes))
-            return written, messages
-
-        self.status.setText(f"Saving {Path(path).name}...")
-        self.export_button.setEnabled(False)
-        worker = start_worker(save, on_done=lambda result: self._saved(*result),
-                              on_error=lambda exc: self._notify(f"Export failed: {exc}. Nothing was written; "
-                                                                "your labels are unchanged in napari."),
-                              on_finished=lambda: self.export_button.setEnabled(True))
-        self._worker = worker
-        return worker
-
-    def _saved(self, path: Path, warnings: list[str] = ()) -> None:
-        from napari.utils.notifications import show_info
-
-        from .writer import notify_warnings
-
-        self.last_saved = Path(path)
-        self.status.setText(f"Saved {Path(path).name}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
-        show_info(f"Saved {path}")
-        notify_warnings(list(warnings))  # e.g. new UIDs a DICOM-SEG had to be given
 
     def _notify(self, message: str) -> None:
         from napari.utils.notifications import show_warning

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LabelsMismatchError, LabelsWriteError, MedSamError, UnsupportedFormatError, VolumeReadError
+from ._text import short_path
 
 if TYPE_CHECKING:
     from ..volume import Volume
@@ -105,7 +106,7 @@ def override_modality(volume: "Volume", modality: str) -> None:
 
 def _load_volume(path: Path, series_uid: str | None, volume_index: int | None) -> "Volume":
     if not path.exists():
-        raise VolumeReadError(f"{path} does not exist.")
+        raise VolumeReadError(f"{short_path(path)} does not exist.")
     kind = source_kind(path)
     if kind == "nifti":
         from .nifti import read_nifti
@@ -229,7 +230,7 @@ def read_labels_and_segments(path: str | Path, like: "Volume") -> tuple[np.ndarr
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise VolumeReadError(f"{path} does not exist.")
+        raise VolumeReadError(f"{short_path(path)} does not exist.")
     if source_kind(path) == "dicom-seg":
         from .dicom.seg_read import read_dicom_seg
 

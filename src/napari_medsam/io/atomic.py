@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LabelsWriteError
+from ._text import short_path, short_text
 
 
 def check_writable_target(path: str | os.PathLike) -> Path:
@@ -21,19 +22,20 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
-        raise LabelsWriteError(f"Cannot write {target}: it is a folder. Give a file name.")
+        raise LabelsWriteError(f"Cannot write {short_path(target)}: it is a folder. Give a file name.")
     if parent.exists() and not parent.is_dir():
-        raise LabelsWriteError(f"Cannot write {target}: {parent} is a file, not a folder.")
+        raise LabelsWriteError(f"Cannot write {target.name}: {short_path(parent)} is a file, not a folder.")
     if not parent.exists():
         raise LabelsWriteError(
-            f"Cannot write {target}: the folder {parent} does not exist. Create it or choose another path."
+            f"Cannot write {target.name}: the folder {short_path(parent)} does not exist. "
+            "Create it or choose another path."
         )
     if not os.access(parent, os.W_OK):
         raise LabelsWriteError(
-            f"Cannot write {target}: no permission to write in {parent}. Choose another folder."
+            f"Cannot write {target.name}: no permission to write in {short_path(parent)}. Choose another folder."
         )
     if target.exists() and not os.access(target, os.W_OK):
-        raise LabelsWriteError(f"Cannot write {target}: the existing file is read-only.")
+        raise LabelsWriteError(f"Cannot write {short_path(target)}: the existing file is read-only.")
     return target
 
 
@@ -94,7 +96,10 @@ def _remove_quietly(path: Path) -> None:
 
 def _explain_os_error(exc: OSError, target: Path) -> str:
     if exc.errno == errno.ENOSPC:
-        return f"Could not write {target}: the disk is full. Free some space and save again; nothing was changed."
+        return (
+            f"Could not write {short_path(target)}: the disk is full. Free some space and save again; "
+            "nothing was changed."
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Could not write {target}: permission denied. Choose another folder; nothing was changed."
-    return f"Could not write {target}: {exc.strerror or exc}. Nothing was changed."
+        return f"Could not write {short_path(target)}: permission denied. Choose another folder; nothing was changed."
+    return f"Could not write {short_path(target)}: {short_text(str(exc.strerror or exc), 80)}. Nothing was changed."

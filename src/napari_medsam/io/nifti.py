@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import MultipleVolumesError, NotAVolumeError, VolumeReadError
 from ..volume import LPS_TO_RAS, Volume, display_grid
 from ._common import checked_labels, guess_modality, split_affine
+from ._text import short_text
 from .atomic import atomic_output
 
 NIFTI_INTENT_LABEL = 1002
@@ -42,21 +43,21 @@ def read_nifti(path: str | Path, *, volume_index: int | None = None) -> Volume:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise VolumeReadError(
-            f"{path.name} is truncated or its gzip stream is corrupt ({exc}). "
+            f"{path.name} is truncated or its gzip stream is corrupt ({short_text(str(exc), 80)}). "
             "Re-export or re-download the file."
         ) from exc
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
-        raise VolumeReadError(f"{path.name} is not a valid NIfTI file: {exc}") from exc
+        raise VolumeReadError(f"{path.name} is not a valid NIfTI file: {short_text(str(exc), 100)}") from exc
     except (OSError, ValueError) as exc:
         raise VolumeReadError(
-            f"Could not read {path.name}: {exc}. The file may be truncated or not a NIfTI image."
+            f"Could not read {path.name}: {short_text(str(exc), 80)}. The file may be truncated or not a NIfTI image."
         ) from exc
 
     affine = np.array(image.affine, dtype=float)
     try:
         spacing, origin_ras, direction_ras = split_affine(affine)
     except ValueError as exc:
-        raise VolumeReadError(f"{path.name} has an unusable affine: {exc}.") from exc
+        raise VolumeReadError(f"{path.name} has an unusable affine: {short_text(str(exc), 100)}.") from exc
     direction_lps = LPS_TO_RAS[:3, :3] @ direction_ras
     origin_lps = LPS_TO_RAS[:3, :3] @ origin_ras
     grid = display_grid(file_array.shape, spacing, origin_lps, direction_lps)

@@ -1,9 +1,10 @@
 """DICOM: series reading, writing, and DICOM-SEG export and import.
 
 Modules: ``scan`` (find and group the files of a folder into series), ``planes`` (place each
-image or frame in patient space), ``series`` (read one series into a Volume), ``write`` (write a
-Volume as a CT/MR series), ``seg_geometry`` (planes shared by the SEG writer and reader),
-``seg_write`` and ``seg_read`` (DICOM-SEG). The names below are imported on first use, so that
+image or frame in patient space), ``dose`` (frame positions of an RT Dose grid), ``series``
+(read one series into a Volume), ``write`` (write a Volume as a CT/MR series), ``seg_geometry``
+(planes shared by the SEG writer and reader), ``seg_write`` and ``seg_read`` (DICOM-SEG). The
+names below are imported on first use, so that
 ``import napari_medsam.io`` stays free of pydicom and highdicom until DICOM is needed.
 """
 

@@ -16,6 +16,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ...errors import DicomSeriesError, NotAVolumeError
+from .._text import short_text
+from .dose import dose_frame_positions, is_dose_grid
 from .scan import (
     DicomSeriesInfo,
     functional_group_value,
@@ -47,7 +49,8 @@ def _floats(value: object, n: int, what: str, path: Path) -> np.ndarray:
         out = np.empty(0)
     if out.shape != (n,) or not np.all(np.isfinite(out)):
         raise DicomSeriesError(
-            f"{path.name}: {what} is missing or malformed ({value!r}); the slice cannot be placed in space."
+            f"{path.name}: {what} is missing or malformed ({short_text(repr(value), 40)}); the slice cannot be "
+            "placed in space."
         )
     return out
 
@@ -94,30 +97,14 @@ def _frame_planes(path: Path, header: Dataset) -> list[Plane]:
 
 
 def _dose_planes(path: Path, header: Dataset) -> list[Plane]:
-    """The frames of an RT Dose grid, placed by GridFrameOffsetVector along the slice normal.
-
-    A vector starting with 0 holds offsets from ImagePositionPatient along the normal; any other
-    vector (allowed only for axial grids) holds the z coordinate of each frame.
-    """
-    n_frames = int(header.get("NumberOfFrames", 1) or 1)
-    offsets = _floats(header.get("GridFrameOffsetVector"), n_frames, "GridFrameOffsetVector", path)
-    origin = _floats(header.get("ImagePositionPatient"), 3, "ImagePositionPatient", path)
-    orientation = header_orientation(header)
-    if orientation is None:
-        raise DicomSeriesError(f"{path.name} has no ImageOrientationPatient; the dose grid cannot be placed.")
-    normal = np.cross(orientation[:3], orientation[3:])
+    """The frames of an RT Dose grid, placed by :func:`~.dose.dose_frame_positions`."""
+    try:
+        positions = dose_frame_positions(header)
+    except ValueError as exc:
+        raise DicomSeriesError(f"{path.name}: {exc}.") from exc
     spacing = _pair(_floats(header.get("PixelSpacing"), 2, "PixelSpacing", path))
     slope = _number(header.get("DoseGridScaling"), 1.0) if "DoseGridScaling" in header else _rescale(header, None)[0]
     intercept = 0.0 if "DoseGridScaling" in header else _rescale(header, None)[1]
-    if offsets[0] == 0:
-        positions = [origin + offset * normal for offset in offsets]
-    elif np.allclose(orientation, [1, 0, 0, 0, 1, 0], atol=1e-4):
-        positions = [np.array([origin[0], origin[1], z]) for z in offsets]
-    else:
-        raise DicomSeriesError(
-            f"{path.name}: GridFrameOffsetVector does not start with 0 (absolute z values) but the grid is "
-            "not axial; the frames cannot be placed."
-        )
     return [Plane(path, k, header, pos, spacing, slope, intercept) for k, pos in enumerate(positions)]
 
 
@@ -134,7 +121,7 @@ def collect_planes(info: DicomSeriesInfo, warnings: list[str]) -> list[Plane]:
         if is_multiframe_with_positions(header):
             planes.extend(_frame_planes(path, header))
             continue
-        if int(header.get("NumberOfFrames", 1) or 1) > 1 and "GridFrameOffsetVector" in header:
+        if is_dose_grid(header):
             planes.extend(_dose_planes(path, header))
             continue
         if int(header.get("NumberOfFrames", 1) or 1) > 1:
@@ -174,7 +161,8 @@ def file_direction(info: DicomSeriesInfo) -> np.ndarray:
     norms = (np.linalg.norm(row), np.linalg.norm(col))
     if abs(norms[0] - 1) > 0.01 or abs(norms[1] - 1) > 0.01 or abs(row @ col) > 0.01:
         raise DicomSeriesError(
-            f"Series {info.label()} has an invalid ImageOrientationPatient {list(iop)}: the cosines are "
+            f"Series {info.label()} has an invalid ImageOrientationPatient "
+            f"[{', '.join(f'{v:.4g}' for v in iop)}]: the cosines are "
             "not orthonormal."
         )
     row = row / norms[0]
@@ -212,11 +200,9 @@ def slice_grid(
         multiples = np.where(gaps > DUPLICATE_MM, np.maximum(np.round(gaps / base), 1), 0).astype(int)
         worst = int(np.argmax(np.abs(gaps - multiples * base)))
         raise DicomSeriesError(
-            f"Series {label} has irregular slice spacing: gaps along the slice normal are "
-            f"{', '.join(f'{g:.3f}' for g in np.unique(np.round(steps, 3))[:6])} mm; the gap between "
-            f"{planes[worst].path.name} and {planes[worst + 1].path.name} ({gaps[worst]:.3f} mm) is not a "
-            f"whole number of {base:.3f} mm slices, so it is not explained by missing slices. napari-medsam "
-            "does not resample; re-export the series with even spacing."
+            f"Series {label} has irregular slice spacing: the gap between {_plane_name(planes[worst])} and "
+            f"{_plane_name(planes[worst + 1])} ({gaps[worst]:.3f} mm) is no whole number of {base:.3f} mm "
+            "slices (not a missing slice). napari-medsam does not resample: re-export with even spacing."
         )
     warnings: list[str] = []
     offsets = [p.position - planes[0].position for p in planes]
@@ -227,3 +213,8 @@ def slice_grid(
             "stack); they are placed on an orthogonal grid, so positions can be off by up to that much."
         )
     return [int(i) for i in index], n_grid, spacing, warnings
+
+
+def _plane_name(plane: Plane) -> str:
+    name = short_text(plane.path.name, 40)
+    return name if plane.frame is None else f"{name} frame {plane.frame + 1}"

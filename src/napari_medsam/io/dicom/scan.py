@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ...errors import DicomSeriesError
+from .._text import short_path, short_text, short_uid
 
 MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -58,12 +59,16 @@ class DicomSeriesInfo:
     headers: list[Dataset] = field(default_factory=list, repr=False, compare=False)
 
     def label(self) -> str:
-        """Short human description used in messages, e.g. ``1.2.3 'AX T1' (MR, 40 images)``."""
+        """Short human description used in messages, e.g. ``1.2.3 'AX T1' (MR, 40 images)``.
+
+        A long UID or description is shortened in its middle (``1.2.826.0.1.36…6789012345678``), so
+        a message naming a series stays one short line; ``key`` holds the full UID to select it.
+        """
         what = f"{self.n_frames} frames in one file" if self.multiframe else f"{self.n_instances} images"
         if not self.has_pixel_data:
             what = f"{self.n_instances} objects, no images"
-        description = f" '{self.description}'" if self.description else ""
-        uid = self.key or "(no SeriesInstanceUID)"
+        description = f" '{short_text(self.description, 24)}'" if self.description else ""
+        uid = short_uid(self.key) if self.key else "(no SeriesInstanceUID)"
         return f"{uid}{description} ({self.modality or 'unknown modality'}, {what})"
 
     def describe(self) -> dict[str, Any]:
@@ -104,7 +109,7 @@ def scan_dicom(path: str | os.PathLike, *, recursive: bool = True) -> DicomScanR
     """Group the DICOM files under ``path`` (a folder, searched recursively, or one file) by series."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise DicomSeriesError(f"{root} does not exist. Check the path.")
+        raise DicomSeriesError(f"{short_path(root)} does not exist. Check the path.")
     result = DicomScanResult(root)
     entries: list[tuple[Path, Dataset]] = []
     for file in _iter_files(root, recursive):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...volume import Volume
+from .dose import dose_frame_positions, is_dose_grid
 from .scan import functional_group_value
 
 SEG_SOP_CLASSES = {
@@ -83,6 +84,12 @@ def dataset_planes(ds) -> list[Plane]:
     """The image planes of one source header: one for a classic image, one per frame otherwise."""
     uid = source_uid(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if is_dose_grid(ds):
+        orientation, spacing = ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
+        return [
+            plane_from_values(position, orientation, spacing, ds.Rows, ds.Columns, uid, f + 1)
+            for f, position in enumerate(dose_frame_positions(ds))
+        ]
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if frames > 1:
             raise ValueError(f"multi-frame image {uid} has no per-frame plane positions")
@@ -129,3 +136,49 @@ def fit_plane(plane: Plane, like: Volume, tolerance: float = FIT_TOLERANCE) -> P
     index[stack_axis] = int(base[stack_axis])
     full = plane.rows == like.shape[row_axis] and plane.columns == like.shape[col_axis]
     return PlaneFit(tuple(index), stack_axis, int(base[stack_axis]), full)
+
+
+def add_dose_functional_groups(ds) -> None:
+    """Give an RT Dose header the functional groups that describe its frames, in place.
+
+    highdicom reads the geometry of any multi-frame source from Shared / Per-frame Functional
+    Groups, which an RT Dose does not have (its frames are placed by GridFrameOffsetVector). The
+    groups made here hold the same planes as :func:`dataset_planes`: pixel measures and
+    orientation shared, one plane position per frame. The slice thickness, Type 2 and often
+    empty in an RT Dose, is the grid spacing.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    planes = dataset_planes(ds)
+    normal = np.cross(planes[0].row_cosine, planes[0].column_cosine)
+    heights = sorted(float(p.origin @ normal) for p in planes)
+    steps = [b - a for a, b in zip(heights, heights[1:]) if b - a > 1e-6]
+    thickness = ds.get("SliceThickness")
+    if thickness in (None, "") and steps:
+        thickness = min(steps)
+    measures = Dataset()
+    measures.PixelSpacing = [_ds(v) for v in planes[0].pixel_spacing]
+    if thickness not in (None, ""):
+        measures.SliceThickness = _ds(float(thickness))
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [_ds(v) for v in ds.ImageOrientationPatient]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for plane in planes:
+        position = Dataset()
+        position.ImagePositionPatient = [_ds(v) for v in plane.origin]
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+
+
+def _ds(value: float) -> str:
+    """A decimal string (at most 16 characters) for ``value``."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))

@@ -15,6 +15,7 @@ from pydicom.multival import MultiValue
 
 from ...errors import LabelsMismatchError, VolumeReadError
 from ...volume import Volume, display_grid
+from .._text import short_path, short_text
 from ..segments import Code, Segment, default_segment, palette_color
 from .scan import functional_group_value
 from .seg_geometry import SEG_SOP_CLASSES, Plane, dataset_planes, fit_plane, plane_from_values
@@ -51,7 +52,9 @@ class SegFile:
         try:
             ds = pydicom.dcmread(path)
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError) as exc:
-            raise VolumeReadError(f"Cannot read {path} as DICOM: {exc}. Is it a DICOM-SEG file?") from exc
+            raise VolumeReadError(
+                f"Cannot read {short_path(path)} as DICOM: {short_text(str(exc), 80)}. Is it a DICOM-SEG file?"
+            ) from exc
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in SEG_SOP_CLASSES:
             raise VolumeReadError(
@@ -64,7 +67,7 @@ class SegFile:
             frames = _frames(ds, seg_type)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, OSError, EOFError) as exc:
             # pydicom parses sequences lazily, so a truncated file may only fail here.
-            raise VolumeReadError(f"{path.name} is a damaged DICOM-SEG: {exc}.") from exc
+            raise VolumeReadError(f"{path.name} is a damaged DICOM-SEG: {short_text(str(exc), 100)}.") from exc
         return cls(path, ds, seg_type, segments, frames)
 
     def pixels(self) -> np.ndarray:
@@ -73,7 +76,9 @@ class SegFile:
             try:
                 data = np.asarray(self.dataset.pixel_array)  # type: ignore[attr-defined]
             except Exception as exc:  # pydicom raises many types for bad or truncated pixel data
-                raise VolumeReadError(f"Cannot decode the pixel data of {self.path.name}: {exc}.") from exc
+                raise VolumeReadError(
+                    f"Cannot decode the pixel data of {self.path.name}: {short_text(str(exc), 100)}."
+                ) from exc
             self._pixels = data.reshape(len(self.frames), *data.shape[-2:])
         return self._pixels
 

@@ -21,7 +21,8 @@ dicom3tools builds either do not know that IOD or apply BINARY's 1..N numbering 
 
 Sources as anonymisers and scanners leave them are accepted (see :func:`_prepared_sources`):
 SOP UIDs from the file meta, new study/series/frame-of-reference UIDs (with a ``UserWarning``)
-where the source has none, an empty character set, per-frame pixel measures and orientation.
+where the source has none, an empty character set, per-frame pixel measures and orientation, and
+an RT Dose grid (its frames, placed by GridFrameOffsetVector, are referenced by frame number).
 
 Errors: a source without DICOM headers -> LabelsWriteError (save as NIfTI instead); labels of the
 wrong shape, negative, fractional or above 65535, or labels on a blank inserted slice ->
@@ -45,7 +46,17 @@ from ...volume import Volume
 from .._common import checked_labels
 from ..atomic import atomic_output
 from ..segments import MAX_LABEL, Code, Segment, default_segment, present_labels
-from .seg_geometry import FILE_META_UIDS, SEG_SOP_CLASSES, Plane, PlaneFit, dataset_planes, fit_plane, source_uid
+from .dose import is_dose_grid
+from .seg_geometry import (
+    FILE_META_UIDS,
+    SEG_SOP_CLASSES,
+    Plane,
+    PlaneFit,
+    add_dose_functional_groups,
+    dataset_planes,
+    fit_plane,
+    source_uid,
+)
 
 __all__ = ["write_dicom_seg", "SEGMENTATION_TYPES", "SEG_SOP_CLASSES"]
 
@@ -209,6 +220,11 @@ def _prepared_sources(sources: list) -> list:
         for keyword in _TYPE2_PATIENT_STUDY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
+        if is_dose_grid(ds):
+            try:
+                add_dose_functional_groups(ds)
+            except ValueError as exc:
+                raise LabelsWriteError(f"Cannot place the labels on the RT Dose grid: {exc}.") from exc
         if "PerFrameFunctionalGroupsSequence" in ds:
             _share_constant_groups(ds)
     _check_same_in_all(prepared)
@@ -299,13 +315,13 @@ def _fit_all(planes: list[Plane], like: Volume) -> list[PlaneFit]:
         fit = fit_plane(plane, like)
         if fit is None:
             raise LabelsMismatchError(
-                f"Source image {plane.sop_instance_uid} does not lie on the image grid "
+                f"Source image {_short(plane.sop_instance_uid)} does not lie on the image grid "
                 f"({like.shape} voxels): the volume's geometry does not come from this series. "
                 "Reload the series and segment it again."
             )
         if not fit.full:
             raise LabelsMismatchError(
-                f"Source image {plane.sop_instance_uid} covers only part of a display slice; the "
+                f"Source image {_short(plane.sop_instance_uid)} covers only part of a display slice; the "
                 "volume was not built from this series. Reload the series and segment it again."
             )
         fits.append(fit)

@@ -41,6 +41,7 @@ from pydicom.uid import (
 
 from ...errors import DicomWriteError
 from ...volume import Volume
+from .._text import short_path, short_text
 
 CT_INTERCEPT = -1024.0
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
@@ -90,12 +91,12 @@ def write_dicom_series(
     target = Path(out_dir).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DicomWriteError(
-            f"Cannot write the DICOM series into {target}: it exists and is not an empty folder. "
+            f"Cannot write the DICOM series into {short_path(target)}: it exists and is not an empty folder. "
             "Choose a new folder."
         )
     parent = target.parent
     if not parent.is_dir():
-        raise DicomWriteError(f"Cannot write into {target}: the folder {parent} does not exist.")
+        raise DicomWriteError(f"Cannot write into {target.name}: the folder {short_path(parent)} does not exist.")
 
     uids = _UidSource(uid_seed)
     study_uid = study_uid or uids.make("study")
@@ -153,7 +154,8 @@ def write_dicom_series(
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DicomWriteError(
-            f"Could not write the DICOM series into {target}: {exc}. Nothing was written."
+            f"Could not write the DICOM series into {short_path(target)}: {short_text(str(exc.strerror or exc), 80)}. "
+            "Nothing was written."
         ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

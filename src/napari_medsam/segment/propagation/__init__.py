@@ -1,16 +1,32 @@
 """3D propagation: from prompted key slices to a whole object (see :mod:`.engine` and docs/propagation.md).
 
 Modules: ``engine`` (the entry points :func:`propagate`, :func:`propagate_objects`,
-:func:`repropagate`, :func:`segment_boxes`), ``run`` (one run: fronts, writing, undo, the report)
-and ``stop_rules`` (when a slice is accepted, skipped, or ends a front).
+:func:`repropagate`, :func:`segment_boxes`), ``run`` (one run: fronts, writing, undo, the report),
+``stop_rules`` (when a slice is accepted, skipped, or ends a front) and ``evidence`` (what a
+new mask looks like next to the object: intensities, reach, centre, parts left out).
+
+The names below are imported on first use: the engine imports the predictor and so torch,
+which napari's start (the panel only needs :class:`StopRule`) must not pay for.
 """
 
-from .engine import (ObjectsResult, PostProcess, PromptSettings, locked_mask, propagate, propagate_objects,
-                     repropagate, segment_boxes)
-from .run import PropagationResult, UndoRecord, slice_index
-from .stop_rules import SliceReport, StopRule
+from __future__ import annotations
 
-__all__ = [
-    "ObjectsResult", "PostProcess", "PromptSettings", "PropagationResult", "SliceReport", "StopRule",
-    "UndoRecord", "locked_mask", "propagate", "propagate_objects", "repropagate", "segment_boxes", "slice_index",
-]
+import importlib
+
+_NAMES = {
+    "ObjectsResult": "engine", "PostProcess": "engine", "PromptSettings": "engine", "locked_mask": "engine",
+    "propagate": "engine", "propagate_objects": "engine", "repropagate": "engine", "segment_boxes": "engine",
+    "PropagationResult": "run", "UndoRecord": "run", "slice_index": "run",
+    "SliceReport": "stop_rules", "StopRule": "stop_rules",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups (and monkeypatching) see a plain attribute
+    return value
