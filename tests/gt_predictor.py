@@ -15,7 +15,17 @@ way a real model errs, all seeded by (seed, slice, structure) so runs are reprod
   pieces they touch, and negative points that fall on the structure carve a hole around them.
 
 Its low-res logits are the answer's signed distance on a 256x256 grid stretched over the slice,
-so the "mask" prompt mode works. Run ``python tests/gt_predictor.py`` to print the measurements
+so the "mask" prompt mode works.
+
+Built with ``image=`` (the volume's array, the same shape as ``gt``), it also has the optional
+protocol method ``image(index)``: the slice's intensities as a float32 2D array, oriented like the
+masks. Built without one, it has no ``image`` attribute at all (``getattr(predictor, "image",
+None)`` is None), like a predictor that cannot offer image evidence.
+
+This predictor is KIND: past an organ's end it answers with an empty mask. ``SamLikePredictor``
+in tests/sam_like_predictor.py errs like SAM instead (another structure, confidently).
+
+Run ``python tests/gt_predictor.py`` to print the measurements
 behind the defaults of docs/propagation.md.
 """
 
@@ -58,7 +68,7 @@ class GroundTruthPredictor:
 
     def __init__(self, gt: np.ndarray, axis: int = 0, *, seed: int = 0, spacing_mm=None, boundary_px: float = 1.0,
                  dropout: float = 0.05, leak: float = 0.08, min_evidence: float = 0.3, carve_px: int = 3,
-                 mask_reach_px: int = 4, leak_px: int = 4) -> None:
+                 mask_reach_px: int = 4, leak_px: int = 4, image=None) -> None:
         self.gt, self.axis, self.seed = gt, axis, seed
         self.spacing_mm = spacing_mm
         self.boundary_px, self.dropout, self.leak, self.leak_px = boundary_px, dropout, leak, leak_px
@@ -66,6 +76,18 @@ class GroundTruthPredictor:
         self.embed_calls: list[int] = []
         self.predict_calls: list[int] = []
         self._lock = threading.Lock()
+        if image is not None:
+            array = np.asarray(getattr(image, "array", image))
+            if array.shape != gt.shape:
+                raise ValueError(f"image shape {array.shape} differs from the labels' {gt.shape}")
+            self._image = array
+            self.image = self._image_slice  # only then: the engine probes getattr(predictor, "image", None)
+
+    def _image_slice(self, index: int) -> np.ndarray:
+        """Slice ``index``'s intensities (float32, the masks' orientation); bound as ``image`` when given one."""
+        if not 0 <= index < self.n_slices:
+            raise IndexError(f"slice {index} outside the volume")
+        return np.take(self._image, int(index), axis=self.axis).astype(np.float32)
 
     @property
     def n_slices(self) -> int:

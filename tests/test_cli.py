@@ -85,10 +85,11 @@ def test_export_nifti_labels_to_dicom_seg(sample_dir, tmp_path, capsys):
     import pydicom
 
     from napari_medsam.io import load_volume, read_labels
+    from napari_medsam.phantoms import CT_LABELS
 
     out = tmp_path / "organs.dcm"
     args = ["export", str(sample_dir / "ct_phantom_labels.nii.gz"), "--source", str(sample_dir / "ct_phantom_dicom"),
-            "--out", str(out), "--names", "1=liver,2=spleen,3=right kidney,4=left kidney,5=aorta,6=vertebrae,7=lungs"]
+            "--out", str(out), "--names", ",".join(f"{k}={v}" for k, v in CT_LABELS.items())]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in summary["segments"]][:2] == ["liver", "spleen"]
@@ -98,7 +99,7 @@ def test_export_nifti_labels_to_dicom_seg(sample_dir, tmp_path, capsys):
     seg = pydicom.dcmread(str(out), stop_before_pixels=True)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.metadata["series_uid"]
     assert seg.FrameOfReferenceUID == series.metadata["frame_of_reference_uid"]
-    assert seg.SegmentSequence[-1].SegmentLabel == "lungs"
+    assert seg.SegmentSequence[-1].SegmentLabel == CT_LABELS[max(CT_LABELS)]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from napari_medsam.io import load_volume
+from napari_medsam.phantoms import CT_LABELS
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_sample_data_opens_with_ground_truth(make_napari_viewer):
     assert image._type_string == "image" and truth._type_string == "labels"
     assert image.data.shape == truth.data.shape
     assert tuple(image.scale) == tuple(truth.scale)
-    assert set(np.unique(truth.data)) == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert set(np.unique(truth.data)) == {0, *CT_LABELS}
     mr = viewer.open_sample("napari-medsam", "mr_phantom")
     assert mr[0].data.ndim == 3
 
@@ -153,8 +154,7 @@ def test_dicom_series_to_dicom_seg_and_back_through_napari(make_napari_viewer, s
     widget = _add_widget(viewer)
     layer = widget.add_labels_layer("organs")
     layer.data = truth.array.astype(np.uint16)
-    layer.metadata["napari_medsam"]["names"] = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney",
-                                                 5: "aorta", 6: "vertebrae", 7: "lungs"}
+    layer.metadata["napari_medsam"]["names"] = dict(CT_LABELS)
     out = tmp_path / "organs.dcm"
     layer.save(str(out), plugin="napari-medsam")
     if DCIODVFY:

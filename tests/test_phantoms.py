@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_medsam.phantoms import CT_LABELS, MR_LABELS, make_ct_phantom, make_mr_phantom
+from napari_medsam.phantoms import CT_LABELS, CT_VERTEBRAE, MR_LABELS, make_ct_phantom, make_mr_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 SOLID_ORGANS = ("liver", "spleen", "right kidney", "left kidney")
+VERTEBRAE = tuple(f"vertebra {level}" for level, _ in CT_VERTEBRAE)
+ILIACS = ("right common iliac artery", "left common iliac artery")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,18 @@ def _interior(mask: np.ndarray, iterations: int = 2) -> np.ndarray:
     return ndimage.binary_erosion(mask, IN_PLANE, iterations=iterations)
 
 
-def _centroid(labels: np.ndarray, value: int) -> np.ndarray:
-    return np.argwhere(labels == value).mean(axis=0)
+def _centroid(labels: np.ndarray, value) -> np.ndarray:
+    return np.argwhere(np.isin(labels, value)).mean(axis=0)
+
+
+def _slices(labels: np.ndarray, value: int) -> np.ndarray:
+    """The slice indices (axis 0) where ``value`` is present."""
+    return np.flatnonzero((labels == value).any(axis=(1, 2)))
+
+
+def _touch(labels: np.ndarray, a: int, b: int) -> int:
+    """How many voxels of ``b`` lie next to ``a`` (6-connectivity)."""
+    return int(np.count_nonzero(ndimage.binary_dilation(labels == a) & (labels == b)))
 
 
 def test_ct_is_deterministic_and_seed_dependent():
@@ -80,13 +92,15 @@ def test_ct_volume_metadata_and_geometry(ct):
     ("organ", "low", "high"),
     [
         ("liver", 50, 70), ("spleen", 40, 60), ("aorta", 220, 280),
-        ("vertebrae", 350, 750), ("lungs", -900, -800),
+        *[(v, 350, 750) for v in VERTEBRAE], ("lungs", -900, -800),
+        ("gallbladder", 5, 25), ("pancreas", 100, 130), *[(i, 200, 280) for i in ILIACS],
     ],
 )
 def test_ct_organ_hu(ct, organ, low, high):
     volume, labels, names = ct
-    inside = _interior(labels == _label(names, organ))
-    assert inside.sum() > 500
+    small = organ in ILIACS
+    inside = _interior(labels == _label(names, organ), 1 if small else 2)
+    assert inside.sum() > (50 if small else 500)
     assert low <= np.median(volume.array[inside]) <= high
 
 
@@ -115,6 +129,7 @@ def test_ct_air_background_and_noise(ct):
 def test_ct_anatomy_in_patient_terms(ct):
     volume, labels, names = ct
     c = {name: _centroid(labels, _label(names, name)) for name in names.values()}
+    c["vertebrae"] = _centroid(labels, [_label(names, v) for v in VERTEBRAE])
     world = {name: volume.index_to_world(c[name])[0] for name in c}
     # Patient right is the low column index and negative LPS x.
     assert c["liver"][2] < c["spleen"][2] and world["liver"][0] < 0 < world["spleen"][0]
@@ -140,8 +155,9 @@ def test_ct_organ_extents_lie_inside_the_volume(ct):
         assert slices.min() >= 3 and slices.max() <= n - 4, organ
         assert np.array_equal(slices, np.arange(slices.min(), slices.max() + 1)), organ  # no gaps
         assert slices.size < n - 6
-    # The aorta is a tube through every slice; the kidneys span fewer slices than the liver.
-    assert np.all((labels == _label(names, "aorta")).any(axis=(1, 2)))
+    # The aorta reaches the top slice and ends inside the volume; the kidneys span fewer slices than the liver.
+    aorta = _slices(labels, _label(names, "aorta"))
+    assert aorta.max() == n - 1 and 6 <= aorta.min() <= n // 3
     span = {o: np.ptp(np.argwhere(labels == _label(names, o))[:, 0]) for o in SOLID_ORGANS}
     assert span["right kidney"] < span["liver"] and span["left kidney"] < span["liver"]
 
@@ -265,3 +281,81 @@ def test_script_writes_small_sample_set(tmp_path):
     series = load_volume(out / "ct_phantom_dicom")
     assert series.same_grid(expected) and np.array_equal(series.array, expected.array)
     assert len(list((out / "ct_phantom_dicom").iterdir())) == 40
+
+
+def test_ct_aorta_divides_into_the_iliac_arteries(ct):
+    volume, labels, names = ct
+    n = volume.shape[0]
+    aorta = _slices(labels, _label(names, "aorta"))
+    assert np.array_equal(aorta, np.arange(aorta.min(), n))  # a tube from the top down to the bifurcation
+    bifurcation = aorta.min()
+    # A few cm above the volume's inferior end.
+    assert 20.0 <= bifurcation * volume.spacing_mm[0] <= 50.0
+    right, left = (_label(names, i) for i in ILIACS)
+    for iliac in (right, left):
+        z = _slices(labels, iliac)
+        assert np.array_equal(z, np.arange(0, bifurcation)), names[iliac]  # from the bottom up to the aorta
+        assert _touch(labels, iliac, _label(names, "aorta")) > 0  # the branch continues the trunk
+    # Below the bifurcation there is no aorta, and the two iliacs diverge toward their own side.
+    assert not (labels[:bifurcation] == _label(names, "aorta")).any()
+    gap = [np.argwhere(labels[k] == left)[:, 1].mean() - np.argwhere(labels[k] == right)[:, 1].mean()
+           for k in (0, bifurcation - 1)]
+    assert gap[0] > gap[1] + 5  # further apart the lower they are
+    assert volume.index_to_world(_centroid(labels, right))[0][0] < volume.index_to_world(_centroid(labels, left))[0][0]
+
+
+def test_ct_vertebrae_are_separate_levels_with_discs_between(ct):
+    volume, labels, names = ct
+    spans = [_slices(labels, _label(names, v)) for v in VERTEBRAE]
+    # Top to bottom: T12 at the highest slices, L4 at the lowest; each one compact, 6-12 slices.
+    assert spans[0].max() == volume.shape[0] - 1 and spans[-1].min() == 0
+    for upper, lower, name in zip(spans[:-1], spans[1:], VERTEBRAE[1:]):
+        assert lower.max() < upper.min(), name
+        assert np.array_equal(lower, np.arange(lower.min(), lower.max() + 1)), name
+        disc = np.arange(lower.max() + 1, upper.min())
+        assert 1 <= disc.size <= 5, name  # an intervertebral disc between neighbours
+        # The disc is soft tissue in the spine's place, and no vertebra is labelled on it.
+        assert not np.isin(labels[disc], [_label(names, v) for v in VERTEBRAE]).any()
+        body = (_centroid(labels, _label(names, name))[1:]).astype(int)
+        assert 40 <= np.median(volume.array[disc, body[0] - 2:body[0] + 3, body[1] - 2:body[1] + 3]) <= 140
+    inner = spans[1:-1]
+    for span in inner:
+        assert 6 <= span.size <= 12
+    # Neighbouring vertebrae have the same cross-section: a box on one covers the next.
+    a, b = (labels == _label(names, VERTEBRAE[1])), (labels == _label(names, VERTEBRAE[2]))
+    area_a, area_b = a.any(0), b.any(0)
+    assert np.count_nonzero(area_a & area_b) > 0.8 * min(area_a.sum(), area_b.sum())
+
+
+def test_ct_gallbladder_lies_under_the_liver_and_touches_it(ct):
+    volume, labels, names = ct
+    n = volume.shape[0]
+    gallbladder, liver = _label(names, "gallbladder"), _label(names, "liver")
+    z = _slices(labels, gallbladder)
+    assert z.min() >= 3 and z.max() <= n - 4 and np.array_equal(z, np.arange(z.min(), z.max() + 1))
+    assert _touch(labels, gallbladder, liver) > 100
+    c = {k: volume.index_to_world(_centroid(labels, k))[0] for k in (gallbladder, liver)}
+    assert c[gallbladder][0] < 0  # on the patient's right
+    assert c[gallbladder][2] < c[liver][2]  # below the liver's centre
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    assert 15 <= (labels == gallbladder).sum() * voxel_ml <= 80
+
+
+def test_ct_pancreas_is_thin_and_changes_along_z(ct):
+    volume, labels, names = ct
+    n = volume.shape[0]
+    pancreas = _label(names, "pancreas")
+    z = _slices(labels, pancreas)
+    assert z.min() >= 3 and z.max() <= n - 4 and np.array_equal(z, np.arange(z.min(), z.max() + 1))
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    assert 25 <= (labels == pancreas).sum() * voxel_ml <= 120
+    # Thin: its in-plane thickness (twice the deepest interior distance) stays under 4 cm.
+    depth = max(ndimage.distance_transform_edt(labels[k] == pancreas).max() for k in z)
+    assert 2 * depth * volume.spacing_mm[1] < 40
+    # Head low and on the right, tail high and on the left: the cross-section moves along z.
+    low, high = z[: len(z) // 4], z[-len(z) // 4:]
+    col = {name: np.argwhere(labels[part] == pancreas)[:, 2].mean() for name, part in (("low", low), ("high", high))}
+    assert col["high"] - col["low"] > 15
+    # It touches the liver (head) and the spleen (tail).
+    assert _touch(labels, pancreas, _label(names, "liver")) > 0
+    assert _touch(labels, pancreas, _label(names, "spleen")) > 0

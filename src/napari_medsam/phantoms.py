@@ -16,26 +16,29 @@ from scipy import ndimage
 
 from .volume import AxisMapping, Volume
 
-# Labels 1-5 and 7 keep their numbers from the first phantom. Number 6 ("vertebrae", all of the
-# spine as one label) is retired: each vertebra now has its own label (11-15, top to bottom),
-# so a propagation can run from one vertebra into the next.
+# Labels 1-5 and 7 keep their numbers from the first phantom. Number 6 was "vertebrae" (the whole
+# spine as one label); each vertebra now has its own label (11-15, top to bottom), so a
+# propagation can run from one vertebra into the next, 16 holds the discs between them (what a
+# model answers just past a vertebra's end), and 6 is the gallbladder. The numbers stay
+# contiguous, as DICOM SEG segment numbers must be.
 CT_LABELS: dict[int, str] = {
-    1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta", 7: "lungs",
-    8: "gallbladder", 9: "pancreas", 10: "right common iliac artery", 11: "left common iliac artery",
-    12: "vertebra T12", 13: "vertebra L1", 14: "vertebra L2", 15: "vertebra L3", 16: "vertebra L4",
+    1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta", 6: "gallbladder", 7: "lungs",
+    8: "pancreas", 9: "right common iliac artery", 10: "left common iliac artery",
+    11: "vertebra T12", 12: "vertebra L1", 13: "vertebra L2", 14: "vertebra L3", 15: "vertebra L4",
+    16: "intervertebral discs",
 }
-# Vertebral levels from the top of the default field of view down, with their labels; level k
-# has its body centred at z = z0 - k * period (see make_ct_phantom).
-CT_VERTEBRAE: tuple[tuple[str, int], ...] = (("T12", 12), ("L1", 13), ("L2", 14), ("L3", 15), ("L4", 16))
+# Vertebral levels from the top of the default field of view down, with their labels; entry i has
+# its body centred at z = z0 + (2 - i) * period (see make_ct_phantom), L2 near the volume's centre.
+CT_VERTEBRAE: tuple[tuple[str, int], ...] = (("T12", 11), ("L1", 12), ("L2", 13), ("L3", 14), ("L4", 15))
 MR_LABELS: dict[int, str] = {1: "white matter", 2: "grey matter", 3: "ventricles", 4: "lesion"}
 
 # Nominal Hounsfield units of the clean CT map (before partial-volume blur and noise).
 CT_HU: dict[str, float] = {
     "air": -1000, "skin": 20, "fat": -100, "mesenteric fat": -90, "muscle": 50, "lung": -850,
     "liver": 60, "spleen": 50, "kidney medulla": 35, "kidney cortex": 150, "renal sinus fat": -60,
-    "aorta": 250, "ivc": 120, "heart": 90, "gallbladder": 15, "pancreas": 115, "stomach wall": 45, "stomach fluid": 15,
-    "bowel wall": 40, "bowel content": 20, "bowel gas": -950, "rib": 550, "vertebra cancellous": 400,
-    "vertebra cortex": 700, "vertebral arch": 650, "disc": 90, "spinal canal": 20,
+    "aorta": 250, "ivc": 120, "heart": 90, "gallbladder": 15, "pancreas": 115, "stomach wall": 45,
+    "stomach fluid": 15, "bowel wall": 40, "bowel content": 20, "bowel gas": -950, "rib": 550,
+    "vertebra cancellous": 400, "vertebra cortex": 700, "vertebral arch": 650, "disc": 90, "spinal canal": 20,
 }
 CT_NOISE_HU = 12.0
 
@@ -135,7 +138,7 @@ def _volume(array: np.ndarray, g: _Grid, modality: str, unit: str, meta: dict) -
 
 
 def _pancreas(g: _Grid, shift: tuple[float, float, float]) -> np.ndarray:
-    """The pancreas: a tube of varying radius along a polyline (head -> neck -> body -> tail), flattened front to back."""
+    """The pancreas: a tube of varying radius along a polyline (head, neck, body, tail), flattened front to back."""
     # (x, y, z) in mm and radius: uncinate process, head, neck, body, tail.
     nodes = np.array([
         (-30.0, -18.0, -20.0, 11.0), (-30.0, -24.0, -4.0, 15.0), (-8.0, -30.0, 8.0, 10.0),
@@ -270,10 +273,15 @@ def make_ct_phantom(
     iliac_radius = 6.5
     iliac_y = -1.0 + 0.15 * below
     iliacs = {}
-    for side, label in ((-1, 10), (1, 11)):
+    for side, label in ((-1, 9), (1, 10)):
         iliac_x = aorta_x + side * (3.5 + 0.55 * below)
         iliacs[label] = ((x - iliac_x) ** 2 + (y - iliac_y) ** 2 < iliac_radius**2) & body & (z < bifurcation_z)
-    arteries = aorta | iliacs[10] | iliacs[11]
+    arteries = aorta | iliacs[9] | iliacs[10]
+    # While the two lumens still overlap (one figure-of-eight lumen, no wall between them) the
+    # vessel is still the aorta; the iliac arteries begin where the lumens part.
+    fused = below < (iliac_radius - 3.5) / 0.55
+    aorta = aorta | ((iliacs[9] | iliacs[10]) & fused)
+    iliacs = {label: iliac & ~fused for label, iliac in iliacs.items()}
     ivc = (((x + 24) / 13) ** 2 + ((y - 3) / 9) ** 2 < 1) & body
 
     # Lungs beside the mediastinum, heart in front above the left dome.
@@ -330,7 +338,7 @@ def make_ct_phantom(
     hu[liver] = CT_HU["liver"]
     labels[liver] = 1
     hu[gallbladder] = CT_HU["gallbladder"]
-    labels[gallbladder] = 8
+    labels[gallbladder] = 6
 
     # Spleen: a crescent along the left posterolateral wall, under the left dome.
     spleen_r = _radius(g, (76 + jit(), 36 + jit(), 26 + jit()), (26, 64, 54), yaw_deg=40, bend=0.01)
@@ -339,7 +347,7 @@ def make_ct_phantom(
     labels[spleen] = 2
     pancreas &= ~spleen
     hu[pancreas] = CT_HU["pancreas"]
-    labels[pancreas] = 9
+    labels[pancreas] = 8
 
     hu[ivc] = CT_HU["ivc"]
     hu[arteries] = CT_HU["aorta"]
@@ -349,11 +357,12 @@ def make_ct_phantom(
 
     # Bone last, so it wins over anything drawn across it.
     hu[(body_r < 1) & is_disc] = CT_HU["disc"]
+    labels[(body_r < 1) & is_disc] = 16
     hu[vbody] = CT_HU["vertebra cortex"]
     hu[vbody & (core_r < 1)] = CT_HU["vertebra cancellous"]
     hu[arch] = CT_HU["vertebral arch"]
     hu[canal] = CT_HU["spinal canal"]
-    # One label per vertebra (body and arch): level k has its body centred at z0 - k * period.
+    # One label per vertebra (body and arch): CT_VERTEBRAE entry i has its body at z0 + (2 - i) * period.
     # Vertebrae beyond T12-L4 (only on a field of view taller than the default) are not labelled.
     level = np.rint((z - z0) / period).astype(int)
     bone = vbody | arch

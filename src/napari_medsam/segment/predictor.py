@@ -102,8 +102,9 @@ class SlicePredictor:
     ) -> None:
         if isinstance(volume, Volume):
             array, spacing, modality = volume.array, volume.spacing_mm, volume.modality
+            unit = volume.intensity_unit or ("HU" if modality == "CT" else "")
         else:
-            array, spacing, modality = np.asarray(volume), spacing_mm or (1.0, 1.0, 1.0), "OT"
+            array, spacing, modality, unit = np.asarray(volume), spacing_mm or (1.0, 1.0, 1.0), "OT", ""
         if array.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {array.shape}")
         if axis not in (0, 1, 2):
@@ -112,6 +113,7 @@ class SlicePredictor:
         self.array = array
         self.spacing_mm = tuple(float(s) for s in (spacing_mm or spacing))
         self.axis = axis
+        self.intensity_unit = unit  # for propagation's report ("mean 212 vs 65 HU")
         self.mapping = mapping or default_mapping(array, modality)
         self.cache = cache or EmbeddingCache(MemoryCache(max_bytes=1 << 30))
         self._volume_signature = signature
@@ -155,6 +157,10 @@ class SlicePredictor:
     def slice_image(self, index: int) -> np.ndarray:
         """The raw 2D slice (a view of the volume's voxels)."""
         return np.take(self.array, self._check_index(index), axis=self.axis)
+
+    def image(self, index: int) -> np.ndarray:
+        """The slice's intensities on the masks' grid: the optional protocol method propagation judges with."""
+        return self.slice_image(index)
 
     def model_image(self, index: int, mapping: IntensityMapping | None = None) -> np.ndarray:
         """The (H', W', 3) uint8 image the model sees: mapped intensities, square pixels.

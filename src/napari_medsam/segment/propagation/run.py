@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from ..postprocess import PostProcess, postprocess_mask
 from ..predictor import Prompts, SlicePredictorProtocol
 from ..prompting import PromptSettings, interpolate_masks, prompts_from_mask
+from .evidence import Appearance, Evidence, measure
 from .stop_rules import (STATUS_INTERPOLATED, STATUS_KEY, STATUS_PROPAGATED, STATUS_STOPPED, FrontCounters,
                          SliceReport, StopRule, dice, judge)
 
@@ -196,6 +197,12 @@ class PropagationRun:
         self._cancel, self._progress = as_cancel_check(cancel), progress
         in_plane = [s for a, s in enumerate(spacing_mm) if a != self.axis] if spacing_mm else None
         self.pixel_mm2 = float(in_plane[0] * in_plane[1]) if in_plane else None
+        spacing = spacing_mm or getattr(predictor, "spacing_mm", None)
+        self.pixel_mm = tuple(float(s) for a, s in enumerate(spacing) if a != self.axis) if spacing else (1.0, 1.0)
+        image = getattr(predictor, "image", None) if stop.use_image else None
+        self.image: Callable[[int], np.ndarray] | None = image if callable(image) else None
+        self.appearance: Appearance | None = None
+        self._key_views: list[tuple[np.ndarray, np.ndarray]] = []
         self.undo = UndoRecord(self.axis)
         self.reports: list[SliceReport] = []
         self.state: dict[int, str] = {}  # "key", "accepted", "skipped", "interpolated"
@@ -273,6 +280,11 @@ class PropagationRun:
     def add_key(self, index: int, mask: np.ndarray, score: float | None) -> None:
         """Write a key slice (never touched by the fronts afterwards)."""
         written = self.write(index, mask)
+        if self.image is not None and np.any(mask):
+            # The object's appearance comes from its key slices, which the user prompted and saw.
+            self._key_views.append((np.asarray(self.image(index)), np.asarray(mask, bool)))
+            images, masks = zip(*self._key_views)
+            self.appearance = Appearance.of(list(images), list(masks), str(getattr(self.predictor, "intensity_unit", "")))
         self.protected.add(index)
         self.state[index] = STATUS_KEY
         self.report(index, STATUS_KEY, "key", mask, score, None, written)
@@ -313,7 +325,13 @@ class PropagationRun:
                 front.end("unchanged")
                 self.tick(f"slice {k}: unchanged")
                 return False
-        verdict, overlap = judge(self.stop, mask, score, guide, front.counters)
+        evidence = self.evidence(k, mask, guide, front.mask_index)
+        if front.mask_index in self.protected and evidence.lost is not None:
+            # A key slice may hold a leak the user let pass (a box prompt's answer); the next slice
+            # rightly leaves that out, so parts left out are judged against propagated slices only.
+            evidence = replace(evidence, lost=None)
+        verdict, overlap = judge(self.stop, mask, score, guide, front.counters, evidence,
+                                 self.appearance.unit if self.appearance is not None else "")
         written, status = False, verdict.status
         if verdict.accept:
             prior = self.scores.get(k)
@@ -333,6 +351,14 @@ class PropagationRun:
             front.end(verdict.reason)
         self.tick(f"slice {k}: {status}")  # after ending fronts, so the last call has done == total
         return not front.finished
+
+    def evidence(self, index: int, mask: np.ndarray, previous: np.ndarray, previous_index: int) -> Evidence:
+        """Shape (and, with an image, intensity) evidence for ``mask`` on slice ``index``."""
+        use_image = self.image is not None and self.appearance is not None and np.any(mask)
+        return measure(mask, previous, pixel_mm=self.pixel_mm, outside_mm=self.stop.outside_mm,
+                       image=self.image(index) if use_image else None,  # type: ignore[misc]
+                       appearance=self.appearance, gap=abs(index - previous_index),
+                       previous_image=self.image(previous_index) if use_image else None)  # type: ignore[misc]
 
     def _predict(self, index: int, prompts: Prompts, ahead: int):
         self.prefetcher.ensure(index)
