@@ -104,6 +104,21 @@ def test_duplicate_position_is_skipped_and_reported(series, capsys):
     assert facts["warnings"] == [warning] and err == [f"napari-medsam info: warning: {warning}"]
 
 
+def test_a_series_copied_twice_gives_one_short_line(series, capsys):
+    folder, files, ct = series
+    for f in files:
+        copy = folder / f"copy_{f.name}"
+        shutil.copy(f, copy)
+        edit([copy], lambda ds, _: setattr(ds, "SOPInstanceUID", generate_uid()))
+    volume = load_volume(folder)
+    np.testing.assert_array_equal(volume.array, ct)
+    (warning,) = volume.metadata["warnings"]
+    assert warning.startswith(f"{len(files)} images duplicate others") and "skipped" in warning
+    assert len(warning) < 200
+    _, err = _info(capsys, folder)
+    assert len(err) == 1
+
+
 def test_slice_of_another_size_is_left_out_and_reported(series, capsys):
     folder, files, ct = series
 

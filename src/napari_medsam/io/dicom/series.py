@@ -122,6 +122,7 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
     for plane in planes:
         groups.setdefault(plane.path, []).append(plane)
     where = {id(p): k for p, k in zip(planes, stack_index)}
+    duplicates: list[tuple[str, str, float]] = []  # (skipped image, the one kept, mm along the normal)
     for group in groups.values():
         for plane, pixels in decode_planes(group):
             if pixels.shape != (rows, cols):
@@ -139,10 +140,7 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
                         f"along the slice normal): {names[k]} and {_frame_name(plane)}. It mixes "
                         "acquisitions (e.g. phases, echoes or repeats); split the series before opening it."
                     )
-                warnings.append(
-                    f"{_frame_name(plane)} duplicates the image at {height:.3f} mm along the slice normal "
-                    f"({names[k]}); it was skipped."
-                )
+                duplicates.append((_frame_name(plane), names[k], height))
                 continue
             if array.dtype == np.int16 and not fits_int16(values):
                 array = array.astype(np.float32)  # rare: values beyond int16, so one re-allocation
@@ -153,6 +151,13 @@ def _build_volume(info: DicomSeriesInfo, planes: list[Plane], warnings: list[str
             low = float(values.min())
             filled_min = low if filled_min is None else min(filled_min, low)
 
+    if len(duplicates) == 1:
+        skipped, kept, height = duplicates[0]
+        warnings.append(f"{skipped} duplicates the image at {height:.3f} mm along the slice normal ({kept}); "
+                        "it was skipped.")
+    elif duplicates:  # one line for all, however many (a series copied twice into one folder)
+        warnings.append(f"{len(duplicates)} images duplicate others at the same position with the same pixels "
+                        f"(first: {duplicates[0][0]} = {duplicates[0][1]}); they were skipped.")
     slice_axis = axes.file_axis.index(2)
     flipped = axes.flipped[slice_axis]
     missing = [k for k in range(n_grid) if datasets[k] is None]
