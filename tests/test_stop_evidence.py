@@ -181,3 +181,45 @@ def test_propagation_uses_the_image_when_the_predictor_offers_it(with_image):
     else:  # shapes only: the predictor lacks image(); the run still works
         assert all("intensity" not in r.status for r in result.reports)
     assert labels[2:6].all(axis=(1, 2)).sum() == 0 and (labels[2:6] == 1).any(axis=(1, 2)).all()
+
+
+def test_mask_pooled_embeddings_are_reported_and_can_reject():
+    """With a real network: the new mask's pooled embedding against the key slices' (report; opt-in rule)."""
+    from test_predictor import tiny_model
+
+    from napari_medsam.segment.predictor import SlicePredictor
+    from napari_medsam.volume import Volume
+
+    slices = [ct_slice((LIVER, 100.0), (KIDNEY, 180.0), seed=i) for i in range(4)]
+    volume = Volume(np.stack(slices).astype(np.int16), (5.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), modality="CT")
+    predictor = SlicePredictor(tiny_model("sam"), volume, axis=0)  # anisotropic pixels: 1 x 2 mm
+    embedding = predictor.embed(1)[0]
+    # By hand: slice (96, 96) at 1 x 2 mm -> square pixels (96, 192) -> resized into the 1024 square
+    # (512 x 1024) -> 64 x 64 cells of which the top 32 rows are image.
+    mask = np.zeros(SHAPE, bool)
+    mask[0:3, 0:3] = True  # rows 0-2 land in cell row 0 or 1, columns 0-2 in cell column 0-1
+    rows = ((np.arange(96) + 0.5) * 32 / 96).astype(int)
+    cols = ((np.arange(96) + 0.5) * 64 / 96).astype(int)
+    weights = np.zeros((64, 64))
+    for r in range(3):
+        for c in range(3):
+            weights[rows[r], cols[c]] += 1
+    expected = (embedding * weights).sum(axis=(1, 2)) / 9
+    np.testing.assert_allclose(predictor.pooled_embedding(1, mask), expected, rtol=1e-5)
+    assert predictor.pooled_embedding(1, np.zeros(SHAPE, bool)) is None
+
+    labels = np.zeros((4, *SHAPE), np.uint8)
+    result = propagate(predictor, labels, 1, {1: LIVER}, direction="up", fill_skipped=False,
+                       stop=StopRule(min_score=-1.0, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e9,
+                                     max_outside_fraction=1.0, max_centroid_shift=1e9, use_image=False))
+    rows_ = [r for r in result.reports if r.front == "up"]
+    assert rows_ and all(r.evidence is not None and r.evidence.similarity is not None for r in rows_)
+    assert all(-1.0 <= r.evidence.similarity <= 1.0 for r in rows_)
+    # Opt-in: a similarity demanded above what the masks reach rejects the slice and names it.
+    labels[:] = 0
+    strict = StopRule(min_score=-1.0, min_overlap=0.0, min_area_ratio=0.0, max_area_ratio=1e9,
+                      max_outside_fraction=1.0, max_centroid_shift=1e9, use_image=False,
+                      min_embedding_similarity=1.01)
+    result = propagate(predictor, labels, 1, {1: LIVER}, direction="up", fill_skipped=False, stop=strict)
+    first = [r for r in result.reports if r.front == "up"][0]
+    assert "image features differ from key slices: similarity" in first.status

@@ -194,6 +194,28 @@ class SlicePredictor:
         key = self.key(index, model, mapping)
         return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(key.index, mapping)))
 
+    def pooled_embedding(self, index: int, mask: np.ndarray) -> np.ndarray | None:
+        """The slice's image embedding averaged over ``mask`` (a 256-vector), or None for an empty mask.
+
+        The optional protocol method propagation compares key slices and new masks with: each
+        embedding cell is weighted by the mask pixels that land in it (slice grid -> square
+        pixels -> the model's resized input, top-left in its square -> the embedding grid).
+        """
+        mask = np.asarray(mask, bool)
+        if not mask.any():
+            return None
+        embedding = np.asarray(self.embed(index))[0]  # (C, G, G)
+        grid = embedding.shape[-1]
+        rows, cols = self.slice_shape
+        h, w = self.model.geometry(*self._model_image_size()).input_size
+        cells = (max(1, int(round(h * grid / self.model.image_size))), max(1, int(round(w * grid / self.model.image_size))))
+        row_cell = np.minimum(((np.arange(rows) + 0.5) * cells[0] / rows).astype(np.int64), grid - 1)
+        col_cell = np.minimum(((np.arange(cols) + 0.5) * cells[1] / cols).astype(np.int64), grid - 1)
+        rr, cc = np.nonzero(mask)
+        weights = np.zeros((grid, grid), np.float64)
+        np.add.at(weights, (row_cell[rr], col_cell[cc]), 1.0)
+        return np.tensordot(embedding, weights, axes=([1, 2], [0, 1])) / weights.sum()
+
     def predict(self, index: int, prompts: Prompts, multimask: bool = False, *, exact: bool = False,
                 keep_logits: bool = False) -> SliceMasks:
         """Masks for slice ``index`` from ``prompts`` (embedding computed first if needed)."""

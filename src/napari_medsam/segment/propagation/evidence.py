@@ -26,7 +26,11 @@ measures that.
 
 Predictors offer the image through an optional ``image(index)`` method (the raw intensities
 of slice ``index``, the masks' grid) and an optional ``intensity_unit`` ("HU" for CT) used in
-the report; without ``image`` only the shape evidence is used.
+the report; without ``image`` only the shape evidence is used. A predictor with a network may
+also offer ``pooled_embedding(index, mask)`` (the image embedding averaged over the mask):
+:func:`cosine` of the new mask's to the key slices' is :attr:`Evidence.similarity`, reported,
+and a rejection criterion only when ``StopRule.min_embedding_similarity`` is set (no default:
+with no real weights on our machines it could not be calibrated).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class Evidence:
     previous_match: float | None = None  # fraction of the new mask inside the previous slice's band
     previous_mean: float | None = None  # mean intensity of the previous mask on its slice
     merged: float | None = None  # fraction of the new mask on a look-alike piece beside the previous mask
+    similarity: float | None = None  # cosine similarity of mask-pooled image embeddings to the key slices'
+    footprint: float | None = None  # fraction of the previous mask's place that still looks like the object
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -149,7 +155,7 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
     scale = np.asarray(pixel_mm, float)
     radius_mm = np.sqrt(prev_area * scale.prod() / np.pi)
     shift = float(np.linalg.norm((_centroid(mask) - _centroid(previous)) * scale)) / max(radius_mm, 1e-6)
-    match = core_match = mean = reference = lost = previous_match = previous_mean = merged = None
+    match = core_match = mean = reference = lost = previous_match = previous_mean = merged = footprint = None
     if image is not None and appearance is not None:
         reference = appearance.mean
         image = np.asarray(image, np.float32)
@@ -175,10 +181,15 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
             before = Appearance.of([previous_image], [previous])
             if before is not None:
                 previous_match, previous_mean = before.inside(pixels), before.mean
+                # Is the object still where it was? (A model that dropped it answers elsewhere.)
+                place = _core(previous)
+                footprint = float(np.count_nonzero(place & appearance.looks(image) & before.looks(image))
+                                  / max(int(np.count_nonzero(place)), 1))
                 if overlap.any():  # where it overlaps the previous mask it must look like it too
                     core_match = min(core_match, before.inside(image[overlap]))
     return Evidence(float(kept), float(outside), shift, match, core_match, mean, reference,
-                    None if lost is None else float(lost), gap, previous_match, previous_mean, merged)
+                    None if lost is None else float(lost), gap, previous_match, previous_mean, merged,
+                    footprint=footprint)
 
 
 def _merged(mask: np.ndarray, previous: np.ndarray, previous_image: np.ndarray, appearance: Appearance,
@@ -200,3 +211,13 @@ def _merged(mask: np.ndarray, previous: np.ndarray, previous_image: np.ndarray, 
     own = np.unique(pieces[previous & looks])
     other = np.isin(pieces, own[own > 0], invert=True) & looks
     return float(np.count_nonzero(mask & other)) / max(int(np.count_nonzero(mask)), 1)
+
+
+def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    """Cosine similarity of two vectors (None when either is missing or zero)."""
+    if a is None or b is None:
+        return None
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return None
+    return float(np.dot(a, b) / (na * nb))

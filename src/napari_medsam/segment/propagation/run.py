@@ -18,7 +18,7 @@ import numpy as np
 from ..postprocess import PostProcess, postprocess_mask
 from ..predictor import Prompts, SlicePredictorProtocol
 from ..prompting import PromptSettings, interpolate_masks, prompts_from_mask
-from .evidence import Appearance, Evidence, measure
+from .evidence import Appearance, Evidence, cosine, measure
 from .stop_rules import (STATUS_INTERPOLATED, STATUS_KEY, STATUS_PROPAGATED, STATUS_STOPPED, FrontCounters,
                          SliceReport, StopRule, dice, judge)
 
@@ -202,6 +202,9 @@ class PropagationRun:
         image = getattr(predictor, "image", None) if stop.use_image else None
         self.image: Callable[[int], np.ndarray] | None = image if callable(image) else None
         self.appearance: Appearance | None = None
+        pooled = getattr(predictor, "pooled_embedding", None)
+        self.pooled: Callable[[int, np.ndarray], np.ndarray | None] | None = pooled if callable(pooled) else None
+        self._key_features: list[np.ndarray] = []
         self._key_views: list[tuple[np.ndarray, np.ndarray]] = []
         self.undo = UndoRecord(self.axis)
         self.reports: list[SliceReport] = []
@@ -243,11 +246,12 @@ class PropagationRun:
 
     # ------------------------------------------------------------------ reports and progress
     def report(self, index: int, status: str, front: str, mask: np.ndarray | None = None,
-               score: float | None = None, overlap: float | None = None, written: bool = False) -> SliceReport:
+               score: float | None = None, overlap: float | None = None, written: bool = False,
+               evidence: Evidence | None = None) -> SliceReport:
         """Add a report row (areas computed from ``mask``)."""
         area = None if mask is None else int(np.count_nonzero(mask))
         area_mm2 = None if area is None or self.pixel_mm2 is None else area * self.pixel_mm2
-        row = SliceReport(index, status, front, area, area_mm2, score, overlap, written)
+        row = SliceReport(index, status, front, area, area_mm2, score, overlap, written, evidence)
         self.reports.append(row)
         return row
 
@@ -285,6 +289,10 @@ class PropagationRun:
             self._key_views.append((np.asarray(self.image(index)), np.asarray(mask, bool)))
             images, masks = zip(*self._key_views)
             self.appearance = Appearance.of(list(images), list(masks), str(getattr(self.predictor, "intensity_unit", "")))
+        if self.pooled is not None and np.any(mask):
+            features = self.pooled(index, np.asarray(mask, bool))
+            if features is not None:
+                self._key_features.append(np.asarray(features, np.float64))
         self.protected.add(index)
         self.state[index] = STATUS_KEY
         self.report(index, STATUS_KEY, "key", mask, score, None, written)
@@ -326,6 +334,9 @@ class PropagationRun:
                 self.tick(f"slice {k}: unchanged")
                 return False
         evidence = self.evidence(k, mask, guide, front.mask_index)
+        if self._key_features and mask.any():
+            key = np.mean(self._key_features, axis=0)
+            evidence = replace(evidence, similarity=cosine(self.pooled(k, mask), key))  # type: ignore[misc]
         if front.mask_index in self.protected and evidence.lost is not None:
             # A key slice may hold a leak the user let pass (a box prompt's answer); the next slice
             # rightly leaves that out, so parts left out are judged against propagated slices only.
@@ -343,7 +354,7 @@ class PropagationRun:
             front.accept(mask, result.low_res_logits[0], k)
         else:
             self.state.setdefault(k, "skipped")
-        self.report(k, status, front.name, mask, score, overlap, written)
+        self.report(k, status, front.name, mask, score, overlap, written, evidence)
         if joint:
             front.end(f"met the other front at slice {k}")
             partner.end(f"met the other front at slice {k}")  # type: ignore[union-attr]

@@ -62,6 +62,8 @@ class StopRule:
     max_lost_fraction: float = 0.15  # previous mask left out although it still looks like the object
     max_merged_fraction: float = 0.2  # new mask on a look-alike structure beside the previous one
     leak_kept: float = 0.75  # a rejected mask covering this much of the previous one is a leak
+    dropout_footprint: float = 0.8  # ... and one elsewhere while this much of the object's place still looks like it, a dropout
+    min_embedding_similarity: float | None = None  # mask-pooled embeddings vs key slices' (None: report only)
 
     def __post_init__(self) -> None:
         if self.overlap_metric not in ("dice", "iou"):
@@ -72,7 +74,7 @@ class StopRule:
         if min(self.max_empty_slices, self.max_rejected_slices, self.max_leak_slices) < 1:
             raise ValueError("max_empty_slices, max_rejected_slices and max_leak_slices must be at least 1")
         for name in ("min_intensity_match", "min_previous_match", "max_outside_fraction", "leak_kept",
-                     "max_lost_fraction", "max_merged_fraction"):
+                     "max_lost_fraction", "max_merged_fraction", "dropout_footprint"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.outside_mm <= 0 or self.max_centroid_shift <= 0:
@@ -116,6 +118,7 @@ class SliceReport:
     score: float | None = None  # the predictor's IoU estimate
     overlap: float | None = None  # with the previous accepted mask of the same front
     written: bool = False  # True when this slice's labels were changed by this report's step
+    evidence: Evidence | None = None  # the stop rule's measurements on a propagated slice
 
     @property
     def kind(self) -> str:
@@ -194,11 +197,17 @@ def judge(rule: StopRule, mask: np.ndarray, score: float | None, previous: np.nd
         evidence.core_match is None or evidence.core_match >= rule.min_intensity_match) and (
         evidence.lost is None or evidence.lost <= rule.max_lost_fraction) and (
         evidence.merged is None or evidence.merged <= rule.max_merged_fraction)
-    counters.foreign += 0 if leak else 1
+    # The object still in its place on the image while the answer is something else: the model
+    # dropped it (bridged like a leak), not the object's end.
+    dropout = not leak and evidence is not None and evidence.footprint is not None and (
+        evidence.footprint >= rule.dropout_footprint)
+    counters.foreign += 0 if leak or dropout else 1
     # Another structure on max_rejected_slices slices of a run of misses ends the front (what a
-    # model answers past an organ's end); leaks alone end it only after max_leak_slices.
-    reason = ("leak: " if leak else "") + "; ".join(reasons)
-    stop = counters.misses >= rule.max_leak_slices or (not leak and counters.foreign >= rule.max_rejected_slices)
+    # model answers past an organ's end); leaks and dropouts alone end it only after max_leak_slices.
+    prefix = "leak: " if leak else f"dropout ({evidence.footprint:.0%} of its place still looks like it): " if dropout else ""
+    reason = prefix + "; ".join(reasons)
+    stop = counters.misses >= rule.max_leak_slices or (
+        not (leak or dropout) and counters.foreign >= rule.max_rejected_slices)
     if stop:
         n = counters.misses
         reason += f" ({n} missed slice{'s' if n > 1 else ''} in a row)"
@@ -221,6 +230,10 @@ def _evidence_reasons(rule: StopRule, evidence: Evidence, prev_area: int, unit: 
     if evidence.merged is not None and evidence.merged > rule.max_merged_fraction:
         reasons.append(f"{evidence.merged:.0%} of it lies on a structure that was beside the object on the "
                        "previous slice")
+    if (rule.min_embedding_similarity is not None and evidence.similarity is not None
+            and evidence.similarity < rule.min_embedding_similarity):
+        reasons.append(f"image features differ from key slices: similarity {evidence.similarity:.2f} < "
+                       f"{rule.min_embedding_similarity:.2f}")
     if evidence.match is None or evidence.mean is None:
         return reasons
     if evidence.match < rule.min_intensity_match:
