@@ -17,7 +17,7 @@ from napari.utils.notifications import notification_manager
 from test_weights import server  # noqa: F401  (the local HTTP server fixture)
 
 from napari_medsam._napari import progress as progress_module
-from napari_medsam._napari.model_panel import MAPPING_LIMITS, MAPPING_PERCENTILE, ModelPanel, weight_state
+from napari_medsam._napari.model_panel import MAPPING_LIMITS, MAPPING_PERCENTILE, ModelPanel, _megabytes, weight_state
 from napari_medsam._napari.settings import Settings
 from napari_medsam.models.registry import MODELS
 from napari_medsam.models.weights import cached_path
@@ -232,18 +232,46 @@ def test_unavailable_device_gives_notification(make_panel, golden_dir, qtbot):
     assert make_panel().device_combo.currentText() == "CPU"
 
 
-def test_load_without_weights_downloads_first(make_panel, server, golden_dir, monkeypatch, qtbot):  # noqa: F811
+def test_load_without_weights_says_what_is_missing_and_download_then_loads(make_panel, server, golden_dir,
+                                                                          monkeypatch, qtbot):  # noqa: F811
+    """Load model never starts a download by itself: it names the file, its size and licence."""
     data = (golden_dir / "mobile_sam_random.pt").read_bytes()
     server.state.files["/m.pt"] = data
     spec = _test_spec(server.url + "/m.pt", data, name="test_mobile")
     monkeypatch.setitem(MODELS, spec.name, spec)
     panel = make_panel(spec.name)
     panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    before = len(notification_manager.records)
+    panel.load_button.click()
+    assert not panel.downloading and panel.model is None and not panel.loading
+    text = panel.status.text()
+    assert "has no weights on this computer" in text and _megabytes(len(data)) in text and spec.license in text
+    assert any(m == "Test Model has no weights yet: see the Model box" for m in _messages(before))
+    # the user chooses Download: the file comes, then the model loads (what Load asked for)
     with qtbot.waitSignal(panel.model_changed, timeout=60000) as blocker:
-        panel.load_button.click()
+        panel.download_button.click()
         assert panel.downloading
     assert isinstance(blocker.args[0], SamModel) and panel.model_name == "test_mobile"
     assert panel.weights_label.text() == "present" and panel.status.text() == ready_text("Test Model")
+
+
+def test_a_long_failure_is_short_in_the_toast_and_whole_in_the_panel(make_panel, monkeypatch):
+    panel = make_panel()
+    before = len(notification_manager.records)
+    long = ("Download failed: could not download the weights from any of 2 addresses. "
+            + "https://example.invalid/" + "x" * 150 + " answered HTTP 404; "
+            + "https://mirror.invalid/" + "y" * 150 + " timed out.")
+    panel._fail(long)
+    (toast,) = _messages(before)
+    headline, rest = toast.split("\n", 1)
+    assert len(headline) < 140 and headline.endswith("(details in the Model box)") and rest == long
+    assert panel.status.toolTip() == long and panel.status.wordWrap()
+
+
+def test_the_model_box_fits_napari_default_dock(make_panel):
+    panel = make_panel()
+    panel.show()
+    assert panel.minimumSizeHint().width() <= 380, panel.minimumSizeHint().width()
 
 
 def test_set_model_and_unload(make_panel, qtbot):

@@ -115,6 +115,9 @@ class MappingCombo(QComboBox):
         for key, label in MAPPING_LABELS.items():
             self.addItem(label, key)
         self.setToolTip("How scan intensities become the model's 8-bit input (the voxels are not changed)")
+        # Narrower than its longest entry (the popup still shows them whole): the dock is ~400 px.
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(18)
         self.setCurrentIndex(max(0, self.findData(current)))
         self._percentile: tuple[Any, IntensityMapping] | None = None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox, QLabel, QPushButton
 
 from ..errors import DeviceError, DownloadCancelled, MedSamError, WeightsError
 from ..models.registry import ModelSpec, list_models, recommended_model
@@ -59,6 +59,19 @@ def weight_state(spec: ModelSpec, local: str | None, cache_dir: str | None) -> t
     if partial_path(target).is_file():
         tip += " (a partial download is kept and will be resumed)"
     return f"not downloaded ({size})", tip
+
+
+def missing_weights_text(spec: ModelSpec) -> str:
+    """What the panel says when a model without weights is to be loaded: size, licence, choices."""
+    size = _megabytes(spec.size_bytes) if spec.size_bytes else "size unknown"
+    return (f"{spec.display_name} has no weights on this computer. Download ({size}, licence {spec.license}, "
+            f"{spec.homepage}), or Choose file... / Folder... if you have them.")
+
+
+def _short(message: str, limit: int = 90) -> str:
+    """The first sentence of ``message``, cut to ``limit`` characters: what fits a napari toast."""
+    first = message.split(". ", 1)[0].split("\n", 1)[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _message(exc: BaseException) -> str:
@@ -114,10 +127,13 @@ class ModelPanel(QGroupBox):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.mapping_combo = MappingCombo(self.settings.get("mapping", DEFAULT_MAPPING))
 
-        weights_row = QHBoxLayout()  # the buttons under the state: the dock is narrow
-        for button in (self.download_button, self.cancel_button, self.choose_button, self.forget_button,
-                       self.folder_button):
-            weights_row.addWidget(button)
+        # The buttons under the state, two per row: one row of five is wider than napari's dock.
+        weights_row = QGridLayout()
+        weights_row.addWidget(self.download_button, 0, 0)
+        weights_row.addWidget(self.choose_button, 0, 1)
+        weights_row.addWidget(self.folder_button, 1, 0)
+        weights_row.addWidget(self.forget_button, 1, 1)
+        weights_row.addWidget(self.cancel_button, 2, 0, 1, 2)  # only while downloading
         form = QFormLayout(self)
         form.addRow("Model", self.model_combo)
         form.addRow("Weights", self.weights_label)
@@ -234,8 +250,11 @@ class ModelPanel(QGroupBox):
         self.status.setToolTip(text)
 
     def _fail(self, message: str, level: str = "error") -> None:
+        """The whole message in the panel (wrapped, with a tooltip); its first sentence in a toast."""
         self._set_status(message)
-        _notify(level, message)
+        short = _short(message)
+        # napari's toast shows the first line; the whole text follows it (the toast's expander)
+        _notify(level, short if short == message else f"{short} (details in the Model box)\n{message}")
 
     def choose_file(self) -> None:
         """Ask for a local weight file for the chosen model and remember it."""
@@ -331,7 +350,7 @@ class ModelPanel(QGroupBox):
             self.load()
 
     def load(self) -> FunctionWorker | None:
-        """Build the chosen model on the chosen device in a worker (downloading first if needed)."""
+        """Build the chosen model on the chosen device in a worker; without weights, say what is missing."""
         from .workers import start_worker
 
         if self._load_worker is not None:
@@ -339,12 +358,14 @@ class ModelPanel(QGroupBox):
         spec, device, cache = self.selected_spec, self.device, self._cache_dir()
         local = self.local_file(spec.name)
         if local is None and not cached_path(spec, cache).is_file():
-            if self._download is None:
-                self.download()
-            if self._download is None or self._download["spec"].name != spec.name:
-                self._fail(f"{spec.display_name} has no weights yet; wait for the running download", "warning")
-            else:
-                self._load_after = spec.name
+            # Never download behind the user's back: say what is missing and what to do.
+            if self._download is not None and self._download["spec"].name == spec.name:
+                self._load_after = spec.name  # loads when the running download ends
+                self._set_status(f"{spec.display_name} loads when its download has finished")
+                return None
+            self._load_after = spec.name  # a Download pressed next loads it afterwards
+            self._set_status(missing_weights_text(spec))
+            _notify("warning", f"{spec.display_name} has no weights yet: see the Model box")
             return None
 
         def job():
