@@ -53,7 +53,16 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
 
     def __init__(self, viewer: Any, image_layer: Any, labels_layer: Any, model: SamModel, *,
                  mapping: IntensityMapping | None = None, cache: EmbeddingCache | None = None,
-                 overwrite: bool = False, bind_keys: bool = True) -> None:
+                 overwrite: bool = False, bind_keys: bool = True, session: SegmentationSession | None = None,
+                 prompt_layers: tuple[Any, Any] | None = None, signature: str | None = None) -> None:
+        """Segment ``image_layer`` into ``labels_layer``.
+
+        A scan's panel session passes back what an earlier controller of the same scan left:
+        ``session`` (the SegmentationSession on ``labels_layer``'s data: objects, prompts and undo
+        history), ``prompt_layers`` (its points and boxes layers, rewritten here to hold exactly
+        the session's prompts) and ``signature`` (the scan's cache signature), so switching scans
+        or reloading the model neither adds layers nor loses history.
+        """
         array = np.asarray(image_layer.data)
         if array.ndim not in (2, 3) or image_layer.rgb:
             raise NotAVolumeError(f"layer {image_layer.name!r} has shape {array.shape}"
@@ -79,10 +88,16 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
                                                  else ([1.0, *scale[-2:]] if self.flat else scale[-3:])))
         self.mapping = mapping or default_mapping(array, volume.modality if volume is not None else "OT")
         self.cache = cache if cache is not None else EmbeddingCache(MemoryCache())
-        names, colors = _known_segments(labels_layer.metadata)
-        self.session = SegmentationSession(labels_layer.data[None] if self.flat else labels_layer.data, names=names,
-                                           colors=colors, overwrite=overwrite)
-        self._signature: str | None = None  # computed by the first worker: hashing a scan is slow
+        data = labels_layer.data[None] if self.flat else labels_layer.data
+        if session is not None and not np.may_share_memory(session.labels, data):
+            raise LabelsMismatchError(f"the segmentation session given does not edit labels layer {labels_layer.name!r}")
+        if session is None:
+            names, colors = _known_segments(labels_layer.metadata)
+            session = SegmentationSession(data, names=names, colors=colors, overwrite=overwrite)
+        else:
+            session.overwrite = bool(overwrite)
+        self.session = session
+        self._signature: str | None = signature  # else computed by the first worker: hashing a scan is slow
         self._predictors: dict[int, SlicePredictor] = {}
         # predictor() and scan_signature() are called from embedding workers and the Qt thread.
         # _state_lock guards the signature and the predictors (held for microseconds only);
@@ -100,11 +115,14 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         self._closed = False
         self.queue = EmbeddingQueue(self._embed_job, on_start=self._on_embed_start, on_done=self._on_embedded,
                                     on_error=self._on_embed_error)
-        self.points_layer, self.boxes_layer = add_prompt_layers(viewer, image_layer)
+        if prompt_layers is None or any(layer not in viewer.layers for layer in prompt_layers):
+            prompt_layers = add_prompt_layers(viewer, image_layer)
+        self.points_layer, self.boxes_layer = prompt_layers
         self._connections: list[tuple[Any, Any]] = []
         self._bound: list[tuple[Any, str]] = []
         # Rows each prompt layer had before its current edit: napari appends new prompts at the end.
         self._sizes = {id(self.points_layer): 0, id(self.boxes_layer): 0}
+        self._match_prompts_to_session()
         for layer in (self.points_layer, self.boxes_layer):
             self._connect(layer.events.data, lambda event, layer=layer: self._on_prompts_event(layer, event))
             self._connect(layer.events.features, lambda event, layer=layer: self._on_prompts_event(layer, event))
@@ -187,6 +205,8 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         return axis, index
 
     def _on_view_changed(self, event: Any = None) -> None:
+        if self._closed:  # an event already on its way when the controller closed
+            return
         plane = self.current_plane()
         if plane is None:
             if self.queue.running is None:

@@ -65,7 +65,8 @@ class PromptInputMixin:
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = getattr(event, "value", None)
-        if layer is not None and _takes_plugin_keys(layer):
+        # Closed during this very event (the panel switched to the scan being added): bind nothing.
+        if not self._closed and layer is not None and _takes_plugin_keys(layer):
             self._bind_on(layer)
 
     def run_shortcut(self, method: str) -> None:
@@ -118,7 +119,7 @@ class PromptInputMixin:
         return self._gestures > 0
 
     def _on_prompts_event(self, layer: Any, event: Any = None) -> None:
-        if self._syncing:
+        if self._syncing or self._closed:
             return
         action = str(getattr(event, "action", "") or "")
         if action.endswith("ING"):  # ADDING/CHANGING/REMOVING: remember the size, the data are not final yet

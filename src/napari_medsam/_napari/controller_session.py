@@ -110,6 +110,37 @@ class SessionEditsMixin:
                            id(self.boxes_layer): len(self.boxes_layer.data)}
         self._groups = self._read_groups()
 
+    def session_groups(self) -> dict[Key, Any]:
+        """{(axis, index, object): SlicePrompts} of every prompt the session holds."""
+        session = self.session
+        return {(axis, index, obj.value): session.slice_prompts(obj.value, axis, index)
+                for obj in session.objects for axis in range(3) for index in session.prompted_slices(obj.value, axis)}
+
+    def _match_prompts_to_session(self) -> None:
+        """Make the prompt layers hold exactly the session's prompts (reused layers, a reused or new session).
+
+        Layers that already agree (switching back to a scan) are left untouched; otherwise every
+        row is removed and the session's prompts are written back, so a new session on reused
+        layers starts without another session's markers.
+        """
+        wanted = {k: v for k, v in self.session_groups().items() if not v.empty}
+        points, boxes = self.points_layer, self.boxes_layer
+        have = self._read_groups()
+        unread = len(points.data) + len(boxes.data) != sum(len(g.points) + (g.box is not None) for g in have.values())
+        if have != wanted or unread:
+            self._syncing = True
+            try:
+                for layer in (points, boxes):
+                    if len(layer.data):
+                        layer.selected_data = set(range(len(layer.data)))
+                        layer.remove_selected()
+                for key in sorted(wanted):
+                    write_group(points, boxes, key, wanted[key])
+            finally:
+                self._syncing = False
+        self._sizes = {id(points): len(points.data), id(boxes): len(boxes.data)}
+        self._groups = self._read_groups()
+
     def _update_segments(self) -> None:
         """Keep the objects' names and colours in the layer's metadata: the writers name segments after them."""
         from ..io.segments import default_segment
@@ -146,6 +177,8 @@ class SessionEditsMixin:
             self._set_status(f"hand edit not recorded for undo: {error}")
 
     def _on_selected_label(self, event: Any = None) -> None:
+        if self._closed:
+            return
         value = int(self.labels_layer.selected_label)
         if self._quiet_selection or value <= 0 or value == self.session.active:
             return

@@ -57,6 +57,10 @@ class LabelsGroupMixin:
                 np.zeros(layer.data.shape, np.uint16), name=base, scale=layer.scale,
                 translate=layer.translate, affine=layer.affine.affine_matrix,
             )
+        scan = self.scan
+        # The scan's own label layer from now on: a new one starts new objects and history.
+        scan.labels, scan.engine, scan.report = new, None, None
+        self._fill_labels()
         self.labels_combo.setCurrentText(new.name)
         return new
 
@@ -65,13 +69,29 @@ class LabelsGroupMixin:
         self.add_labels_layer()
         self._sync_controller()
 
+    def _export_volume(self, layer):
+        """The scan a label layer is exported on: the current scan when the layer lies on its grid."""
+        volume = self.volume
+        if volume is not None and tuple(np.shape(layer.data)) == tuple(volume.shape):
+            return volume
+        return volume_from_layer_meta(layer.metadata) or volume
+
+    def export_suggestion(self) -> Path | None:
+        """The Export dialog's default: where this scan's labels went last, else beside the scan, named after the layer."""
+        layer = self.labels_layer
+        if layer is None:
+            return None
+        scan = self.scan
+        if scan is not None and scan.export_path is not None and scan.labels is layer:
+            return scan.export_path
+        return default_output_path(self._export_volume(layer), layer.name)
+
     def _export_clicked(self) -> None:
         layer = self.labels_layer
         if layer is None:
             self._notify("Choose or create a label layer first.")
             return
-        volume = volume_from_layer_meta(layer.metadata) or self.volume
-        suggested = default_output_path(volume, layer.name)
+        suggested = self.export_suggestion()
         filters = "DICOM-SEG (*.dcm);;NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)"
         if suggested.suffix != ".dcm":
             filters = "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)"
@@ -91,8 +111,14 @@ class LabelsGroupMixin:
         labels = np.asarray(layer.data).copy()  # the user may keep painting while we write
         attributes = {"metadata": layer.metadata, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
                       "affine": layer.affine.affine_matrix}
-        if volume_from_layer_meta(layer.metadata) is None and self.volume is not None:
-            attributes["metadata"] = {**layer.metadata, META_KEY: {"volume": self.volume}}
+        volume = self._export_volume(layer)
+        if volume is not None and volume_from_layer_meta(layer.metadata) is not volume:
+            # The current scan's geometry and source (a DICOM-SEG references its series), with the layer's names.
+            attributes["metadata"] = {**layer.metadata, META_KEY: {**(layer.metadata.get(META_KEY) or {}),
+                                                                   "volume": volume}}
+        scan = self.scan
+        if scan is not None and scan.labels is layer:
+            scan.export_path = Path(path)
 
         def save() -> tuple[Path, list[str]]:
             from ..io import save_labels_named

@@ -71,6 +71,9 @@ class NameDelegate(QStyledItemDelegate):
         combo.setToolTip("Pick a structure (coded in DICOM-SEG) or type any name")
         # A name picked from the list is taken at once, as Enter would.
         combo.activated.connect(lambda _index, combo=combo: self._commit(combo))
+        # Typed text is kept when the user clicks elsewhere, as in a plain text cell (the
+        # delegate's own focus-out commit watches the combo, not the line edit inside it).
+        combo.lineEdit().editingFinished.connect(lambda combo=combo: self._commit(combo))
         return combo
 
     def _commit(self, combo: QComboBox) -> None:
@@ -79,6 +82,7 @@ class NameDelegate(QStyledItemDelegate):
 
     def setEditorData(self, editor, index):  # noqa: N802
         editor.setEditText(str(index.data() or ""))
+        editor.lineEdit().selectAll()  # typing replaces the name, as in a plain text cell
 
     def setModelData(self, editor, model, index):  # noqa: N802
         text = editor.currentText().strip()

@@ -76,6 +76,8 @@ class PropagatePanel(QGroupBox):
 
     status_changed = Signal(str)
     finished = Signal(object)  # the PropagationResult applied (its undo: the live slices before), or None
+    # (image layer, report state) whenever a run's report is made, also for a scan no longer shown
+    report_changed = Signal(object, object)
     _tick = Signal(object, object)  # (run, (done, total, message, slice or None)) from the worker thread
 
     def __init__(self, parent: Any = None) -> None:
@@ -146,16 +148,44 @@ class PropagatePanel(QGroupBox):
         """True while a run is in flight."""
         return self._run is not None
 
-    def set_controller(self, controller: Any) -> None:
-        """Work on ``controller``'s active object (None: segmentation stopped, everything disabled)."""
+    def set_controller(self, controller: Any, report: dict | None = None) -> None:
+        """Work on ``controller``'s active object (None: segmentation stopped, everything disabled).
+
+        ``report`` (from :meth:`report_state`) is the scan's last report, shown again; None
+        empties the report, so a table never shows another scan's run.
+        """
         if self._run is not None:
             self._run.cancel.set()  # the run still lands in its own controller's labels and history
         self._wire(self.controller, connect=False)
         self._hide_overlay()
         self.controller, self._last, self._kinds, self._axis = controller, None, {}, None
         self._wire(controller, connect=True)
+        self.show_report(report)
         self._on_dims()
         self._update_enabled()
+
+    def report_state(self) -> dict | None:
+        """The report on show (result, last run's object/axis/keys, slice kinds, texts), or None."""
+        if self.last_result is None:
+            return None
+        return {"result": self.last_result, "last": self._last, "kinds": dict(self._kinds),
+                "summary": self.summary.text(), "status": self.status_label.text()}
+
+    def show_report(self, report: dict | None) -> None:
+        """Show a report kept by :meth:`report_state` (None: an empty table and no summary)."""
+        if report is None:
+            self.last_result, self._last, self._kinds = None, None, {}
+            self.table.setRowCount(0)
+            self.summary.setText("")
+            self.status_label.setText("")
+            self._hide_overlay()
+            return
+        self.last_result, self._last = report["result"], report["last"]
+        self._fill_table(report["result"])
+        self._kinds = dict(report["kinds"])
+        self.summary.setText(report["summary"])
+        self.status_label.setText(report["status"])
+        self._update_overlay()
 
     def _wire(self, controller: Any, connect: bool) -> None:
         if controller is None:
@@ -299,7 +329,7 @@ class PropagatePanel(QGroupBox):
 
     def _finish(self, run: Run, outcome: PropagationResult | Exception) -> None:
         from ..segment.propagation.run import PropagationResult
-        from .propagate_run import summarize
+        from .propagate_run import KEPT, summarize
 
         result = outcome if isinstance(outcome, PropagationResult) else None
         self._run, self._worker = None, None
@@ -322,6 +352,13 @@ class PropagatePanel(QGroupBox):
             self._show(applied, run.keys, keep=same)
             self._set_status(f"Object {run.obj}: {summarize(applied)}. {len(applied.written_slices)} slice(s) "
                              "changed; Ctrl+Z undoes the run.")
+            self.report_changed.emit(run.controller.image_layer, self.report_state())
+        else:  # the user switched scans meanwhile: the report is that scan's, kept for when it is shown again
+            kinds = {r.index: r.kind for r in applied.reports if r.kind in KEPT} | {k: "key" for k in run.keys}
+            self.report_changed.emit(run.controller.image_layer, {
+                "result": applied, "last": (run.obj, run.axis, set(run.keys)), "kinds": kinds,
+                "summary": summarize(applied),
+                "status": f"Object {run.obj}: {summarize(applied)}. {len(applied.written_slices)} slice(s) changed."})
         self.finished.emit(applied)
 
     def _on_mask_written(self, info: Any) -> None:
@@ -342,6 +379,13 @@ class PropagatePanel(QGroupBox):
         from .propagate_run import KEPT, summarize
 
         self.summary.setText(summarize(result))
+        rows = self._fill_table(result)
+        self._kinds = {**(self._kinds if keep else {}), **{r.index: r.kind for r in rows if r.kind in KEPT}}
+        self._kinds.update({k: "key" for k in keys})
+        self._update_overlay()
+
+    def _fill_table(self, result: PropagationResult) -> list:
+        """One row per slice of the run's report; returns the reports in slice order."""
         rows = sorted(result.reports, key=lambda r: r.index)
         self.table.setRowCount(len(rows))
         bold = QFont()
@@ -357,9 +401,7 @@ class PropagatePanel(QGroupBox):
                     item.setFont(bold)
                 self.table.setItem(i, j, item)
         self.table.resizeColumnsToContents()
-        self._kinds = {**(self._kinds if keep else {}), **{r.index: r.kind for r in rows if r.kind in KEPT}}
-        self._kinds.update({k: "key" for k in keys})
-        self._update_overlay()
+        return rows
 
     def _row_clicked(self, row: int, column: int = 0) -> None:
         item = self.table.item(row, 0)
