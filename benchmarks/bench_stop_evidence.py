@@ -6,8 +6,9 @@ On one synthetic CT slice (a bright organ beside a second one) whose embedding i
 two steps of a propagated slice alternate in one run: ``SlicePredictor.predict`` (prompt
 encoder, mask decoder, masks back on the slice grid) and the stop rule's evidence
 (``evidence.measure`` with the image, the previous slice and the key slices' appearance, then
-``judge``). Prints medians and their ratio; asserts nothing. The network has random weights
-(speed does not depend on them); the encoder is not timed (a propagation prefetches it).
+``judge``) on an organ-sized mask and on a whole-slice mask; then the image encoder three
+times (what each propagated slice also costs). Prints medians and ratios; asserts nothing.
+The network has random weights (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -69,22 +70,39 @@ def main() -> None:
                      previous_image=predictor.image(0))
         judge(rule, mask, 0.9, organ, FrontCounters(), ev, "HU")
 
-    mask = predict()
-    evidence(organ)  # warm up both
-    t_predict, t_evidence = [], []
+    # The judged mask: the organ moved a little, as on the next slice (a random network's own
+    # answer can cover the whole slice, which is the worst case, timed separately).
+    moved = (yy - n * 0.5) ** 2 + (xx - n * 0.41) ** 2 < (n * 0.17) ** 2
+    whole = np.ones((n, n), bool)
+    predict()
+    evidence(moved)  # warm up
+    t_predict, t_evidence, t_whole = [], [], []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        mask = predict()
+        predict()
         t1 = time.perf_counter()
-        evidence(organ if not mask.any() else mask)
+        evidence(moved)
         t2 = time.perf_counter()
+        evidence(whole)
+        t3 = time.perf_counter()
         t_predict.append(t1 - t0)
         t_evidence.append(t2 - t1)
-    p, e = statistics.median(t_predict) * 1e3, statistics.median(t_evidence) * 1e3
+        t_whole.append(t3 - t2)
+    t_encode = []
+    for _ in range(3):  # what a propagated slice also costs: its embedding (not cached here)
+        predictor.cache.memory.clear()
+        t0 = time.perf_counter()
+        predictor.embed(2)
+        t_encode.append(time.perf_counter() - t0)
+    p, e, w = (statistics.median(v) * 1e3 for v in (t_predict, t_evidence, t_whole))
+    enc = statistics.median(t_encode) * 1e3
     print(f"model {args.model}, slice {n}x{n}, {args.repeat} repeats, {torch.get_num_threads()} torch threads")
-    print(f"predict (decoder + masks on the slice grid): {p:.1f} ms median")
-    print(f"stop-rule evidence (measure + judge):         {e:.1f} ms median")
-    print(f"evidence / predict: {e / p:.2f}")
+    print(f"predict (decoder + masks on the slice grid):        {p:.1f} ms median")
+    print(f"stop-rule evidence, organ of {organ.mean():.0%} of the slice: {e:.1f} ms median")
+    print(f"stop-rule evidence, a mask over the whole slice:     {w:.1f} ms median")
+    print(f"encoder (one slice's embedding, median of 3):       {enc:.0f} ms")
+    print(f"evidence / predict: {e / p:.2f} (organ), {w / p:.2f} (whole slice); "
+          f"evidence / (encode + predict): {e / (enc + p):.3f} (organ)")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,13 @@ class Appearance:
     unit: str = ""
 
     @classmethod
-    def of(cls, images: list[np.ndarray], masks: list[np.ndarray], unit: str = "") -> Appearance | None:
-        """The appearance of ``masks`` on ``images``; None when no mask has pixels."""
+    def of(cls, images: list[np.ndarray], masks: list[np.ndarray], unit: str = "",
+           width: float | None = None) -> Appearance | None:
+        """The appearance of ``masks`` on ``images``; None when no mask has pixels.
+
+        ``width`` reuses another appearance's bin width (same scan: the slices' percentile
+        range need not be computed again).
+        """
         values, ranges = [], []
         for image, mask in zip(images, masks):
             mask = np.asarray(mask, bool)
@@ -71,14 +76,15 @@ class Appearance:
                 continue
             image = np.asarray(image, np.float32)
             values.append(image[_core(mask)])
-            lo, hi = np.percentile(image, (1, 99))
-            ranges.append(float(hi - lo))
+            if width is None:
+                lo, hi = np.percentile(image, (1, 99))
+                ranges.append(float(hi - lo))
         if not values:
             return None
         pixels = np.concatenate(values)
         if pixels.size > _SAMPLE:
             pixels = pixels[:: pixels.size // _SAMPLE]
-        width = max(BIN * max(ranges), 1e-6)
+        width = max(BIN * max(ranges), 1e-6) if width is None else width
         start = float(pixels.min()) - width
         counts = np.bincount(((pixels - start) // width).astype(np.int64))
         counts = np.concatenate([counts, [0]])
@@ -137,19 +143,22 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
             previous_image: np.ndarray | None = None) -> Evidence:
     """The :class:`Evidence` of ``mask`` (the new slice) against ``previous`` (the mask that prompted it).
 
-    ``gap`` is the number of slices between the two (more than 1 after missed slices): an
-    object's outline moves and its centre drifts more over several slices, so the distance
-    that counts as "outside" grows with it. ``previous_image`` (the previous mask's slice) gives
-    :attr:`Evidence.previous_match` (the new mask against the previous slice's band).
+    ``gap`` is the number of slices between the two (more than 1 after missed slices; the stop
+    rule allows the centre to move further over several slices). ``previous_image`` (the
+    previous mask's slice) gives :attr:`Evidence.previous_match` and the checks that compare
+    the two slices. Everything is computed in a window around the two masks (wide enough for
+    ``outside_mm``), so the cost follows the object's size, not the slice's.
     """
     gap = max(int(gap), 1)
     mask, previous = np.asarray(mask, bool), np.asarray(previous, bool)
     area, prev_area = int(np.count_nonzero(mask)), int(np.count_nonzero(previous))
     if not area or not prev_area:
         return Evidence(0.0, 1.0 if area else 0.0, 0.0, gap=gap)
+    window = _window(mask | previous, int(np.ceil(outside_mm / max(min(pixel_mm), 1e-6))) + 4)
+    mask, previous = mask[window], previous[window]
     overlap = mask & previous
     kept = np.count_nonzero(overlap) / prev_area
-    # Distance in mm from the previous mask (anisotropic pixels allowed).
+    # Distance in mm from the previous mask (anisotropic pixels allowed); the window holds all of it.
     distance = ndimage.distance_transform_edt(~previous, sampling=pixel_mm)
     outside = np.count_nonzero(mask & (distance > outside_mm)) / area
     scale = np.asarray(pixel_mm, float)
@@ -158,7 +167,7 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
     match = core_match = mean = reference = lost = previous_match = previous_mean = merged = footprint = None
     if image is not None and appearance is not None:
         reference = appearance.mean
-        image = np.asarray(image, np.float32)
+        image = np.asarray(image[window], np.float32)
         pixels = image[_core(mask)]
         match, mean = appearance.inside(pixels), float(pixels.mean())
         core_match = appearance.inside(image[overlap]) if overlap.any() else 0.0
@@ -167,7 +176,7 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
         # branch, an organ whose other part was dropped. Looking like the new mask too keeps a
         # key slice that leaked into a neighbour (the neighbour is in the key's intensities)
         # from counting its leak as a lost part.
-        found = Appearance.of([image], [mask])
+        found = Appearance.of([image], [mask], width=appearance.width)
         looks = _core(previous) & appearance.looks(image)
         if found is not None:
             looks &= found.looks(image)
@@ -176,9 +185,9 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
         apart = np.isin(pieces, under[under > 0], invert=True) & looks
         lost = np.count_nonzero(apart) / prev_area
         if previous_image is not None:
-            previous_image = np.asarray(previous_image, np.float32)
+            previous_image = np.asarray(previous_image[window], np.float32)
             merged = _merged(mask, previous, previous_image, appearance, found)
-            before = Appearance.of([previous_image], [previous])
+            before = Appearance.of([previous_image], [previous], width=appearance.width)
             if before is not None:
                 previous_match, previous_mean = before.inside(pixels), before.mean
                 # Is the object still where it was? (A model that dropped it answers elsewhere.)
@@ -190,6 +199,13 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
     return Evidence(float(kept), float(outside), shift, match, core_match, mean, reference,
                     None if lost is None else float(lost), gap, previous_match, previous_mean, merged,
                     footprint=footprint)
+
+
+def _window(region: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """The bounding box of ``region`` grown by ``pad`` pixels, inside the array."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    return (slice(max(int(rows[0]) - pad, 0), min(int(rows[-1]) + pad + 1, region.shape[0])),
+            slice(max(int(cols[0]) - pad, 0), min(int(cols[-1]) + pad + 1, region.shape[1])))
 
 
 def _merged(mask: np.ndarray, previous: np.ndarray, previous_image: np.ndarray, appearance: Appearance,
