@@ -21,9 +21,15 @@ from napari_medsam.segment.propagation import StopRule, propagate
 LABEL = {name: value for value, name in CT_LABELS.items()}
 
 
+class Phantoms(dict):
+    def __missing__(self, seed):
+        self[seed] = make_ct_phantom(seed=seed)[:2]
+        return self[seed]
+
+
 @pytest.fixture(scope="module")
 def phantoms():
-    return {seed: make_ct_phantom(seed=seed)[:2] for seed in (0, 1, 2)}
+    return Phantoms()
 
 
 def run(volume, gt, value: int, seed: int, rule: StopRule | None = None) -> tuple[float, int, int]:
@@ -47,7 +53,8 @@ def run(volume, gt, value: int, seed: int, rule: StopRule | None = None) -> tupl
 @pytest.mark.parametrize("name, seed", [
     ("vertebra L2", 0), ("vertebra L3", 1), ("vertebra L3", 2),  # discs, then the next vertebra
     ("right common iliac artery", 0), ("left common iliac artery", 1),  # the aorta above them
-    ("aorta", 1), ("aorta", 2),  # the iliac arteries below it
+    ("aorta", 1), ("aorta", 2), ("aorta", 3),  # the iliac arteries below it
+    ("right common iliac artery", 7),  # a tube of steady size meeting the aorta
     ("gallbladder", 1), ("gallbladder", 2),  # against the liver; seed 1: its key slice leaks into it
     ("right kidney", 0), ("liver", 0), ("spleen", 1), ("pancreas", 1),
 ])

@@ -223,3 +223,26 @@ def test_mask_pooled_embeddings_are_reported_and_can_reject():
     result = propagate(predictor, labels, 1, {1: LIVER}, direction="up", fill_skipped=False, stop=strict)
     first = [r for r in result.reports if r.front == "up"][0]
     assert "image features differ from key slices: similarity" in first.status
+
+
+def test_a_tube_that_suddenly_changes_size_is_where_it_divides_or_joins():
+    from napari_medsam.segment.propagation.evidence import Evidence
+
+    rule = StopRule()
+    previous = disk((40, 40), 3)  # an artery, 29 px, steady over the last slices
+    joined = disk((40, 42), 4) | disk((40, 46), 4)  # it meets a larger vessel
+    steady = Evidence(kept=1.0, outside=0.0, shift=0.2, steady_area=29.0)
+    verdict, _ = judge(rule, joined, 0.8, previous, FrontCounters(), steady)
+    assert "after slices of steady size" in verdict.reason
+    # an organ whose size was not steady is judged on the usual checks only
+    verdict, _ = judge(rule, joined, 0.8, previous, FrontCounters(), Evidence(kept=1.0, outside=0.0, shift=0.2))
+    assert "steady" not in verdict.reason
+    # the front measures it: four accepted masks within 1.6x of each other
+    from napari_medsam.segment.propagation.run import Front
+    front = Front("up", 1, 0, previous, None, 0)
+    assert front.steady_area() is None
+    for area_mask in (disk((40, 40), 3), disk((40, 40), 3), disk((40, 40), 3)):
+        front.accept(area_mask, None, 0)
+    assert front.steady_area() == pytest.approx(29.0)
+    front.accept(disk((40, 40), 8), None, 0)
+    assert front.steady_area() is None

@@ -131,6 +131,7 @@ class Evidence:
     merged: float | None = None  # fraction of the new mask on a look-alike piece beside the previous mask
     similarity: float | None = None  # cosine similarity of mask-pooled image embeddings to the key slices'
     footprint: float | None = None  # fraction of the previous mask's place that still looks like the object
+    steady_area: float | None = None  # the front's area over its last slices when it hardly changed (a tube)
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

@@ -168,6 +168,7 @@ class Front:
     mask_index: int  # where that mask lies
     check_unchanged: bool = False  # corrections: end where the new mask matches the old labels
     counters: FrontCounters = field(default_factory=FrontCounters)
+    areas: list[int] = field(default_factory=list)  # accepted masks' areas, the start's first
     finished: bool = False
     reason: str = ""
 
@@ -177,9 +178,21 @@ class Front:
             self.finished, self.reason = True, reason
         return False
 
+    def __post_init__(self) -> None:
+        if not self.areas:
+            self.areas.append(int(np.count_nonzero(self.mask)))
+
     def accept(self, mask: np.ndarray, logits: np.ndarray | None, index: int) -> None:
         """Prompt the next slices from this mask."""
         self.mask, self.logits, self.mask_index = mask, logits, index
+        self.areas.append(int(np.count_nonzero(mask)))
+
+    def steady_area(self, slices: int = 4, spread: float = 1.6) -> float | None:
+        """The median area of the last ``slices`` accepted masks when they hardly changed (a tube), else None."""
+        last = self.areas[-slices:]
+        if len(last) < slices or min(last) <= 0 or max(last) / min(last) > spread:
+            return None
+        return float(np.median(last))
 
 
 class PropagationRun:
@@ -333,7 +346,7 @@ class PropagationRun:
                 front.end("unchanged")
                 self.tick(f"slice {k}: unchanged")
                 return False
-        evidence = self.evidence(k, mask, guide, front.mask_index)
+        evidence = replace(self.evidence(k, mask, guide, front.mask_index), steady_area=front.steady_area())
         if self._key_features and mask.any():
             key = np.mean(self._key_features, axis=0)
             evidence = replace(evidence, similarity=cosine(self.pooled(k, mask), key))  # type: ignore[misc]

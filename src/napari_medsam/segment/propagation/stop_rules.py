@@ -62,6 +62,8 @@ class StopRule:
     max_lost_fraction: float = 0.15  # previous mask left out although it still looks like the object
     max_merged_fraction: float = 0.2  # new mask on a look-alike structure beside the previous one
     leak_kept: float = 0.75  # a rejected mask covering this much of the previous one is a leak
+    max_steady_change: float = 1.6  # after slices of steady size, growing by more than this factor rejects ...
+    min_steady_change: float = 0.45  # ... and so does shrinking below this factor
     dropout_footprint: float = 0.8  # ... and one elsewhere while this much of the object's place still looks like it, a dropout
     min_embedding_similarity: float | None = None  # mask-pooled embeddings vs key slices' (None: report only)
 
@@ -188,7 +190,7 @@ def judge(rule: StopRule, mask: np.ndarray, score: float | None, previous: np.nd
     if ratio > rule.max_area_ratio and area >= rule.small_area_px:
         reasons.append(f"area exploded x{ratio:.2f} > {rule.max_area_ratio:.2f}")
     if evidence is not None:
-        reasons += _evidence_reasons(rule, evidence, prev_area, unit)
+        reasons += _evidence_reasons(rule, evidence, prev_area, unit, area)
     if not reasons:
         counters.misses = counters.foreign = 0
         return Verdict(True, False), overlap
@@ -214,9 +216,15 @@ def judge(rule: StopRule, mask: np.ndarray, score: float | None, previous: np.nd
     return Verdict(False, stop, reason), overlap
 
 
-def _evidence_reasons(rule: StopRule, evidence: Evidence, prev_area: int, unit: str) -> list[str]:
+def _evidence_reasons(rule: StopRule, evidence: Evidence, prev_area: int, unit: str, area: int = 0) -> list[str]:
     """The shape and intensity checks of :func:`judge`."""
     reasons = []
+    if evidence.steady_area and area:
+        # A tube (a vessel) keeps its cross-section; a sudden change after several steady
+        # slices is where it divides or joins another.
+        change = area / evidence.steady_area
+        if change > rule.max_steady_change or change < rule.min_steady_change:
+            reasons.append(f"area x{change:.2f} after slices of steady size (a vessel dividing or joining?)")
     # Distances are in mm, so the reach beyond the previous mask is judged for small masks too
     # (a thin vessel running into a larger one); centre and lost parts need a mask of some size.
     if evidence.outside > rule.max_outside_fraction:
