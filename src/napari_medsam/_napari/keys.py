@@ -19,6 +19,15 @@ SHORTCUTS = {
     "C": ("cycle_mask", "show the next candidate mask of an ambiguous prompt"),
 }
 
+# key -> (plane, description): one-step views (planes.show_plane), bound on the viewer while the
+# panel is open (MedSamWidget) and as Qt shortcuts in the panel. Not napari defaults (napari uses
+# Alt with the arrow keys and Ctrl-Alt-T/Slash only).
+VIEW_KEYS = {
+    "Alt-A": ("axial", "axial view (anterior at the top)"),
+    "Alt-C": ("coronal", "coronal view, head up"),
+    "Alt-S": ("sagittal", "sagittal view, head up"),
+}
+
 # Mouse actions of the prompt layers, for the key map shown in the panel and the user guide.
 MOUSE_ACTIONS = (
     ("click (points layer)", "include point"),
@@ -31,7 +40,8 @@ MOUSE_ACTIONS = (
 
 def key_map_html() -> str:
     """The mouse actions and keys as a small HTML table, built from the bindings themselves."""
-    rows = [*MOUSE_ACTIONS, *((qt_key_sequence(key), text) for key, (_, text) in SHORTCUTS.items())]
+    rows = [*MOUSE_ACTIONS, *((qt_key_sequence(key), text) for key, (_, text) in SHORTCUTS.items()),
+            *((qt_key_sequence(key), text) for key, (_, text) in VIEW_KEYS.items())]
     body = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in rows)
     return (f"<table>{body}</table><p>The keys work whichever layer is selected (other label, point "
             "and shape layers keep napari's own keys) and in this panel, except while a text field is edited.</p>")

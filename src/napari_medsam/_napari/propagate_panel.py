@@ -16,11 +16,12 @@ import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
-                            QHBoxLayout, QLabel, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout)
+                            QHBoxLayout, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout)
 from superqt import QLabeledRangeSlider
 
 from ..errors import MedSamError
 from ..segment.propagation.stop_rules import StopRule
+from .messages import MessageLabel
 
 if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not when the panel docks
     from ..segment.prompting import PromptSettings
@@ -103,10 +104,14 @@ class PropagatePanel(QGroupBox):
         self.prompt_combo = QComboBox()
         self.prompt_combo.addItems(PROMPT_MODES)
         self.prompt_combo.setToolTip("How each slice is prompted from the previous one's mask")
+        self.prompt_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.prompt_combo.setMinimumContentsLength(6)
         self.repropagate_check = QCheckBox("Re-propagate corrections")
         self.repropagate_check.setChecked(True)
         self.repropagate_check.setToolTip("After a propagation, a new prompt on another slice re-propagates from it")
-        self.summary, self.status_label = QLabel(""), QLabel("")
+        self.summary, self.status_label = MessageLabel(""), MessageLabel("")
+        self.report_button = _button("Open report", "Show the report in a window of its own, as large as you like")
+        self.report_window: Any = None
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.verticalHeader().setVisible(False)
@@ -121,18 +126,17 @@ class PropagatePanel(QGroupBox):
             for button in row:
                 line.addWidget(button)
             layout.addLayout(line)
-        form = QFormLayout()
-        form.addRow("slices", self.range_slider)
-        form.addRow("", self.limit_check)
+        self.form = form = QFormLayout()
+        form.addRow("slices", self.range_slider)  # hidden until a scan is segmented (no "0-99" before)
+        form.addRow(self.limit_check)
         for name, spin in self.stop_spins.items():
             form.addRow(STOP_FIELDS[name][0], spin)
         form.addRow("prompt", self.prompt_combo)
-        form.addRow("", self.repropagate_check)
+        form.addRow(self.repropagate_check)
         layout.addLayout(form)
-        for widget in (self.summary, self.table, self.status_label):
+        for widget in (self.summary, self.table, self.report_button, self.status_label):
             layout.addWidget(widget)
-        self.summary.setWordWrap(True)
-        self.status_label.setWordWrap(True)
+        self.report_button.clicked.connect(self.open_report)
         self.up_button.clicked.connect(lambda: self.propagate("up"))
         self.down_button.clicked.connect(lambda: self.propagate("down"))
         self.both_button.clicked.connect(lambda: self.propagate("both"))
@@ -179,6 +183,7 @@ class PropagatePanel(QGroupBox):
             self.summary.setText("")
             self.status_label.setText("")
             self._hide_overlay()
+            self._follow_report()
             return
         self.last_result, self._last = report["result"], report["last"]
         self._fill_table(report["result"])
@@ -186,6 +191,7 @@ class PropagatePanel(QGroupBox):
         self.summary.setText(report["summary"])
         self.status_label.setText(report["status"])
         self._update_overlay()
+        self._follow_report()
 
     def _wire(self, controller: Any, connect: bool) -> None:
         if controller is None:
@@ -203,6 +209,26 @@ class PropagatePanel(QGroupBox):
         for widget in (self.range_slider, self.limit_check, self.prompt_combo, self.repropagate_check,
                        *self.stop_spins.values()):
             widget.setEnabled(on)
+        for widget in (self.range_slider, self.limit_check):
+            self.form.setRowVisible(widget, on)
+        self.report_button.setEnabled(self.last_result is not None)
+
+    def open_report(self) -> Any:
+        """Show the report in a resizable window of its own (kept up to date); returns the window."""
+        from .report_window import ReportWindow
+
+        if self.report_window is None:
+            self.report_window = ReportWindow(self, on_row=self._row_clicked)
+        self.report_window.copy_from(self.table, self.summary.text())
+        self.report_window.show()
+        self.report_window.raise_()
+        return self.report_window
+
+    def _follow_report(self) -> None:
+        window = self.report_window
+        if window is not None and window.isVisible():
+            window.copy_from(self.table, self.summary.text())
+        self.report_button.setEnabled(self.last_result is not None)
 
     def _set_status(self, text: str, level: str | None = None) -> None:
         self.status_label.setText(text)
@@ -383,6 +409,7 @@ class PropagatePanel(QGroupBox):
         self._kinds = {**(self._kinds if keep else {}), **{r.index: r.kind for r in rows if r.kind in KEPT}}
         self._kinds.update({k: "key" for k in keys})
         self._update_overlay()
+        self._follow_report()
 
     def _fill_table(self, result: PropagationResult) -> list:
         """One row per slice of the run's report; returns the reports in slice order."""

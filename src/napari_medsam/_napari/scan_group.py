@@ -1,9 +1,10 @@
 """The Scan group of the dock widget: image picker, modality override and display window.
 
 :class:`ScanGroupMixin` builds the group's controls on the widget (``image_combo``,
-``modality_combo``, ``window_combo``, ``info``) and holds their handlers: the scan summary, the
-modality override (remembered in the image layer's metadata) and the CT window or percentile
-window. :class:`~.widget.MedSamWidget` mixes it in; the methods use the widget's ``settings``,
+``modality_combo``, ``window_combo``, ``info``, the plane buttons ``axial_button``,
+``coronal_button``, ``sagittal_button``) and holds their handlers: the scan summary, the modality
+override (remembered in the image layer's metadata), the CT window or percentile window, and the
+one-step views of :mod:`.planes` (also on the keys of :data:`.keys.VIEW_KEYS`). :class:`~.widget.MedSamWidget` mixes it in; the methods use the widget's ``settings``,
 ``status``, ``image_layer``, ``volume``, ``controller`` and ``_on_mapping_changed``.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from ..windows import CT_WINDOWS, window_limits
+from .keys import VIEW_KEYS, qt_key_sequence
 from .layers import META_KEY
 
 AUTO_WINDOW = "auto (0.5-99.5 percentile)"
@@ -22,6 +24,16 @@ MODALITY_CHOICES = {"auto": None, "CT": "CT", "MR": "MR"}
 # In the image layer's metadata[META_KEY]: the user's override, and what the scan said before it.
 MODALITY_OVERRIDE = "modality_override"
 MODALITY_ORIGINAL = "modality_original"
+
+
+def narrow_combo(combo: QComboBox, characters: int = 14) -> QComboBox:
+    """Let ``combo`` be narrower than its longest entry (the popup still shows entries whole)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(characters)
+    return combo
+
+
+VIEW_KEYS_TEXT = {plane: text for plane, text in VIEW_KEYS.values()}
 
 
 class ScanGroupMixin:
@@ -43,15 +55,37 @@ class ScanGroupMixin:
         self.modality_combo.setToolTip("auto: the file's DICOM Modality, else a guess from the values. CT or MR "
                                        "overrides it for this image (window presets, model input); "
                                        "the file is not read again")
+        for combo in (self.image_combo, self.window_combo, self.modality_combo):
+            narrow_combo(combo)
+        keys = {plane: qt_key_sequence(key) for key, (plane, _) in VIEW_KEYS.items()}
+        planes = QHBoxLayout()
+        self.plane_buttons = {}
+        for plane in ("axial", "coronal", "sagittal"):
+            button = QPushButton(plane.capitalize())
+            button.setToolTip(f"{VIEW_KEYS_TEXT[plane]} ({keys[plane]})")
+            button.clicked.connect(lambda _=False, plane=plane: self.show_plane(plane))
+            setattr(self, f"{plane}_button", button)
+            self.plane_buttons[plane] = button
+            planes.addWidget(button)
         scan_box = QGroupBox("Scan")
         scan_form = QFormLayout(scan_box)
         scan_form.addRow("Image", self.image_combo)
         scan_form.addRow("Modality", self.modality_combo)
         scan_form.addRow("Window", self.window_combo)
+        scan_form.addRow("View", planes)
         scan_form.addRow(self.info)
         self.window_combo.activated.connect(self._window_picked)
         self.modality_combo.activated.connect(self._modality_picked)
         return scan_box
+
+    def show_plane(self, plane: str) -> None:
+        """Show the scan's axial, coronal or sagittal plane in one step (see :func:`.planes.show_plane`)."""
+        from .planes import show_plane
+
+        if self.viewer.dims.ndim < 3:
+            self.status.setText("Open a 3D scan to change the plane.")
+            return
+        show_plane(self.viewer, plane)
 
     def _show_scan(self, volume, *, apply_window: bool) -> None:
         """The info label and the window preset for ``volume``'s modality (applied if asked, or if not the default)."""
@@ -142,3 +176,42 @@ class ScanGroupMixin:
         self.status.setText(f"Window: {name} ({limits[0]:g} to {limits[1]:g})")
         if self.controller is not None and layer is self.controller.image_layer:
             self._on_mapping_changed()  # "current contrast limits" follows the window
+
+    def _bind_view_keys(self) -> None:
+        """Alt-A / Alt-C / Alt-S on the viewer: the plane views, whatever has the focus in the canvas."""
+        from .keys import VIEW_KEYS
+
+        self._view_handlers = {}
+        for key, (plane, _) in VIEW_KEYS.items():
+            def handler(viewer, plane=plane):
+                self.show_plane(plane)
+
+            handler.__doc__ = f"napari-medsam: {plane} view"
+            self.viewer.bind_key(key, handler, overwrite=True)
+            self._view_handlers[key] = handler
+
+    def _unbind_view_keys(self) -> None:
+        """Give the plane keys back (only those still bound to this panel)."""
+        for key, handler in getattr(self, "_view_handlers", {}).items():
+            try:
+                unbound = self.viewer.bind_key(key, None)
+                if unbound is not None and unbound is not handler:  # another panel's: put it back
+                    self.viewer.bind_key(key, unbound, overwrite=True)
+            except (KeyError, ValueError, TypeError):
+                pass
+        self._view_handlers = {}
+
+    def _orient_camera(self, event=None) -> None:
+        """Coronal and sagittal views with the head up, as radiologists read them.
+
+        The readers order slices from feet to head, so when the slice axis is drawn vertically
+        (after napari's roll/transpose) the camera's vertical axis must point up.
+        """
+        if self.volume is None or self.viewer.dims.ndisplay != 2:
+            return
+        offset = self.viewer.dims.ndim - 3
+        vertical = self.viewer.dims.displayed[0] - offset
+        camera = self.viewer.camera
+        want = ("up" if vertical == 0 else "down", camera.orientation2d[1])
+        if tuple(str(getattr(o, "value", o)) for o in camera.orientation2d) != want:
+            camera.orientation2d = want

@@ -15,10 +15,12 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QToolButton,
     QVBoxLayout,
+    QWidget,
 )
 
 from ..errors import MedSamError
 from .keys import AXIS_NAMES, key_map_html
+from .messages import MessageLabel
 
 def precompute_job(controller: Any, axis: int, first: int, last: int):
     """Worker generator: embed slices ``first..last`` along ``axis`` (cached ones are skipped); yields each index."""
@@ -34,8 +36,7 @@ class SegmentPanel(QGroupBox):
         super().__init__("Segment", parent)
         self.controller = None
         self.worker = None
-        self.state = QLabel("no model")
-        self.state.setWordWrap(True)
+        self.state = MessageLabel("no model")
         self.keys_button = QToolButton()
         self.keys_button.setText("Keys")
         self.keys_button.setCheckable(True)
@@ -47,7 +48,7 @@ class SegmentPanel(QGroupBox):
         self.keys_button.toggled.connect(self.help.setVisible)
         self.overwrite = QCheckBox("overwrite other objects")
         self.overwrite.setToolTip("Let a prediction take voxels that belong to other objects")
-        self.iou = QLabel("")
+        self.iou = MessageLabel("")
         self.cycle_button = QPushButton("Next mask (C)")
         self.cycle_button.setToolTip("SAM gives several masks for an ambiguous prompt: show the next one")
         self.accept_button = QPushButton("Accept slice")
@@ -60,16 +61,10 @@ class SegmentPanel(QGroupBox):
         self.undo_button.setToolTip("Ctrl+Z: undo the active object's last change")
         self.redo_button = QPushButton("Redo")
         self.redo_button.setToolTip("Ctrl+Shift+Z")
-        grid = QGridLayout()
-        grid.addWidget(self.cycle_button, 0, 0)
-        grid.addWidget(self.iou, 0, 1)
-        grid.addWidget(self.accept_button, 1, 0)
-        grid.addWidget(self.clear_slice_button, 1, 1)
-        grid.addWidget(self.clear_object_button, 2, 0)
-        undo_row = QHBoxLayout()
-        undo_row.addWidget(self.undo_button)
-        undo_row.addWidget(self.redo_button)
-        grid.addLayout(undo_row, 2, 1)
+        grid = QGridLayout()  # two buttons a row: fits napari's dock
+        for i, button in enumerate((self.cycle_button, self.accept_button, self.clear_slice_button,
+                                    self.clear_object_button, self.undo_button, self.redo_button)):
+            grid.addWidget(button, i // 2, i % 2)
 
         self.first = QSpinBox()
         self.last = QSpinBox()
@@ -80,19 +75,25 @@ class SegmentPanel(QGroupBox):
                                           "(cached slices are skipped, so a cancelled run resumes)")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        pre = QGridLayout()
-        pre.addWidget(QLabel("Embed slices"), 0, 0)
-        pre.addWidget(self.first, 0, 1)
-        pre.addWidget(QLabel("to"), 0, 2)
-        pre.addWidget(self.last, 0, 3)
-        pre.addWidget(self.precompute_button, 1, 0, 1, 2)
-        pre.addWidget(self.cancel_button, 1, 2, 1, 2)
+        # Hidden until a scan and a model exist: no meaningless "0 to 0" before that.
+        self.precompute_box = QWidget()
+        pre = QGridLayout(self.precompute_box)
+        pre.setContentsMargins(0, 0, 0, 0)
+        span = QHBoxLayout()
+        span.addWidget(self.first, 1)
+        span.addWidget(QLabel("to"))
+        span.addWidget(self.last, 1)
+        pre.addWidget(QLabel("Embed slices (this plane)"), 0, 0, 1, 2)
+        pre.addLayout(span, 1, 0, 1, 2)
+        pre.addWidget(self.precompute_button, 2, 0)
+        pre.addWidget(self.cancel_button, 2, 1)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.state)
+        layout.addWidget(self.iou)
         layout.addWidget(self.overwrite)
         layout.addLayout(grid)
-        layout.addLayout(pre)
+        layout.addWidget(self.precompute_box)
         layout.addWidget(self.keys_button)
         layout.addWidget(self.help)
 
@@ -120,6 +121,7 @@ class SegmentPanel(QGroupBox):
         for widget in (self.cycle_button, self.accept_button, self.clear_slice_button, self.clear_object_button,
                        self.undo_button, self.redo_button, self.precompute_button, self.overwrite):
             widget.setEnabled(controller is not None)
+        self.precompute_box.setVisible(controller is not None)
         if controller is None:
             self.state.setText("Load a model and pick a scan to start.")
             self.iou.setText("")

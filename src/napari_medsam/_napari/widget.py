@@ -7,7 +7,10 @@ The widget composes the panels (:mod:`.model_panel`, :mod:`.objects_panel`, :mod
 picked. Every scan has a :class:`~.scan_session.ScanSession` (its labels and prompt layers, objects,
 history, propagation report and export path); picking or opening another scan closes the
 controller and starts one on that scan's session, and removing a scan's image ends its session.
-This module holds that life cycle, the layer pickers and the keyboard shortcuts.
+This module holds that life cycle, the layer pickers, the keyboard shortcuts (the plugin's
+and the one-step plane views, Alt-A / Alt-C / Alt-S on the viewer while the panel is open) and
+the "what to do next" line at the top of the panel, which follows the state (:meth:`next_step`).
+The scan switching itself lives in :class:`~.scan_session.ScanSwitchMixin`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QScrollArea, QVBoxLayout, QWidget
 
 from ..errors import MedSamError
 from .labels_group import LabelsGroupMixin
@@ -25,7 +28,8 @@ from .layers import volume_from_layer_meta
 from .model_panel import ModelPanel
 from .objects_panel import ObjectsPanel
 from .propagate_panel import PropagatePanel
-from .scan_session import ScanSession
+from .messages import MessageLabel
+from .scan_session import ScanSwitchMixin
 from .scan_group import (
     AUTO_WINDOW,
     MODALITY_CHOICES,
@@ -43,9 +47,20 @@ if TYPE_CHECKING:
 __all__ = ["MedSamWidget", "AUTO_WINDOW", "MODALITY_CHOICES", "MODALITY_ORIGINAL", "MODALITY_OVERRIDE"]
 
 CONTRAST_DEBOUNCE_MS = 400  # the model follows napari's contrast slider once it rests this long
+MIN_WIDTH = 300  # the panel's least width; more when its content needs it (see minimumSizeHint)
+
+# The "what to do next" line, by state (see MedSamWidget.next_step).
+NEXT_STEPS = {
+    "no scan": "Open a CT or MR scan (File > Open).",
+    "no model": "Load a model in the Model box.",
+    "not segmenting": "Pick a 2D or 3D scan (Image) to segment it.",
+    "ready": "Click a structure on the image, or draw a box (R).",
+    "object": "Propagate to segment it through the volume, or click more to refine.",
+    "propagated": "Check the report, correct a slice, then Export.",
+}
 
 
-class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
+class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
     """Dock widget: pick the scan, window it, make and export label layers."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", settings: Settings | None = None) -> None:
@@ -76,11 +91,14 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
 
         labels_box = self._build_labels_box()
 
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = MessageLabel("")
+        self.next_step_label = MessageLabel("")
+        self.next_step_label.setToolTip("What to do next; the Keys button in the Segment box lists the keys")
+        self.next_step_label.setContentsMargins(6, 4, 6, 4)
 
         content = QWidget()
         inner = QVBoxLayout(content)
+        inner.setContentsMargins(4, 4, 4, 4)
         for part in (scan_box, self.model_panel, labels_box, self.objects_panel, self.segment_panel,
                      self.propagate_panel, self.status):
             inner.addWidget(part)
@@ -91,10 +109,12 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         scroll.setWidget(content)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(self.next_step_label)
         layout.addWidget(scroll)
-        self.setMinimumWidth(360)
 
         self._add_shortcuts()
+        self._bind_view_keys()
         from qtpy.QtCore import QTimer
 
         self._contrast_timer = QTimer(self)
@@ -113,6 +133,7 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         for panel in (self.objects_panel, self.segment_panel):
             panel.error.connect(self._notify)
         self.propagate_panel.report_changed.connect(self._on_report_changed)
+        self.propagate_panel.finished.connect(self._update_next_step)
         self.segment_panel.overwrite.toggled.connect(lambda on: self.settings.set("overwrite", bool(on)))
         self.viewer.dims.events.order.connect(self._orient_camera)
         events = self.viewer.layers.events
@@ -141,6 +162,52 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
             shortcut.activated.connect(lambda method=method: self._on_shortcut(method))
             self.shortcuts[key] = shortcut
 
+        from .keys import VIEW_KEYS
+
+        for key, (plane, _) in VIEW_KEYS.items():
+            shortcut = QShortcut(QKeySequence(qt_key_sequence(key)), self)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(lambda plane=plane: self.show_plane(plane))
+            self.shortcuts[key] = shortcut
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt's name)
+        """As wide as the content's least width plus the vertical scroll bar: never a sideways scroll bar."""
+        hint = super().minimumSizeHint()
+        content = self.scroll.widget()
+        extra = self.scroll.verticalScrollBar().sizeHint().width() + 2 * self.scroll.frameWidth()
+        hint.setWidth(max(MIN_WIDTH, content.minimumSizeHint().width() + extra))
+        return hint
+
+    # ----------------------------------------------------------------- what to do next
+    def next_step(self) -> str:
+        """The state the panel is in, as a key of :data:`NEXT_STEPS`."""
+        if self.image_layer is None:
+            return "no scan"
+        if self.model_panel.model is None:
+            return "no model"
+        controller = self.controller
+        if controller is None:
+            return "not segmenting"
+        if self.propagate_panel.last_result is not None:
+            return "propagated"
+        return "object" if self._active_has_mask() else "ready"
+
+    def _active_has_mask(self) -> bool:
+        controller = self.controller
+        active = None if controller is None else controller.session.active
+        if active is None:
+            return False
+        measures = self.objects_panel.measures
+        if measures is not None:
+            try:
+                return measures.row(active, "").voxels > 0
+            except (KeyError, IndexError):
+                pass
+        return bool(np.any(controller.session.labels == active))
+
+    def _update_next_step(self, *_: object) -> None:
+        self.next_step_label.setText(f"Next: {NEXT_STEPS[self.next_step()]}")
+
     def _on_shortcut(self, method: str) -> None:
         if self.controller is None:
             self.status.setText("Load a model and pick a scan first: the keys act on the segmentation.")
@@ -149,119 +216,6 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.segment_panel._refresh()
 
     # ----------------------------------------------------------------- layers
-    def _refresh_layers(self, event=None) -> None:
-        from napari.layers import Image
-
-        if self._updating:  # the panel itself adds, removes or moves layers: it refreshes once at the end
-            return
-        kind, value = getattr(event, "type", None), getattr(event, "value", None)
-        if kind == "removed" and value is not None:
-            self._layer_removed(value)
-        for layer in self.viewer.layers:
-            # Renames must show up in the pickers; connecting twice is harmless (same slot).
-            layer.events.name.connect(self._refresh_layers)
-        # A scan being opened becomes the current one.
-        added_image = kind == "inserted" and isinstance(value, Image) and value.ndim >= 2
-        self._fill(self.image_combo, self._image_layers(), prefer=value if added_image else None)
-        self._fill_labels()
-        # Only a scan being added (or picked by the user) starts segmentation; layers being
-        # removed, renamed or reordered (e.g. napari closing) never do at once. Once the removals
-        # are over, a scan whose session kept all its layers resumes (see _after_removal).
-        self._on_image_changed(may_start=added_image)
-        if kind == "removed":
-            self._removal_timer.start()
-
-    def _image_layers(self) -> list:
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim >= 2]
-
-    def _after_removal(self) -> None:
-        """After layers were removed (in the next event loop turn, not inside napari's removal).
-
-        Removes the prompt layers of the scans that ended, and resumes the current scan when its
-        session still has all its layers (the scan shown after the current one was closed).
-        """
-        doomed, self._doomed = self._doomed, []
-        self._updating = True
-        try:
-            for layer in doomed:
-                if layer in self.viewer.layers:
-                    self.viewer.layers.remove(layer)
-        finally:
-            self._updating = False
-        if doomed:
-            self._refresh_layers()
-        scan = self.scan
-        if self.controller is None and scan is not None and self._complete(scan):
-            self._sync_controller(may_start=True)
-
-    def _complete(self, scan: ScanSession) -> bool:
-        """True when the scan's labels and prompt layers are all still in the viewer."""
-        return all(layer is not None and layer in self.viewer.layers for layer in (scan.labels, scan.points, scan.boxes))
-
-    @staticmethod
-    def _fill(combo: QComboBox, layers: list, prefer=None) -> None:
-        current = combo.currentText()
-        names = [layer.name for layer in layers]
-        combo.blockSignals(True)
-        combo.clear()
-        combo.addItems(names)
-        if prefer is not None and prefer.name in names:
-            combo.setCurrentText(prefer.name)
-        elif current in names:
-            combo.setCurrentText(current)
-        combo.blockSignals(False)
-
-    def _fill_labels(self) -> None:
-        """The Labels picker offers the current scan's label layers only, its own first and chosen."""
-        image = self.image_layer
-        labels = self.labels_for(image)
-        scan = self.sessions.get(image) if image is not None else None
-        own = scan.labels if scan is not None and scan.labels in labels else None
-        names = [layer.name for layer in labels]
-        current = self.labels_combo.currentText()
-        self.labels_combo.blockSignals(True)
-        self.labels_combo.clear()
-        self.labels_combo.addItems(names)
-        if own is not None:
-            self.labels_combo.setCurrentText(own.name)
-        elif current in names and self.viewer.layers[current].visible:
-            self.labels_combo.setCurrentText(current)
-        else:  # never a hidden layer (e.g. a sample's ground truth) when a visible one fits
-            visible = [layer for layer in labels if layer.visible]
-            if visible:
-                self.labels_combo.setCurrentText(visible[0].name)
-        self.labels_combo.blockSignals(False)
-
-    def labels_for(self, image) -> list:
-        """The label layers that may hold ``image``'s segmentation: on its grid, and not another scan's.
-
-        A label layer belongs to another scan when that scan's session made or adopted it, or when
-        it carries the other scan's Volume (e.g. a sample's ground truth). With no scan chosen,
-        every label layer is offered (export of a hand-made layer).
-        """
-        from napari.layers import Labels
-
-        layers = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
-        if image is None:
-            return layers
-        shape = tuple(np.shape(image.data))
-        return [layer for layer in layers
-                if tuple(np.shape(layer.data)) == shape and self._labels_owner(layer) in (None, image)]
-
-    def _labels_owner(self, labels):
-        """The image layer a label layer belongs to, or None when it is not linked to an open scan."""
-        for image, scan in self.sessions.items():
-            if scan.labels is labels:
-                return image
-        volume = volume_from_layer_meta(labels.metadata)
-        if volume is not None:
-            for image in self._image_layers():
-                if volume_from_layer_meta(image.metadata) is volume:
-                    return image
-        return None
-
     @property
     def image_layer(self):
         """The selected image layer, or None."""
@@ -280,21 +234,13 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         layer = self.image_layer
         return volume_from_layer_meta(layer.metadata) if layer is not None else None
 
-    @property
-    def scan(self) -> ScanSession | None:
-        """The current scan's session (made when the scan is first chosen), or None without a scan."""
-        layer = self.image_layer
-        if layer is None:
-            return None
-        scan = self.sessions.get(layer)
-        if scan is None:
-            scan = self.sessions[layer] = ScanSession(layer)
-        return scan
-
     def _on_image_changed(self, _index: int | None = None, *, may_start: bool = True) -> None:
         volume = self.volume
         layer = self.image_layer
         self._switch_to(layer, raise_layers=_index is not None)
+        three_d = layer is not None and self.viewer.dims.ndim >= 3
+        for button in self.plane_buttons.values():
+            button.setEnabled(three_d)
         if layer is None:
             self.info.setText("Open a CT or MR scan (File > Open, or File > Open Sample > napari-medsam).")
             self.window_combo.setEnabled(False)
@@ -309,82 +255,6 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
         self._show_scan(volume, apply_window=False)
-
-    def _switch_to(self, image, raise_layers: bool = False) -> None:
-        """Make ``image`` the current scan: the other scan's controller stops, its prompt layers hide.
-
-        The previous scan keeps its labels, objects, history and report in its session; the new
-        one's prompt layers show again, its own layers are drawn on top of the other scans' (when
-        the user picked it: ``raise_layers``), and the Labels picker offers its label layers only.
-        """
-        previous = self._current
-        if previous is image:
-            return
-        self._current = image
-        if self.controller is not None and self.controller.image_layer is not image:
-            self.stop_segmentation()
-        old = self.sessions.get(previous) if previous is not None else None
-        if old is not None:
-            old.show_prompts(False)
-        self.propagate_panel.show_report(None)
-        self._fill_labels()
-        if image is None:
-            return
-        scan = self.scan
-        scan.show_prompts(True)
-        if raise_layers and previous is not None and previous in self.viewer.layers:
-            self._raise(scan)
-
-    def _raise(self, scan: ScanSession) -> None:
-        """Draw the scan's image, labels and prompt layers above the other layers (order kept among them)."""
-        layers = self.viewer.layers
-        own = [i for i, layer in enumerate(layers) if scan.owns(layer)]
-        top = list(range(len(layers) - len(own), len(layers)))
-        if own == top:
-            return
-        self._updating = True
-        try:
-            layers.move_multiple(own, len(layers))
-        finally:
-            self._updating = False
-
-    def _layer_removed(self, layer) -> None:
-        """A layer went away: a scan's image ends its session; its labels or a prompt layer stop its controller."""
-        scan = self.sessions.pop(layer, None)
-        if scan is not None:
-            self._end_session(scan)
-            return
-        for scan in self.sessions.values():
-            if not scan.owns(layer):
-                continue
-            if scan.controller is self.controller:
-                self.stop_segmentation()
-            elif scan.controller is not None:
-                scan.controller.close()
-                scan.controller = None
-            if layer is scan.labels:
-                scan.forget_labels()
-                scan.report = None
-            elif layer is scan.points:
-                scan.points = None
-            elif layer is scan.boxes:
-                scan.boxes = None
-
-    def _end_session(self, scan: ScanSession) -> None:
-        """The scan's image was removed: stop its controller and remove its prompt layers (its labels stay)."""
-        if scan.controller is not None:
-            if scan.controller is self.controller:
-                self.stop_segmentation()
-            else:
-                scan.controller.close()
-                scan.controller = None
-        if self._current is scan.image:
-            self._current = None
-            self.propagate_panel.show_report(None)
-        # Removed once napari has finished removing the image (not inside its removal event).
-        self._doomed += [layer for layer in (scan.points, scan.boxes) if layer is not None]
-        scan.points = scan.boxes = scan.engine = None
-        self._removal_timer.start()
 
     # ----------------------------------------------------------------- segmentation
     def _on_model_changed(self, model) -> None:
@@ -424,6 +294,12 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         """Keep, re-model or stop the controller to match the chosen scan, label layer and model; maybe start one."""
         if self._starting:  # layers added while starting announce themselves: nothing to decide yet
             return
+        try:
+            self._decide_controller(may_start)
+        finally:
+            self._update_next_step()
+
+    def _decide_controller(self, may_start: bool) -> None:
         image, model = self.image_layer, self.model_panel.model
         controller = self.controller
         scan = self.sessions.get(image) if image is not None else None
@@ -494,6 +370,7 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
         for panel in (self.objects_panel, self.segment_panel):
             panel.set_controller(controller)
         self.propagate_panel.set_controller(controller, scan.report)
+        controller.changed.connect(self._update_next_step)
         # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
         self.viewer.layers.selection.active = controller.points_layer
         self.status.setText(f"Segmenting {image.name!r} into {labels.name!r} with {self.model_panel.model_name}.")
@@ -511,30 +388,18 @@ class MedSamWidget(ScanGroupMixin, LabelsGroupMixin, QWidget):
             if self.propagate_panel.controller is controller:
                 scan.report = self.propagate_panel.report_state()
         controller.image_layer.events.contrast_limits.disconnect(self._on_contrast_limits)
+        controller.changed.disconnect(self._update_next_step)
         self._contrast_timer.stop()
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(None)
         controller.close()
-
-    def _orient_camera(self, event=None) -> None:
-        """Coronal and sagittal views with the head up, as radiologists read them.
-
-        The readers order slices from feet to head, so when the slice axis is drawn vertically
-        (after napari's roll/transpose) the camera's vertical axis must point up.
-        """
-        if self.volume is None or self.viewer.dims.ndisplay != 2:
-            return
-        offset = self.viewer.dims.ndim - 3
-        vertical = self.viewer.dims.displayed[0] - offset
-        camera = self.viewer.camera
-        want = ("up" if vertical == 0 else "down", camera.orientation2d[1])
-        if tuple(str(getattr(o, "value", o)) for o in camera.orientation2d) != want:
-            camera.orientation2d = want
+        self._update_next_step()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         """Stop segmenting and any model download/load when the panel closes; the layers stay."""
         self.stop_segmentation()
         self.model_panel.shutdown()
+        self._unbind_view_keys()
         super().closeEvent(event)
 
     def _notify(self, message: str) -> None:
