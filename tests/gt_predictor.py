@@ -57,6 +57,22 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)
 
 
+def point_rules(region: np.ndarray, prompts: Prompts, pixel, carve_px: int, points_only: bool) -> np.ndarray:
+    """How points cut an answer: points alone keep only the pieces their positive points touch;
+    a negative point that lands on the region carves a hole of ``carve_px`` around it."""
+    if prompts.points is not None and points_only:
+        pieces, _ = ndimage.label(region, np.ones((3, 3)))
+        hit = {pieces[pixel(p)] for p in prompts.points[prompts.positive]} - {0}
+        region = np.isin(pieces, list(hit))
+    if prompts.points is not None:
+        for p in prompts.points[~prompts.positive]:
+            if region[pixel(p)]:
+                carve = np.zeros_like(region)
+                carve[pixel(p)] = True
+                region &= ~ndimage.binary_dilation(carve, disk(carve_px))
+    return region
+
+
 def disk(radius: int) -> np.ndarray:
     """A disk-shaped structuring element."""
     r = np.arange(-radius, radius + 1)
@@ -171,16 +187,7 @@ class GroundTruthPredictor:
             region &= ndimage.binary_dilation(box)
         elif prompt_mask is not None:
             region &= ndimage.binary_dilation(prompt_mask, disk(self.mask_reach_px))
-        if prompts.points is not None and box is None and prompt_mask is None:
-            pieces, _ = ndimage.label(region, np.ones((3, 3)))
-            hit = {pieces[self._pixel(p)] for p in prompts.points[prompts.positive]} - {0}
-            region = np.isin(pieces, list(hit))
-        if prompts.points is not None:
-            for p in prompts.points[~prompts.positive]:
-                if region[self._pixel(p)]:
-                    carve = np.zeros_like(region)
-                    carve[self._pixel(p)] = True
-                    region &= ~ndimage.binary_dilation(carve, disk(self.carve_px))
+        region = point_rules(region, prompts, self._pixel, self.carve_px, box is None and prompt_mask is None)
         if u_leak < self.leak:
             near = ndimage.binary_dilation(region, disk(2))
             neighbours = sorted({int(v) for v in np.unique(truth[near]) if v not in (0, best)})

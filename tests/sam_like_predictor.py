@@ -93,7 +93,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from gt_predictor import GroundTruthPredictor, disk, signed_distance
+from gt_predictor import GroundTruthPredictor, disk, point_rules, signed_distance
 from napari_medsam.segment.predictor import Prompts, SliceMasks
 
 
@@ -244,17 +244,8 @@ class SamLikePredictor(GroundTruthPredictor):
     def _target_region(self, truth: np.ndarray, target: int, reach: np.ndarray, prompts: Prompts) -> np.ndarray:
         """The target's true mask as SAM would cut it: within the window, points rules as GroundTruthPredictor."""
         region = (truth == target) & reach
-        if prompts.points is not None and prompts.box is None and prompts.mask_logits is None:
-            pieces, _ = ndimage.label(region, np.ones((3, 3)))
-            hit = {pieces[self._pixel(p)] for p in prompts.points[prompts.positive]} - {0}
-            region = np.isin(pieces, list(hit))
-        if prompts.points is not None:
-            for p in prompts.points[~prompts.positive]:
-                if region[self._pixel(p)]:
-                    carve = np.zeros_like(region)
-                    carve[self._pixel(p)] = True
-                    region &= ~ndimage.binary_dilation(carve, disk(self.carve_px))
-        return region
+        points_only = prompts.box is None and prompts.mask_logits is None
+        return point_rules(region, prompts, self._pixel, self.carve_px, points_only)
 
     def _touching(self, truth: np.ndarray, region: np.ndarray, target: int, reach: np.ndarray) -> list[tuple[int, int]]:
         """Labelled neighbours touching ``region`` inside the window, with their contact lengths, longest first."""

@@ -10,7 +10,7 @@ names below are imported on first use, so that
 
 from __future__ import annotations
 
-import importlib
+from ..._lazy import lazy_getattr
 
 _NAMES = {
     "scan_dicom": "scan", "DicomSeriesInfo": "scan", "DicomScanResult": "scan",
@@ -24,8 +24,4 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _NAMES, globals())

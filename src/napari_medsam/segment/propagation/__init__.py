@@ -11,7 +11,7 @@ which napari's start (the panel only needs :class:`StopRule`) must not pay for.
 
 from __future__ import annotations
 
-import importlib
+from ..._lazy import lazy_getattr
 
 _NAMES = {
     "ObjectsResult": "engine", "PostProcess": "engine", "PromptSettings": "engine", "locked_mask": "engine",
@@ -23,10 +23,4 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups (and monkeypatching) see a plain attribute
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES, globals())
