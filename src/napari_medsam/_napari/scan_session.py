@@ -41,6 +41,7 @@ class ScanSession:
     signature: str | None = None  # the scan's embedding-cache signature, once hashed
     report: dict | None = None  # the Propagate box's last report of this scan (PropagatePanel.report_state)
     export_path: Path | None = None  # where this scan's labels were last exported (the dialog's default)
+    session_path: Path | None = None  # the session file last saved or opened for this scan (the dialogs' default)
 
     def layers(self) -> list:
         """The layers the session made or adopted (labels and prompt layers), those that exist."""
