@@ -26,11 +26,12 @@ def _scene(viewer):
     return viewer.window._qt_viewer.canvas._scene_canvas
 
 
-def press(viewer, pos, modifiers: Iterable[str] = ()):
+def press(viewer, pos, modifiers: Iterable[str] = (), button: int = 1):
+    """A mouse press; ``button`` 1 is the left button, 2 the right one."""
     from vispy.app.canvas import MouseEvent
 
-    _scene(viewer).events.mouse_press(pos=tuple(pos), modifiers=tuple(modifiers), button=1)
-    return MouseEvent(type="mouse_press", pos=tuple(pos), modifiers=tuple(modifiers), button=1)
+    _scene(viewer).events.mouse_press(pos=tuple(pos), modifiers=tuple(modifiers), button=button)
+    return MouseEvent(type="mouse_press", pos=tuple(pos), modifiers=tuple(modifiers), button=button)
 
 
 def move(viewer, pos, press_event, modifiers: Iterable[str] = (), last_event=None):
@@ -42,8 +43,8 @@ def move(viewer, pos, press_event, modifiers: Iterable[str] = (), last_event=Non
     return MouseEvent(type="mouse_move", pos=tuple(pos), modifiers=tuple(modifiers), button=1, buttons=[1])
 
 
-def release(viewer, pos, press_event, modifiers: Iterable[str] = ()):
-    _scene(viewer).events.mouse_release(pos=tuple(pos), modifiers=tuple(modifiers), button=1,
+def release(viewer, pos, press_event, modifiers: Iterable[str] = (), button: int = 1):
+    _scene(viewer).events.mouse_release(pos=tuple(pos), modifiers=tuple(modifiers), button=button,
                                         press_event=press_event)
 
 
@@ -69,10 +70,11 @@ def drag(viewer, layer, start: Sequence[float], end: Sequence[float], *, steps: 
     release(viewer, b, event, modifiers)
 
 
-def click(viewer, layer, where: Sequence[float], modifiers: Iterable[str] = ()) -> None:
+def click(viewer, layer, where: Sequence[float], modifiers: Iterable[str] = (), button: int = 1) -> None:
+    """Press and release at data coordinate ``where`` (``button`` 2: a right-click)."""
     pos = canvas_pos(viewer, layer, where)
-    event = press(viewer, pos, modifiers)
-    release(viewer, pos, event, modifiers)
+    event = press(viewer, pos, modifiers, button)
+    release(viewer, pos, event, modifiers, button)
 
 
 def key(viewer, qt_key, modifier=None, widget=None) -> None:

@@ -136,6 +136,8 @@ def test_landing_on_a_slice_embeds_it_in_the_background(scene, qtbot):
     statuses = []
     controller.status_changed.connect(statuses.append)
     go_to(viewer, controller.image_layer, 0, 4)
+    assert controller.queue.pending == [(0, 4)]  # starts once the view has stayed there a moment
+    qtbot.waitUntil(lambda: controller.queue.running == (0, 4), timeout=5000)
     assert controller.status == "embedding slice 4 (axial)..."
     settle(qtbot, controller)
     assert controller.status == "ready"
@@ -148,7 +150,8 @@ def test_newer_landing_request_supersedes_queued_one(scene, qtbot):
     settle(qtbot, controller)
     image = controller.image_layer
     first, skipped, last = [i for i in range(SHAPE[0]) if not controller.is_embedded(0, i)][:3]
-    go_to(viewer, image, 0, first)  # starts running
+    go_to(viewer, image, 0, first)
+    qtbot.waitUntil(lambda: controller.queue.running == (0, first), timeout=5000)  # the view stayed: it runs
     go_to(viewer, image, 0, skipped)  # queued...
     go_to(viewer, image, 0, last)  # ...and replaced
     assert controller.queue.running == (0, first)

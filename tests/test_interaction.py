@@ -172,6 +172,29 @@ def test_dragging_a_point_predicts_once_and_undoes_in_one_step(scene, qtbot, cal
     assert controller.session.can_undo()  # the click itself is the next step back
 
 
+def test_right_click_adds_an_exclude_point(scene, qtbot, calls):
+    from napari_medsam._napari.keys import key_map_html
+
+    viewer, controller, labels = scene
+    axis, index = show(viewer, controller, "axial", qtbot)
+    points = controller.points_layer
+    viewer.layers.selection.active = points
+    points.mode = "add"
+    click(viewer, points, [index, 8, 10])  # left: include
+    settle(qtbot, controller)
+    click(viewer, points, [index, 16, 22], button=2)  # right: exclude
+    settle(qtbot, controller)
+    assert points.features["positive"].tolist() == [True, False]
+    np.testing.assert_allclose(calls[-1][2].points, [[8, 10], [16, 22]], atol=0.6)
+    assert calls[-1][2].positive.tolist() == [True, False]
+    np.testing.assert_allclose(points.face_color[:, :3], [[0, 1, 0], [1, 0, 0]])
+    # The next left-click is an include point again; the key map says so.
+    click(viewer, points, [index, 4, 26])
+    settle(qtbot, controller)
+    assert points.features["positive"].tolist() == [True, False, True]
+    assert "right-click" in key_map_html()
+
+
 def _qt():
     from qtpy.QtCore import Qt
 

@@ -107,7 +107,7 @@ def test_both_reaches_the_blob_reports_and_undoes_in_one_step(scene, qtbot):
     kinds = {int(table.item(i, 0).text()): table.item(i, 1) for i in range(table.rowCount())}
     assert kinds[KEY].text() == "key" and kinds[KEY].font().bold()
     assert kinds[KEY + 1].text() == "propagated" and not kinds[KEY + 1].font().bold()
-    assert panel.summary.text().startswith(f"reached slices {FIRST}-{LAST}, stopped ")
+    assert panel.summary.text().startswith(f"propagated over slices {FIRST}-{LAST}, stopped ")
     assert "up: empty x3 at" in panel.summary.text()
     # Clicking a row moves the view there; the overlay says what the slice is.
     row = next(i for i in range(table.rowCount()) if table.item(i, 0).text() == str(LAST))
@@ -123,6 +123,22 @@ def test_both_reaches_the_blob_reports_and_undoes_in_one_step(scene, qtbot):
     np.testing.assert_array_equal(labels.data, before)
     controller.redo()
     assert reach(labels.data) == list(range(FIRST, LAST + 1))
+
+
+def test_status_says_what_the_run_did_to_the_labels(scene, qtbot):
+    _, controller, panel, _, _, _ = scene
+    run(qtbot, panel, panel.both_button)
+    written = len(panel.last_result.written_slices)
+    assert written == LAST - FIRST
+    status = panel.status_label.text()
+    assert f"propagated over slices {FIRST}-{LAST}" in status and f"{written} slices written" in status, status
+    assert "0 slice" not in status
+    # The same run again finds the labels already equal to its result: it says so, not "0 slices changed".
+    run(qtbot, panel, panel.both_button)
+    assert panel.last_result.written_slices == []
+    status = panel.status_label.text()
+    assert f"propagated over slices {FIRST}-{LAST}" in status, status
+    assert "nothing changed: the labels there were already this result" in status and "written" not in status
 
 
 def test_up_down_fill_and_z_range(scene, qtbot):

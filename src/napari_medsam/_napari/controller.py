@@ -1,7 +1,7 @@
 """Interactive segmentation in napari: prompt layers in, masks into a Labels layer out.
 
 A :class:`SegmentationController` adds two prompt layers on the scan's grid (see
-:mod:`.prompt_layers`): "<scan> points" (click = include, Shift- or Alt-click = exclude) and
+:mod:`.prompt_layers`): "<scan> points" (click = include, right-, Shift- or Alt-click = exclude) and
 "<scan> boxes" (rectangles). Every prompt remembers the plane it was made in and the object
 (label value) selected then. Prompts of one (axis, slice, object) form a group; whenever a group
 changes, that slice is predicted again and written through a
@@ -50,6 +50,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
     status_changed = Signal(str)
     mask_written = Signal(object)  # (axis, index, label) after a prediction was written
     changed = Signal(object)  # every SessionChange, after the layers show it
+    view_changed = Signal()  # the shown plane or slice changed (scrolled, other axis, 2D/3D)
 
     def __init__(self, viewer: Any, image_layer: Any, labels_layer: Any, model: SamModel, *,
                  mapping: IntensityMapping | None = None, cache: EmbeddingCache | None = None,
@@ -207,16 +208,23 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
     def _on_view_changed(self, event: Any = None) -> None:
         if self._closed:  # an event already on its way when the controller closed
             return
+        self.view_changed.emit()
         plane = self.current_plane()
         if plane is None:
+            self.queue.withdraw_landing()  # a slice scrolled past: not worth an encoder run now
             if self.queue.running is None:
                 self._set_status("switch to a 2D view of the scan to segment")
             return
         if self.is_embedded(*plane):
+            self.queue.withdraw_landing()
             if self.queue.running is None:
                 self._set_status("ready")
+            else:
+                self._on_embed_start(*self.queue.running)
         else:
             self.queue.request(*plane)
+            if self.queue.running is not None:
+                self._on_embed_start(*self.queue.running)
 
     def _set_status(self, text: str) -> None:
         self.status = text
@@ -284,7 +292,12 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         return self.scan_signature()
 
     def _on_embed_start(self, axis: int, index: int) -> None:
-        self._set_status(f"embedding slice {index} ({AXIS_NAMES[axis]})...")
+        """Name the slice being embedded; when it is not the one shown, say so and what comes next."""
+        text = f"embedding slice {index} ({AXIS_NAMES[axis]})"
+        plane = self.current_plane()
+        if plane is not None and plane != (axis, index) and not self.is_embedded(*plane):
+            text += f", left earlier; slice {plane[1]} (shown) next"
+        self._set_status(text + "...")
 
     def _on_embedded(self, axis: int, index: int, signature: object) -> None:
         with self._state_lock:
@@ -365,6 +378,21 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         """The model's predicted IoU of the candidate now shown there."""
         key = self._focus_key()
         return None if key is None else self.session.predicted_iou(key[2], key[0], key[1])
+
+    @property
+    def shown_prediction(self) -> tuple[float, int] | None:
+        """(predicted IoU, number of candidates) of the active object's prediction on the slice shown, or None.
+
+        Unlike :attr:`current_iou` never another slice's or object's value: this is what the panel shows.
+        """
+        plane, active = self.current_plane(), self.session.active
+        if plane is None or active is None or active not in self.session:
+            return None
+        cand = self.session.candidate(active, *plane)
+        if cand is None:
+            return None
+        iou = self.session.predicted_iou(active, *plane)
+        return None if iou is None else (float(iou), int(cand.count))
 
     def cycle_mask(self) -> float | None:
         """Show the next candidate mask of that prediction; returns its predicted IoU."""

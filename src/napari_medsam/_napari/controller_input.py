@@ -17,6 +17,8 @@ from .prompt_layers import UNASSIGNED, Key, box_keys, collect_groups, point_defa
 
 # Modifiers that turn a click on the points layer into an exclude (negative) point.
 NEGATIVE_MODIFIERS = ("Shift", "Alt")
+# Mouse buttons (napari/vispy numbering: 1 left, 2 right) whose click adds an exclude point.
+NEGATIVE_BUTTONS = (2,)
 
 
 class PromptInputMixin:
@@ -85,10 +87,12 @@ class PromptInputMixin:
         has no public "edit finished" event, so this callback, first in the layer's
         ``mouse_drag_callbacks`` (public API), brackets the gesture: prompt events during it
         only claim new rows, and the prompts are read once the release has been handled by
-        napari (the deferred :meth:`_gesture_ended`). On the points layer, Shift/Alt at
-        press time also makes the point napari is about to add a negative one.
+        napari (the deferred :meth:`_gesture_ended`). On the points layer, a right-click, or
+        Shift/Alt at press time, also makes the point napari is about to add a negative one.
         """
-        negative = layer is self.points_layer and any(m in event.modifiers for m in NEGATIVE_MODIFIERS)
+        negative = layer is self.points_layer and (
+            getattr(event, "button", 1) in NEGATIVE_BUTTONS
+            or any(m in event.modifiers for m in NEGATIVE_MODIFIERS))
         if layer is self.points_layer:
             layer.feature_defaults = point_defaults(not negative)
         self._gestures += 1

@@ -31,7 +31,7 @@ VIEW_KEYS = {
 # Mouse actions of the prompt layers, for the key map shown in the panel and the user guide.
 MOUSE_ACTIONS = (
     ("click (points layer)", "include point"),
-    ("Shift/Alt-click (points layer)", "exclude point"),
+    ("right-click or Shift/Alt-click (points layer)", "exclude point"),
     ("R, then drag (boxes layer)", "box; a new box on a slice replaces the object's old one there"),
     ("drag a point or box (select mode)", "move it: predicted once, on release"),
     ("Delete / Backspace", "remove the selected prompts"),

@@ -355,7 +355,7 @@ class PropagatePanel(QGroupBox):
 
     def _finish(self, run: Run, outcome: PropagationResult | Exception) -> None:
         from ..segment.propagation.run import PropagationResult
-        from .propagate_run import KEPT, summarize
+        from .propagate_run import KEPT, summarize, written_text
 
         result = outcome if isinstance(outcome, PropagationResult) else None
         self._run, self._worker = None, None
@@ -376,15 +376,14 @@ class PropagatePanel(QGroupBox):
             same = self._last is not None and self._last[:2] == (run.obj, run.axis)
             self._last = (run.obj, run.axis, set(run.keys) | (self._last[2] if same else set()))  # type: ignore[index]
             self._show(applied, run.keys, keep=same)
-            self._set_status(f"Object {run.obj}: {summarize(applied)}. {len(applied.written_slices)} slice(s) "
-                             "changed; Ctrl+Z undoes the run.")
+            self._set_status(f"Object {run.obj}: {summarize(applied)}; {written_text(applied)}.")
             self.report_changed.emit(run.controller.image_layer, self.report_state())
         else:  # the user switched scans meanwhile: the report is that scan's, kept for when it is shown again
             kinds = {r.index: r.kind for r in applied.reports if r.kind in KEPT} | {k: "key" for k in run.keys}
             self.report_changed.emit(run.controller.image_layer, {
                 "result": applied, "last": (run.obj, run.axis, set(run.keys)), "kinds": kinds,
                 "summary": summarize(applied),
-                "status": f"Object {run.obj}: {summarize(applied)}. {len(applied.written_slices)} slice(s) changed."})
+                "status": f"Object {run.obj}: {summarize(applied)}; {written_text(applied)}."})
         self.finished.emit(applied)
 
     def _on_mask_written(self, info: Any) -> None:

@@ -44,7 +44,7 @@ def key_masks(session: Any, obj: int, axis: int, current: int | None = None) -> 
 def summarize(result: PropagationResult) -> str:
     """One line: the slices reached, and why and where each outward front stopped."""
     kept = sorted({r.index for r in result.reports if r.kind in KEPT})
-    text = f"reached slices {kept[0]}-{kept[-1]}" if kept else "no slice kept"
+    text = f"propagated over slices {kept[0]}-{kept[-1]}" if kept else "no slice kept"
     ends = []
     for name, reason in result.stop_reasons.items():
         if not name.startswith("fill"):
@@ -54,6 +54,16 @@ def summarize(result: PropagationResult) -> str:
     gaps = {name.split()[1] for name in result.stop_reasons if name.startswith("fill")}
     text += (", stopped " + "; ".join(ends) if ends else "") + (f"; {len(gaps)} gap(s) filled" if gaps else "")
     return ("cancelled, " if result.cancelled else "") + text
+
+
+def written_text(result: PropagationResult) -> str:
+    """What the run did to the labels, in words that agree with :func:`summarize`."""
+    count = len(result.written_slices)
+    if count:
+        return f"{count} slice{'s' if count > 1 else ''} written; Ctrl+Z undoes the run"
+    if any(r.kind in KEPT for r in result.reports):
+        return "nothing changed: the labels there were already this result"
+    return "nothing written"
 
 
 class Run:

@@ -115,6 +115,7 @@ class SegmentPanel(QGroupBox):
         if old is not None:
             old.changed.disconnect(self._refresh)
             old.status_changed.disconnect(self._on_status)
+            old.view_changed.disconnect(self._refresh)
             old.viewer.dims.events.order.disconnect(self._update_range)
         self.cancel_precompute()
         self.controller = controller
@@ -128,6 +129,7 @@ class SegmentPanel(QGroupBox):
             return
         controller.changed.connect(self._refresh)
         controller.status_changed.connect(self._on_status)
+        controller.view_changed.connect(self._refresh)
         controller.viewer.dims.events.order.connect(self._update_range)
         self.overwrite.setChecked(controller.overwrite)
         self._on_status(controller.status)
@@ -159,11 +161,13 @@ class SegmentPanel(QGroupBox):
         controller = self.controller
         if controller is None:
             return
-        masks, iou = controller.last_masks, controller.current_iou
-        if masks is None or iou is None:
-            self.iou.setText("")
+        # The active object's prediction on the slice shown: never another slice's or object's value.
+        shown = controller.shown_prediction
+        if shown is None:
+            self.iou.setText("IoU: - (no prediction of the active object on this slice)")
         else:
-            self.iou.setText(f"predicted IoU {iou:.2f} ({len(masks.scores)} mask{'s' if len(masks.scores) > 1 else ''})")
+            iou, count = shown
+            self.iou.setText(f"predicted IoU {iou:.2f} ({count} mask{'s' if count > 1 else ''})")
         session = controller.session
         has_object = session.active is not None
         self.undo_button.setEnabled(has_object and session.can_undo())

@@ -4,7 +4,10 @@ The image encoder takes from a fraction of a second (GPU) to several seconds (CP
 slice, so it never runs on the Qt thread. Requests come in two kinds: *urgent* ones, which a
 prediction waits for (the user prompted a slice that has no embedding yet), are all kept and
 served first in order; a *landing* request (the user scrolled to a slice) only keeps the
-newest, since embedding a slice the user scrolled past is wasted work.
+newest ("latest wins"), since embedding a slice the user scrolled past is wasted work. A
+landing request starts only once the view has stayed on that slice for
+:data:`LANDING_DELAY_MS`: a running encoder cannot be interrupted, so a slice merely scrolled
+through must not start one ahead of the slice the user stops on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ log = logging.getLogger(__name__)
 # thread is ~1.6x slower on 2 cores (benchmarks/bench_decoder_threads.py: 23 ms -> 39 ms).
 # Qt's default keeps idle threads 30 s; a new thread per job costs well under a millisecond.
 THREAD_EXPIRY_MS = 250
+
+# A landing request starts after the view has stayed this long on the slice (wheel and slider
+# steps while scrolling come faster than this).
+LANDING_DELAY_MS = 150
 
 
 def short_lived_threads() -> None:
@@ -111,6 +118,9 @@ class EmbeddingQueue:
         self._on_error = on_error
         self._urgent: list[Slice] = []
         self._landing: Slice | None = None
+        self._landing_ready = False  # the view stayed on the landing slice for landing_delay_ms
+        self.landing_delay_ms = LANDING_DELAY_MS
+        self._timer: Any = None
         self._running: Slice | None = None
         self._worker = None
         self._closed = False
@@ -134,29 +144,57 @@ class EmbeddingQueue:
             return
         item = (int(axis), int(index))
         if item == self._running:
+            if not urgent:  # back on the slice being embedded: the slices scrolled past since then wait
+                self.withdraw_landing()
             return
         if urgent:
             if item not in self._urgent:
                 self._urgent.append(item)
             if self._landing == item:
-                self._landing = None
-        elif item not in self._urgent:
-            self._landing = item
+                self.withdraw_landing()
+        elif item in self._urgent:
+            self.withdraw_landing()
+        elif item != self._landing:
+            self._landing, self._landing_ready = item, False
+            if self.landing_delay_ms <= 0:
+                self._landing_ready = True
+            else:
+                self._restart_timer()
         self._start_next()
+
+    def withdraw_landing(self) -> None:
+        """Forget the queued landing request (the user left that slice for one that needs no embedding)."""
+        self._landing, self._landing_ready = None, False
+        if self._timer is not None:
+            self._timer.stop()
+
+    def _restart_timer(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        if self._timer is None:
+            self._timer = QTimer()
+            self._timer.setSingleShot(True)
+            self._timer.timeout.connect(self._on_landed)
+        self._timer.start(int(self.landing_delay_ms))
+
+    def _on_landed(self) -> None:
+        if self._landing is not None:
+            self._landing_ready = True
+            self._start_next()
 
     def close(self) -> None:
         """Start nothing more and ignore the result of a job still running (it cannot be interrupted)."""
         self._closed = True
         self._urgent.clear()
-        self._landing = None
+        self.withdraw_landing()
 
     def _start_next(self) -> None:
         if self._closed or self._running is not None:
             return
         if self._urgent:
             item = self._urgent.pop(0)
-        elif self._landing is not None:
-            item, self._landing = self._landing, None
+        elif self._landing is not None and self._landing_ready:
+            item, self._landing, self._landing_ready = self._landing, None, False
         else:
             return
         self._running = item
