@@ -6,31 +6,7 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def model():
-    from test_predictor import tiny_model
-
-    return tiny_model("sam", seed=3)
-
-
-@pytest.fixture
-def workflow(make_napari_viewer, qtbot, model, sample_dir):
-    from conftest import start_workflow, stop_workflow
-
-    viewer = make_napari_viewer()
-    widget, controller = start_workflow(viewer, model, sample_dir)
-    qtbot.addWidget(widget)
-    yield viewer, widget, controller
-    stop_workflow(qtbot, widget, controller)
-
-
-def settle(qtbot, controller):
-    qtbot.waitUntil(lambda: controller.queue.running is None and not controller.queue.pending, timeout=30000)
-    qtbot.wait(20)
-
-
-def show_slice(viewer, image, index):
-    viewer.dims.set_point(0, image.data_to_world([index, 0, 0])[0])
+from test_widget import model, settle, show_slice, workflow  # noqa: F401 (shared fixtures and helpers)
 
 
 def test_iou_label_shows_the_active_objects_prediction_on_the_slice_shown(workflow, qtbot):

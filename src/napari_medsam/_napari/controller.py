@@ -32,7 +32,7 @@ from ..segment.model import SamModel
 from ..segment.predictor import SliceMasks, SlicePredictor
 from ..segment.session import SegmentationSession
 from ..segment.session.state import SlicePrompts
-from .layers import META_KEY, volume_from_layer_meta
+from .layers import known_segments, volume_from_layer_meta
 from .prompt_layers import NEGATIVE_COLOR, POSITIVE_COLOR, Key, add_prompt_layers
 from .controller_input import NEGATIVE_MODIFIERS, PromptInputMixin
 from .controller_session import SessionEditsMixin
@@ -93,7 +93,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         if session is not None and not np.may_share_memory(session.labels, data):
             raise LabelsMismatchError(f"the segmentation session given does not edit labels layer {labels_layer.name!r}")
         if session is None:
-            names, colors = _known_segments(labels_layer.metadata)
+            names, colors = known_segments(labels_layer.metadata)
             session = SegmentationSession(data, names=names, colors=colors, overwrite=overwrite)
         else:
             session.overwrite = bool(overwrite)
@@ -416,14 +416,3 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
                 score = self.session.cycle_candidate(label, axis, index)[1]
         self.mask_written.emit((axis, index, label))  # a corrected slice: propagation may follow it
         return score
-
-
-def _known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
-    """Names and colours a label layer already carries (e.g. read from a DICOM-SEG)."""
-    meta = (metadata or {}).get(META_KEY) or {}
-    names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
-    colors = {}
-    for segment in meta.get("segments") or []:
-        names.setdefault(int(segment.label), segment.name)
-        colors[int(segment.label)] = segment.color
-    return names, colors

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QPushButton, QVBoxLayout
 
-from .layers import META_KEY, labels_layer_data, volume_from_layer_meta
+from .layers import META_KEY, known_segments, labels_layer_data, volume_from_layer_meta
 from .writer import default_output_path
 
 
@@ -232,7 +232,7 @@ class LabelsGroupMixin:
         engine = scan.engine if scan.labels is layer else None
         try:
             if engine is None or not np.may_share_memory(engine.labels, data):
-                names, colors = _layer_segments(layer.metadata)
+                names, colors = known_segments(layer.metadata)
                 engine = SegmentationSession(np.array(data), names=names, colors=colors)  # a copy: read only here
             written = save_session(engine, data, path, scan=self._scan_info(image))
         except MedSamError as error:
@@ -328,14 +328,3 @@ class LabelsGroupMixin:
             for axis in range(3):
                 for index in engine.prompted_slices(obj.value, axis):
                     write_group(points, boxes, (axis, index, obj.value), engine.slice_prompts(obj.value, axis, index))
-
-
-def _layer_segments(metadata) -> tuple[dict[int, str], dict[int, object]]:
-    """Names and colours a label layer carries (objects of a layer no controller has segmented yet)."""
-    meta = (metadata or {}).get(META_KEY) or {}
-    names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
-    colors = {}
-    for segment in meta.get("segments") or []:
-        names.setdefault(int(segment.label), segment.name)
-        colors[int(segment.label)] = segment.color
-    return names, colors

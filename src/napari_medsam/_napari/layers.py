@@ -117,3 +117,14 @@ def volume_from_layer_geometry(data: np.ndarray, attributes: dict[str, Any]) -> 
         direction=lps[:3, :3] / spacing[None, :],
         source_format="napari-layer",
     )
+
+
+def known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
+    """Names and colours a label layer already carries (e.g. read from a DICOM-SEG)."""
+    meta = (metadata or {}).get(META_KEY) or {}
+    names = {int(k): str(v) for k, v in (meta.get("names") or {}).items()}
+    colors = {}
+    for segment in meta.get("segments") or []:
+        names.setdefault(int(segment.label), segment.name)
+        colors[int(segment.label)] = segment.color
+    return names, colors
