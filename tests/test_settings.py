@@ -133,3 +133,19 @@ def test_concurrent_writers_always_leave_valid_json():
         t.join()
     assert errors == []
     assert isinstance(json.loads(settings_path().read_text(encoding="utf-8")), dict)
+
+
+def test_refinement_and_keys_settings(caplog):
+    assert DEFAULTS["refine_from_logits"] is False and DEFAULTS["keys"] == {}
+    settings = Settings()
+    assert settings.get("refine_from_logits") is False and settings.get("keys") == {}
+    settings.set("refine_from_logits", True)
+    settings.set("keys", {"cycle_mask": "Shift-C"})
+    again = Settings()
+    assert again.get("refine_from_logits") is True and again.get("keys") == {"cycle_mask": "Shift-C"}
+    # A hand-edited file with the wrong types reads as the defaults.
+    again.path.write_text(json.dumps({"refine_from_logits": "yes", "keys": ["Shift-C"]}), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        broken = Settings()
+        assert broken.get("refine_from_logits") is False and broken.get("keys") == {}
+    assert "refine_from_logits" in caplog.text and "keys" in caplog.text

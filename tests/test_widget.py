@@ -254,3 +254,50 @@ def test_modality_combo_overrides_the_guess_per_layer(workflow, qtbot):
     assert volume.modality == "CT" and volume.intensity_unit == "HU" and "modality_from" not in volume.metadata
     assert "(override)" not in widget.info.text() and "<b>CT</b> HU" in widget.info.text()
     assert widget.window_combo.currentText() in CT_WINDOWS
+
+
+def test_export_names_every_segment_as_the_objects_table_shows_it(workflow, qtbot, tmp_path):
+    from napari_medsam.io import read_labels_and_segments
+
+    viewer, widget, controller = workflow
+    image, labels = controller.image_layer, controller.labels_layer
+    show_slice(viewer, image, 20)
+    settle(qtbot, controller)
+    controller.session.rename(1, "liver")
+    controller.points_layer.add([20, 84, 84])
+    settle(qtbot, controller)
+    # An object added without a name: the table calls it "object 2", and so does the file.
+    value = widget.objects_panel.add_object("")
+    assert widget.objects_panel.table.item(1, 1).text() == f"object {value}"
+    labels.data[20, 2:6, 2:6] = value
+    # A value painted by hand, with an empty name in the layer's metadata (e.g. an unnamed DICOM segment).
+    labels.data[21, 2:6, 2:6] = 7
+    meta = labels.metadata["napari_medsam"]
+    labels.metadata["napari_medsam"] = {**meta, "names": {**meta["names"], 7: ""}}
+    labels.refresh()
+    out = tmp_path / "named.nii.gz"
+    widget.export_labels(out)
+    qtbot.waitUntil(lambda: widget.last_saved is not None, timeout=30000)
+    _, segments = read_labels_and_segments(widget.last_saved, widget.volume)
+    names = {int(s.label): s.name for s in segments}
+    assert names == {1: "liver", value: f"object {value}", 7: "object 7"}, names
+
+
+def test_export_default_file_name_is_short_and_beside_the_scan(workflow, sample_dir):
+    from napari_medsam._napari.labels_group import SHORT_NAME, short_file_stem
+
+    viewer, widget, controller = workflow
+    suggestion = widget.export_suggestion()
+    assert suggestion.name == "ct_phantom_labels.nii.gz" and suggestion.parent.resolve() == sample_dir.resolve()
+    uid = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
+    description = "CT ABDOMEN PELVIS W CONTRAST (PORTAL VENOUS PHASE) 1.25mm STND [1]"
+    for name, expected in ((f"{uid} labels", "series-029320_labels"),
+                           (f"{description} labels", "CT_ABDOMEN_PELVIS_W_CONTRAST_labels"),
+                           ("ct_phantom labels", "ct_phantom_labels"), ("???", "labels")):
+        stem = short_file_stem(name)
+        assert stem == expected and len(stem) <= SHORT_NAME and all(c.isalnum() or c in "_-." for c in stem), stem
+    # Through the widget: the scan's labels named after a long series description.
+    controller.labels_layer.name = f"{description} labels"
+    suggestion = widget.export_suggestion()
+    assert suggestion.name == "CT_ABDOMEN_PELVIS_W_CONTRAST_labels.nii.gz", suggestion
+    assert suggestion.parent.resolve() == sample_dir.resolve()

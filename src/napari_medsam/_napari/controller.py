@@ -36,13 +36,33 @@ from .layers import known_segments, volume_from_layer_meta
 from .prompt_layers import NEGATIVE_COLOR, POSITIVE_COLOR, Key, add_prompt_layers
 from .controller_input import NEGATIVE_MODIFIERS, PromptInputMixin
 from .controller_session import SessionEditsMixin
-from .keys import AXIS_NAMES, MOUSE_ACTIONS, SHORTCUTS
+from .keys import AXIS_NAMES, MOUSE_ACTIONS, SHORTCUTS, load_shortcuts
+from .settings import Settings
 from .workers import EmbeddingQueue
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AXIS_NAMES", "MOUSE_ACTIONS", "NEGATIVE_COLOR", "NEGATIVE_MODIFIERS", "POSITIVE_COLOR",
-           "SegmentationController", "SHORTCUTS"]
+           "SegmentationController", "SHORTCUTS", "TEXT_OVERLAY_POSITION", "canvas_text_overlay",
+           "place_text_overlay"]
+
+# Where the canvas text the plugin shows ("object 1: key slice") goes: napari puts it bottom-right
+# by default, under its notification toasts (and beside the scale bar and slice counter there).
+TEXT_OVERLAY_POSITION = "top_left"
+
+
+def canvas_text_overlay(viewer: Any) -> Any:
+    """The viewer's text overlay (napari >= 0.9 keeps it on the canvas)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    return overlays["text"] if overlays is not None and "text" in overlays else viewer.text_overlay
+
+
+def place_text_overlay(viewer: Any) -> None:
+    """Move the canvas text overlay out of the toasts' corner, unless the user placed it elsewhere already."""
+    overlay = canvas_text_overlay(viewer)
+    if str(getattr(overlay.position, "value", overlay.position)) == "bottom_right":  # napari's default
+        overlay.position = TEXT_OVERLAY_POSITION
+
 
 class SegmentationController(PromptInputMixin, SessionEditsMixin):
     """Wires prompt layers, a SAM model, a segmentation session and a Labels layer into click-to-segment."""
@@ -55,7 +75,8 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
     def __init__(self, viewer: Any, image_layer: Any, labels_layer: Any, model: SamModel, *,
                  mapping: IntensityMapping | None = None, cache: EmbeddingCache | None = None,
                  overwrite: bool = False, bind_keys: bool = True, session: SegmentationSession | None = None,
-                 prompt_layers: tuple[Any, Any] | None = None, signature: str | None = None) -> None:
+                 prompt_layers: tuple[Any, Any] | None = None, signature: str | None = None,
+                 settings: Settings | None = None, refine_from_logits: bool | None = None) -> None:
         """Segment ``image_layer`` into ``labels_layer``.
 
         A scan's panel session passes back what an earlier controller of the same scan left:
@@ -63,6 +84,9 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         history), ``prompt_layers`` (its points and boxes layers, rewritten here to hold exactly
         the session's prompts) and ``signature`` (the scan's cache signature), so switching scans
         or reloading the model neither adds layers nor loses history.
+
+        ``settings`` (the panel's; else the settings file) gives the user's keys and whether a
+        new click refines the slice's last mask (``refine_from_logits``, unless given here).
         """
         array = np.asarray(image_layer.data)
         if array.ndim not in (2, 3) or image_layer.rgb:
@@ -79,6 +103,11 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         self.image_layer = image_layer
         self.labels_layer = labels_layer
         self.model = model
+        self.settings = settings if settings is not None else Settings()
+        self._refine = bool(self.settings.get("refine_from_logits") if refine_from_logits is None
+                            else refine_from_logits)
+        # key -> (method, description): SHORTCUTS with the user's keys; refused ones warn once.
+        self.shortcuts, self.key_warnings = load_shortcuts(self.settings)
         volume = volume_from_layer_meta(image_layer.metadata)
         # A 2D image is a volume of one slice; the session edits the 2D labels through a 3D view.
         self.flat = array.ndim == 2
@@ -119,6 +148,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         if prompt_layers is None or any(layer not in viewer.layers for layer in prompt_layers):
             prompt_layers = add_prompt_layers(viewer, image_layer)
         self.points_layer, self.boxes_layer = prompt_layers
+        place_text_overlay(viewer)
         self._connections: list[tuple[Any, Any]] = []
         self._bound: list[tuple[Any, str]] = []
         # Rows each prompt layer had before its current edit: napari appends new prompts at the end.
@@ -154,6 +184,21 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
     @overwrite.setter
     def overwrite(self, value: bool) -> None:
         self.session.overwrite = bool(value)
+
+    @property
+    def refine_from_logits(self) -> bool:
+        """Whether a new click refines the slice's last mask: its low-res logits go with the prompts.
+
+        SAM's interactive loop. Only when the new prompts add points to those the slice's mask
+        was predicted from (same box); moving or removing a prompt, or a new box, predicts
+        afresh. Setting it keeps the choice in the settings file.
+        """
+        return self._refine
+
+    @refine_from_logits.setter
+    def refine_from_logits(self, value: bool) -> None:
+        self._refine = bool(value)
+        self.settings.set("refine_from_logits", self._refine)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -347,8 +392,10 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             return
         if label not in self.session:
             self.session.add_object(value=label, select=False)
-        multimask = group.box is None and len(group.points) == 1  # SAM's rule: one click is ambiguous
-        masks = self.predictor(axis).predict(index, group.to_prompts(), multimask=multimask)
+        logits = self._refine_logits(key, group)
+        # SAM's rule: one click is ambiguous (not with the earlier mask as a prompt as well).
+        multimask = logits is None and group.box is None and len(group.points) == 1
+        masks = self.predictor(axis).predict(index, group.to_prompts(logits), multimask=multimask)
         points = [(r, c) for r, c, _ in group.points] or None
         positive = [p for _, _, p in group.points] or None
         with self._editing(), self.session.group():
@@ -356,6 +403,20 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             self.session.apply_prediction(label, axis, index, masks)
         self._last_key = key
         self.mask_written.emit((axis, index, label))
+
+    def _refine_logits(self, key: Key, group: SlicePrompts) -> np.ndarray | None:
+        """The low-res logits of the mask shown on that slice, when the new prompts refine it; else None.
+
+        Read from the session's kept prediction, so after an undo or redo they are those of the
+        prediction it restored.
+        """
+        axis, index, label = key
+        if not self._refine or label not in self.session:
+            return None
+        cand = self.session.candidate(label, axis, index)
+        if cand is None or not _adds_points(self.session.slice_prompts(label, axis, index), group):
+            return None
+        return np.array(cand.masks.low_res_logits[cand.choice], np.float32)  # a copy: the record stays intact
 
     def _focus_key(self) -> Key | None:
         """The (axis, slice, object) the mask buttons act on: the active object on the shown slice, else the last prediction."""
@@ -416,3 +477,14 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
                 score = self.session.cycle_candidate(label, axis, index)[1]
         self.mask_written.emit((axis, index, label))  # a corrected slice: propagation may follow it
         return score
+
+
+def _adds_points(before: SlicePrompts, after: SlicePrompts) -> bool:
+    """True when ``after`` is ``before`` with more points (same box, earlier points unmoved)."""
+    n = len(before.points)
+    if len(after.points) <= n or (before.box is None) != (after.box is None):
+        return False
+    if before.box is not None and not np.allclose(before.box, after.box, atol=1e-6):
+        return False
+    return all(p == q or (p[2] == q[2] and np.allclose(p[:2], q[:2], atol=1e-6))
+               for p, q in zip(before.points, after.points[:n]))

@@ -3,17 +3,23 @@
 A mixin of :class:`~.controller.SegmentationController`. A mouse gesture on a prompt layer is one
 edit, read once on release (napari has no public "edit finished" event; see
 docs/architecture.md); prompt-layer events are read into (plane, slice, object) groups; the
-keys of :data:`~.keys.SHORTCUTS` are bound where napari would otherwise give them another meaning.
+keys of :data:`~.keys.SHORTCUTS` (with the user's keys from the settings, see
+:func:`~.keys.load_shortcuts`) are bound where napari would otherwise give them another meaning.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import MedSamError
 from ..segment.session.state import SlicePrompts
-from .keys import SHORTCUTS
 from .prompt_layers import UNASSIGNED, Key, box_keys, collect_groups, point_defaults
+
+log = logging.getLogger(__name__)
+
+# Key-setting warnings already shown in this napari session (a controller is made per scan and model).
+_WARNED: set[str] = set()
 
 # Modifiers that turn a click on the points layer into an exclude (negative) point.
 NEGATIVE_MODIFIERS = ("Shift", "Alt")
@@ -37,16 +43,22 @@ class PromptInputMixin:
     _groups: dict
     _sizes: dict
     _bound: list
+    shortcuts: dict
+    key_warnings: list
 
     def _bind_keys(self) -> None:
-        """Bind SHORTCUTS on the viewer and on the layers where no napari key of the same name must win.
+        """Bind ``self.shortcuts`` (SHORTCUTS with the user's keys) on the viewer and on the layers
+        where no napari key of the same name must win.
 
         A layer's own bindings come before the viewer's in napari, so the keys are bound on the
         scan's layers (the image's "C" would auto-contrast it, the labels' "M" would pick an
         unused label) and on any other layer without editing keys (images, vectors, surfaces,
         tracks: added later too). Other Labels, Points and Shapes layers keep napari's keys:
         Ctrl+Z there undoes that layer's own edit. The replaced bindings come back on close.
+        A user's key that could not be used was replaced by its default: that is said once per
+        napari session, as a napari warning (the panel's Keys help lists it too).
         """
+        self._warn_about_keys()
         self._bind_on(self.viewer)
         for layer in (self.points_layer, self.boxes_layer, self.labels_layer, self.image_layer):
             self._bind_on(layer)
@@ -60,10 +72,21 @@ class PromptInputMixin:
 
         if any(t is target for t, _, _ in self._bound):
             return
-        for key, (method, _) in SHORTCUTS.items():
+        for key, (method, _) in self.shortcuts.items():
             previous = target.keymap.get(coerce_keybinding(key))
             target.bind_key(key, lambda _target, method=method: self.run_shortcut(method), overwrite=True)
             self._bound.append((target, key, previous))
+
+    def _warn_about_keys(self) -> None:
+        new = [text for text in self.key_warnings if text not in _WARNED]
+        if not new:
+            return
+        _WARNED.update(new)
+        for text in new:
+            log.warning("napari-medsam: %s", text)
+        from napari.utils.notifications import show_warning
+
+        show_warning("napari-medsam keys: " + " | ".join(new))
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = getattr(event, "value", None)
@@ -72,7 +95,7 @@ class PromptInputMixin:
             self._bind_on(layer)
 
     def run_shortcut(self, method: str) -> None:
-        """Run the controller method of a SHORTCUTS key; a refusal (MedSamError) goes to the status."""
+        """Run the controller method of a plugin key; a refusal (MedSamError) goes to the status."""
         try:
             getattr(self, method)()
         except MedSamError as error:

@@ -13,6 +13,7 @@ session (labels, objects, prompts, key slices, hand-painted voxels) as one
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,80 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QPush
 
 from .layers import META_KEY, known_segments, labels_layer_data, volume_from_layer_meta
 from .writer import default_output_path
+
+
+SHORT_NAME = 40  # characters: the longest default file stem Export suggests
+_UID = re.compile(r"^\d+(\.\d+){3,}$")  # a DICOM UID ("1.2.840.113619.2.55...")
+
+
+def short_file_stem(name: str, limit: int = SHORT_NAME) -> str:
+    """A short readable file stem for a layer named ``name`` (a DICOM description or UID can be very long).
+
+    Words are joined by "_" (other characters dropped), a UID becomes "series-" and its last six
+    digits, and a stem longer than ``limit`` keeps its first words and its last one ("labels").
+    """
+    words = []
+    for word in re.split(r"[^\w.\-]+|_+", str(name)):
+        word = word.strip(".-")
+        if _UID.match(word):
+            word = "series-" + word.replace(".", "")[-6:]
+        if word:
+            words.append(word[:limit])
+    if not words:
+        return "labels"
+    stem = "_".join(words)
+    if len(stem) <= limit:
+        return stem
+    last = words[-1] if len(words) > 1 and len(words[-1]) <= limit // 3 else ""
+    kept = ""
+    for word in words[:-1] if last else words:
+        candidate = f"{kept}_{word}" if kept else word
+        if len(candidate) + (len(last) + 1 if last else 0) > limit:
+            break
+        kept = candidate
+    kept = kept or words[0][: limit - len(last) - 1 if last else limit]
+    return f"{kept}_{last}" if last else kept
+
+
+def export_naming(metadata: dict, objects: list | None) -> tuple[dict[int, str], dict[int, object], dict[int, tuple]]:
+    """What Export names segments after, taken on the Qt thread: (layer names, layer segments, objects).
+
+    ``objects`` are the scan's segmentation session's objects (the objects table) when the layer
+    is that session's; their names and colours come first.
+    """
+    names, _ = known_segments(metadata)
+    given = {int(s.label): s for s in ((metadata or {}).get(META_KEY) or {}).get("segments") or []}
+    shown = {int(o.value): (str(o.name), o.color) for o in objects or []}
+    return names, given, shown
+
+
+def export_segments(labels: np.ndarray, naming: tuple) -> list:
+    """One segment per value present in ``labels``, named as the objects table shows it, never empty or made up.
+
+    An object of the session: its name in the table (and its colour). Another value: the name the
+    layer carries, or "object N" (what the session calls an object it names itself) when that is empty.
+    """
+    from dataclasses import replace
+
+    from ..io.segment_types import present_labels
+    from ..io.segments import default_segment
+
+    names, given, shown = naming
+    segments = []
+    for value in present_labels(labels):
+        segment = given.get(value)
+        if value in shown and shown[value][0].strip():
+            name, color = shown[value][0].strip(), shown[value][1]
+            if segment is None or segment.name != name:
+                segment = default_segment(value, name, color)
+        else:
+            name = (names.get(value) or "").strip() or f"object {value}"
+            if segment is None:
+                segment = default_segment(value, name)
+            elif not str(segment.name).strip():
+                segment = replace(segment, name=name)
+        segments.append(segment)
+    return segments
 
 
 class LabelsGroupMixin:
@@ -92,14 +167,15 @@ class LabelsGroupMixin:
         return volume_from_layer_meta(layer.metadata) or volume
 
     def export_suggestion(self) -> Path | None:
-        """The Export dialog's default: where this scan's labels went last, else beside the scan, named after the layer."""
+        """The Export dialog's default: where this scan's labels went last, else beside the scan, named after the
+        layer (shortened: a long DICOM description or UID gives a short readable name)."""
         layer = self.labels_layer
         if layer is None:
             return None
         scan = self.scan
         if scan is not None and scan.export_path is not None and scan.labels is layer:
             return scan.export_path
-        return default_output_path(self._export_volume(layer), layer.name)
+        return default_output_path(self._export_volume(layer), short_file_stem(layer.name))
 
     def _export_clicked(self) -> None:
         layer = self.labels_layer
@@ -117,7 +193,7 @@ class LabelsGroupMixin:
     def export_labels(self, path: str | Path):
         """Save the selected label layer in a background thread; return the napari worker."""
         from .workers import start_worker
-        from .writer import _segments, source_volume_for
+        from .writer import source_volume_for
 
         layer = self.labels_layer
         if layer is None:
@@ -134,12 +210,14 @@ class LabelsGroupMixin:
         scan = self.scan
         if scan is not None and scan.labels is layer:
             scan.export_path = Path(path)
+        engine = scan.engine if scan is not None and scan.labels is layer else None
+        naming = export_naming(layer.metadata, None if engine is None else list(engine.objects))
 
         def save() -> tuple[Path, list[str]]:
             from ..io import save_labels_named
 
             like = source_volume_for(labels, attributes)
-            written, _, messages = save_labels_named(labels, like, path, _segments(labels, attributes))
+            written, _, messages = save_labels_named(labels, like, path, export_segments(labels, naming))
             return written, messages
 
         self.status.setText(f"Saving {Path(path).name}...")

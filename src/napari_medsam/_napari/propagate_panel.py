@@ -21,7 +21,7 @@ from superqt import QLabeledRangeSlider
 
 from ..errors import MedSamError
 from ..segment.propagation.stop_rules import StopRule
-from .messages import MessageLabel
+from .messages import MessageLabel, RunProgress
 
 if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not when the panel docks
     from ..segment.prompting import PromptSettings
@@ -97,6 +97,7 @@ class PropagatePanel(QGroupBox):
         self.both_button = _button("Both", "Propagate outward from the key slices and fill the gaps between them")
         self.fill_button = _button("Fill between keys", "Only fill the slices between the key slices")
         self.cancel_button = _button("Cancel", "Stop after the current slice; the slices finished so far are kept")
+        self.progress = RunProgress()  # slices done of the total and the time left, only while a run goes
         self.range_slider = QLabeledRangeSlider(Qt.Orientation.Horizontal)
         self.limit_check = QCheckBox("limit to range")
         self.limit_check.setToolTip("Fronts stop at the ends of the slice range")
@@ -122,6 +123,8 @@ class PropagatePanel(QGroupBox):
 
         layout = QVBoxLayout(self)
         for row in ((self.up_button, self.down_button, self.both_button), (self.fill_button, self.cancel_button)):
+            if self.cancel_button in row:
+                layout.addWidget(self.progress)  # right above Cancel while a run goes
             line = QHBoxLayout()
             for button in row:
                 line.addWidget(button)
@@ -324,6 +327,7 @@ class PropagatePanel(QGroupBox):
             return call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report)
 
         run.bar = progress(total=0, desc=f"Object {obj}: {what}")
+        self.progress.start(0, f"object {obj}: {what}...")
         self._run = run
         self._set_status(f"Object {obj}: {what}...")
         self._update_enabled()
@@ -336,6 +340,7 @@ class PropagatePanel(QGroupBox):
         """Ask the run to stop after the slice it is on; the slices finished so far are kept."""
         if self._run is not None:
             self._run.cancel.set()
+            self.progress.note("cancelling after this slice")
             self._set_status("Cancelling: the slices finished so far are kept...")
 
     # ------------------------------------------------------------------ results reach the live labels
@@ -349,6 +354,9 @@ class PropagatePanel(QGroupBox):
             run.controller.labels_layer.refresh()
         if run is not self._run:
             return
+        self.progress.step(int(done), int(total))
+        if run.cancel.is_set():
+            self.progress.note("cancelling after this slice")
         run.bar.total = max(int(total), int(done))
         run.bar.update(int(done) - run.bar.n)
         run.bar.set_description(f"Object {run.obj}: {message}")
@@ -360,6 +368,7 @@ class PropagatePanel(QGroupBox):
         result = outcome if isinstance(outcome, PropagationResult) else None
         self._run, self._worker = None, None
         run.bar.close()
+        self.progress.stop()
         previous = {} if result is None else result.undo.previous
         for k in sorted(set(run.expected) | set(previous)):  # after an error the snapshot is restored: this reverts
             run.merge(k, previous.get(k), run.view(k).copy())

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import MedSamError
 from .keys import AXIS_NAMES, key_map_html
-from .messages import MessageLabel
+from .messages import MessageLabel, RunProgress
 
 def precompute_job(controller: Any, axis: int, first: int, last: int):
     """Worker generator: embed slices ``first..last`` along ``axis`` (cached ones are skipped); yields each index."""
@@ -48,6 +48,9 @@ class SegmentPanel(QGroupBox):
         self.keys_button.toggled.connect(self.help.setVisible)
         self.overwrite = QCheckBox("overwrite other objects")
         self.overwrite.setToolTip("Let a prediction take voxels that belong to other objects")
+        self.refine = QCheckBox("refine from the last mask")
+        self.refine.setToolTip("A new click on a slice sends the mask on show (its low-res logits) with all the "
+                               "slice's points, as SAM's interactive loop does (remembered)")
         self.iou = MessageLabel("")
         self.cycle_button = QPushButton("Next mask (C)")
         self.cycle_button.setToolTip("SAM gives several masks for an ambiguous prompt: show the next one")
@@ -74,7 +77,9 @@ class SegmentPanel(QGroupBox):
         self.precompute_button.setToolTip("Embed these slices of the current plane in the background "
                                           "(cached slices are skipped, so a cancelled run resumes)")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the slice being embedded; the slices done stay cached")
         self.cancel_button.setEnabled(False)
+        self.progress = RunProgress()  # slices done of the total and the time left, only while embedding
         # Hidden until a scan and a model exist: no meaningless "0 to 0" before that.
         self.precompute_box = QWidget()
         pre = QGridLayout(self.precompute_box)
@@ -85,13 +90,15 @@ class SegmentPanel(QGroupBox):
         span.addWidget(self.last, 1)
         pre.addWidget(QLabel("Embed slices (this plane)"), 0, 0, 1, 2)
         pre.addLayout(span, 1, 0, 1, 2)
-        pre.addWidget(self.precompute_button, 2, 0)
-        pre.addWidget(self.cancel_button, 2, 1)
+        pre.addWidget(self.progress, 2, 0, 1, 2)  # right above Cancel while a run goes
+        pre.addWidget(self.precompute_button, 3, 0)
+        pre.addWidget(self.cancel_button, 3, 1)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.state)
         layout.addWidget(self.iou)
         layout.addWidget(self.overwrite)
+        layout.addWidget(self.refine)
         layout.addLayout(grid)
         layout.addWidget(self.precompute_box)
         layout.addWidget(self.keys_button)
@@ -104,6 +111,7 @@ class SegmentPanel(QGroupBox):
         self.undo_button.clicked.connect(lambda: self._call("undo"))
         self.redo_button.clicked.connect(lambda: self._call("redo"))
         self.overwrite.toggled.connect(self._on_overwrite)
+        self.refine.toggled.connect(self._on_refine)
         self.precompute_button.clicked.connect(self.precompute)
         self.cancel_button.clicked.connect(self.cancel_precompute)
         self.set_controller(None)
@@ -120,7 +128,7 @@ class SegmentPanel(QGroupBox):
         self.cancel_precompute()
         self.controller = controller
         for widget in (self.cycle_button, self.accept_button, self.clear_slice_button, self.clear_object_button,
-                       self.undo_button, self.redo_button, self.precompute_button, self.overwrite):
+                       self.undo_button, self.redo_button, self.precompute_button, self.overwrite, self.refine):
             widget.setEnabled(controller is not None)
         self.precompute_box.setVisible(controller is not None)
         if controller is None:
@@ -132,6 +140,7 @@ class SegmentPanel(QGroupBox):
         controller.view_changed.connect(self._refresh)
         controller.viewer.dims.events.order.connect(self._update_range)
         self.overwrite.setChecked(controller.overwrite)
+        self.refine.setChecked(bool(controller.refine_from_logits))
         self._on_status(controller.status)
         self._update_range()
         self._refresh()
@@ -151,6 +160,10 @@ class SegmentPanel(QGroupBox):
     def _on_overwrite(self, checked: bool) -> None:
         if self.controller is not None:
             self.controller.overwrite = checked
+
+    def _on_refine(self, checked: bool) -> None:
+        if self.controller is not None:
+            self.controller.refine_from_logits = checked  # the controller saves the setting
 
     def _on_status(self, text: str) -> None:
         if self.worker is not None and text == "ready":
@@ -204,9 +217,11 @@ class SegmentPanel(QGroupBox):
 
         def step(index: int) -> None:
             done[0] += 1
+            self.progress.step(done[0], total)
             self.state.setText(f"Precomputing {plane}: slice {index} done ({done[0]}/{total})")
 
         self.state.setText(f"Precomputing {plane}...")  # at once: the first slice takes seconds
+        self.progress.start(total)
         self.precompute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         worker = start_worker(precompute_job, controller, axis, first, last, on_yield=step,
@@ -220,9 +235,11 @@ class SegmentPanel(QGroupBox):
         """Stop the precompute after the slice being embedded (the slices done stay cached)."""
         if self.worker is not None:
             self.worker.quit()
+            self.progress.note("cancelling after this slice")
 
     def _precompute_finished(self, done: int, total: int) -> None:
         self.worker = None
+        self.progress.stop()
         self.cancel_button.setEnabled(False)
         self.precompute_button.setEnabled(self.controller is not None)
         word = "done" if done == total else "cancelled"

@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "mapping": "",  # model input intensity mapping; "" = the panel's default
     "overwrite": False,
     "checkpoints": {},  # model name -> local weight file chosen by the user
+    "refine_from_logits": False,  # a new click refines the slice's last mask (SAM's low-res logits as mask prompt)
+    "keys": {},  # controller action -> key, overriding keys.SHORTCUTS (e.g. {"cycle_mask": "Shift-C"})
 }
 _TYPES: dict[str, type | tuple[type, ...]] = {key: type(value) for key, value in DEFAULTS.items()}
 _MISSING = object()
