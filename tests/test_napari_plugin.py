@@ -67,6 +67,13 @@ def test_label_layer_saves_on_scan_grid_through_napari(make_napari_viewer, ct_ni
     np.testing.assert_array_equal(written.affine, source.affine)
     volume = load_volume(ct_nifti)
     np.testing.assert_array_equal(np.asarray(written.dataobj), volume.axes.to_file(labels_layer.data))
+    # An unnamed painted value is saved with the name the panel would show, as Export does.
+    labels_layer.data[2:4, 30:34, 5:9] = 7
+    labels_layer.save(str(out), plugin="napari-medsam")
+    from napari_medsam.io import read_labels_and_segments
+
+    _, segments = read_labels_and_segments(out, volume)
+    assert {s.label: s.name for s in segments}[7] == "object 7"
 
 
 def test_hand_made_label_layer_finds_its_scan(make_napari_viewer, ct_nifti, tmp_path):

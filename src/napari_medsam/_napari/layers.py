@@ -128,3 +128,44 @@ def known_segments(metadata: Any) -> tuple[dict[int, str], dict[int, Any]]:
         names.setdefault(int(segment.label), segment.name)
         colors[int(segment.label)] = segment.color
     return names, colors
+
+
+def export_naming(metadata: dict, objects: list | None) -> tuple[dict[int, str], dict[int, object], dict[int, tuple]]:
+    """What Export names segments after, taken on the Qt thread: (layer names, layer segments, objects).
+
+    ``objects`` are the scan's segmentation session's objects (the objects table) when the layer
+    is that session's; their names and colours come first.
+    """
+    names, _ = known_segments(metadata)
+    given = {int(s.label): s for s in ((metadata or {}).get(META_KEY) or {}).get("segments") or []}
+    shown = {int(o.value): (str(o.name), o.color) for o in objects or []}
+    return names, given, shown
+
+
+def export_segments(labels: np.ndarray, naming: tuple) -> list:
+    """One segment per value present in ``labels``, named as the objects table shows it, never empty or made up.
+
+    An object of the session: its name in the table (and its colour). Another value: the name the
+    layer carries, or "object N" (what the session calls an object it names itself) when that is empty.
+    """
+    from dataclasses import replace
+
+    from ..io.segment_types import present_labels
+    from ..io.segments import default_segment
+
+    names, given, shown = naming
+    segments = []
+    for value in present_labels(labels):
+        segment = given.get(value)
+        if value in shown and shown[value][0].strip():
+            name, color = shown[value][0].strip(), shown[value][1]
+            if segment is None or segment.name != name:
+                segment = default_segment(value, name, color)
+        else:
+            name = (names.get(value) or "").strip() or f"object {value}"
+            if segment is None:
+                segment = default_segment(value, name)
+            elif not str(segment.name).strip():
+                segment = replace(segment, name=name)
+        segments.append(segment)
+    return segments

@@ -84,13 +84,10 @@ def _matching_open_image(labels: np.ndarray, attributes: dict):
 
 
 def _segments(labels: np.ndarray, attributes: dict):
-    """Segment names/colours from the layer's metadata, or defaults for the values present."""
-    from ..io.segments import segments_for_labels
+    """Segment names/colours as Export gives them: the layer's names, else "object N" (never "Segment N")."""
+    from .layers import export_naming, export_segments
 
-    meta = (attributes.get("metadata") or {}).get("napari_medsam") or {}
-    given = meta.get("segments")
-    names = meta.get("names")
-    return segments_for_labels(labels, names=names, overrides=given)
+    return export_segments(labels, export_naming(attributes.get("metadata") or {}, None))
 
 
 def _notify_error(message: str) -> None:
