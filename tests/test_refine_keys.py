@@ -262,3 +262,14 @@ def test_the_segment_panel_check_box_drives_refinement(make_napari_viewer, qtbot
     box.setChecked(False)
     assert controller.refine_from_logits is False
     stop_workflow(qtbot, widget, controller)
+
+
+def test_the_panels_own_shortcuts_follow_the_users_keys(make_napari_viewer, qtbot, tmp_path):
+    from napari_medsam._napari.settings import Settings
+    from napari_medsam._napari.widget import MedSamWidget
+
+    settings = Settings(tmp_path / "settings.json")
+    settings.set("keys", {"cycle_mask": "Shift-C"})
+    widget = MedSamWidget(make_napari_viewer(), settings=settings)
+    qtbot.addWidget(widget)
+    assert "Shift-C" in widget.shortcuts and "C" not in widget.shortcuts

@@ -157,9 +157,16 @@ class SessionEditsMixin:
         colors: dict[Any, Any] = {None: (0.8, 0.8, 0.8, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
         for obj in self.session.objects:
             colors[obj.value] = (*(c / 255.0 for c in obj.color), 1.0)
+        # napari rebuilds a large lookup table for every new colormap (tens of ms): only when
+        # the objects' colours really changed (a model load used to set the same one twice).
+        key = tuple((k, tuple(v)) for k, v in colors.items() if k is not None)
+        if key == getattr(self, "_colormap_key", None) and self.labels_layer.colormap is getattr(
+                self, "_colormap_set", None):
+            return
         self._quiet_selection = True  # napari re-announces the selected label with a new colormap
         try:
             self.labels_layer.colormap = DirectLabelColormap(color_dict=colors)
+            self._colormap_key, self._colormap_set = key, self.labels_layer.colormap
         finally:
             self._quiet_selection = False
 

@@ -42,6 +42,8 @@ class ScanSession:
     report: dict | None = None  # the Propagate box's last report of this scan (PropagatePanel.report_state)
     export_path: Path | None = None  # where this scan's labels were last exported (the dialog's default)
     session_path: Path | None = None  # the session file last saved or opened for this scan (the dialogs' default)
+    prepared: bool = False  # its layers were made before a model (once: a layer the user deletes stays deleted)
+    started: bool = False  # a controller has segmented it (its first start puts the points layer in "add" mode)
 
     def layers(self) -> list:
         """The layers the session made or adopted (labels and prompt layers), those that exist."""

@@ -63,6 +63,10 @@ NEXT_STEPS = {
 class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
     """Dock widget: pick the scan, window it, make and export label layers."""
 
+    # Make the current scan's Labels and prompt layers when it is opened or picked, not when a
+    # model arrives (see _prepare_layers); False: the behaviour before (benchmarks compare both).
+    PREPARE_LAYERS = True
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer", settings: Settings | None = None) -> None:
         super().__init__()
         # napari hands plugin widgets its viewer behind a PublicOnlyProxy, which wraps every layer it
@@ -126,6 +130,12 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self._removal_timer.setSingleShot(True)
         self._removal_timer.setInterval(0)
         self._removal_timer.timeout.connect(self._after_removal)
+        # Makes the current scan's Labels and prompt layers, one step per event-loop turn, once
+        # the scan is opened or picked (see _prepare_layers).
+        self._prepare_timer = QTimer(self)
+        self._prepare_timer.setSingleShot(True)
+        self._prepare_timer.setInterval(0)
+        self._prepare_timer.timeout.connect(self._prepare_layers)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
         self.model_panel.model_changed.connect(self._on_model_changed)
@@ -152,10 +162,10 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         from qtpy.QtGui import QKeySequence
         from qtpy.QtWidgets import QShortcut
 
-        from .keys import SHORTCUTS, qt_key_sequence
+        from .keys import load_shortcuts, qt_key_sequence
 
         self.shortcuts = {}
-        for key, (method, _) in SHORTCUTS.items():
+        for key, (method, _) in load_shortcuts(self.settings)[0].items():  # the user's keys, as on the canvas
             sequence = QKeySequence(qt_key_sequence(key))
             shortcut = QShortcut(sequence, self)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
@@ -251,6 +261,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.modality_combo.setEnabled(volume is not None)
         self._show_modality_override(layer)
         self._sync_controller(may_start=may_start)
+        if self.controller is None and self.PREPARE_LAYERS:
+            self._prepare_timer.start()
         if volume is None:
             self.info.setText(f"{layer.name}: shape {tuple(layer.data.shape)} (no scan geometry; opened without napari-medsam)")
             return
@@ -338,12 +350,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         from .controller import SegmentationController
 
         scan = self.scan
-        labels = self.labels_layer
-        # Never write into a hidden layer (e.g. a sample's ground truth): the user could not see it change.
-        if labels is not None and not labels.visible:
-            labels = None
-        if (labels is None or tuple(labels.data.shape) != tuple(image.data.shape)
-                or not isinstance(labels.data, np.ndarray) or self._labels_owner(labels) not in (None, image)):
+        labels = self._usable_labels(image)
+        if labels is None:
             labels = self.add_labels_layer()
         if labels is not scan.labels:
             scan.labels, scan.engine, scan.report = labels, None, None
@@ -359,7 +367,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
             controller = SegmentationController(
                 self.viewer, image, labels, model, mapping=self.model_panel.mapping_for(image), cache=self.cache,
                 overwrite=self.segment_panel.overwrite.isChecked(), session=engine, prompt_layers=prompts,
-                signature=scan.signature)
+                signature=scan.signature, settings=self.settings)
         except MedSamError as error:
             self._notify(str(error))
             return None
@@ -373,8 +381,52 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         controller.changed.connect(self._update_next_step)
         # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
         self.viewer.layers.selection.active = controller.points_layer
+        if not scan.started:  # prompt layers made beforehand lost napari's "add" mode when deselected
+            scan.started = True
+            controller.points_layer.mode = "add"
         self.status.setText(f"Segmenting {image.name!r} into {labels.name!r} with {self.model_panel.model_name}.")
         return controller
+
+    def _usable_labels(self, image):
+        """The picked label layer when the scan may be segmented into it, else None (a new one is made)."""
+        labels = self.labels_layer
+        # Never write into a hidden layer (e.g. a sample's ground truth): the user could not see it change.
+        if (labels is None or not labels.visible or tuple(labels.data.shape) != tuple(image.data.shape)
+                or not isinstance(labels.data, np.ndarray) or self._labels_owner(labels) not in (None, image)):
+            return None
+        return labels
+
+    def _prepare_layers(self) -> None:
+        """Make the current scan's Labels and prompt layers before any model is loaded, one per turn.
+
+        Inserting a layer costs napari 100-150 ms on the Qt thread (its vispy visual, layer
+        controls, first draw). Made when the model arrives, the three layers froze the window
+        for about a second right when the user expects to click (benchmarks/bench_model_load.py);
+        made here, once the scan is opened or picked (labels, then the prompt layers, a turn each), loading
+        a model adds no layers. A model loaded before they are all made: ``_start`` makes the rest.
+        """
+        image = self.image_layer
+        if (not self.PREPARE_LAYERS or self._starting or self.controller is not None or image is None
+                or self.model_panel.model is not None or np.ndim(image.data) != 3 or image.rgb):
+            return
+        scan = self.scan
+        if scan.prepared:
+            return
+        active = self.viewer.layers.selection.active
+        if (scan.labels is None or scan.labels not in self.viewer.layers) and self._usable_labels(image) is None:
+            self.add_labels_layer()
+        elif scan.points is None and scan.boxes is None:  # (one of them deleted: the controller makes both)
+            from .prompt_layers import add_prompt_layers
+
+            scan.points, scan.boxes = add_prompt_layers(self.viewer, image)
+            scan.prepared = True  # the last step
+        else:
+            scan.prepared = True
+            return
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active  # clicks go to the prompts once a model is loaded
+        if not scan.prepared:
+            self._prepare_timer.start()  # the next layer in the next turn
 
     def stop_segmentation(self) -> None:
         """Disconnect the controller (every layer stays as it is; the scan's session keeps its objects and history)."""

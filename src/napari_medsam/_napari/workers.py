@@ -45,6 +45,25 @@ class _Failed:
         self.error = error
 
 
+def _worker_threads() -> None:
+    """In a worker thread: torch's full thread count (the Qt thread decodes with fewer, see qt_thread_threads)."""
+    import sys
+
+    if "torch" in sys.modules:  # a job that imports torch itself starts with torch's default
+        from ..models.device import cpu_threads
+
+        sys.modules["torch"].set_num_threads(cpu_threads())
+
+
+def qt_thread_threads() -> None:
+    """On the Qt thread: decode clicks with INTERACTIVE_THREADS torch threads (device.py says why)."""
+    import torch
+
+    from ..models.device import INTERACTIVE_THREADS, cpu_threads
+
+    torch.set_num_threads(min(INTERACTIVE_THREADS, cpu_threads()))
+
+
 def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[Any], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None,
                  on_yield: Callable[[Any], None] | None = None, on_finished: Callable[[], None] | None = None,
@@ -62,6 +81,7 @@ def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[An
     if inspect.isgeneratorfunction(function):
         def job():
             try:
+                _worker_threads()
                 result = yield from function(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 (handed to on_error on the Qt thread)
                 return _Failed(error)
@@ -69,6 +89,7 @@ def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[An
     else:
         def job():
             try:
+                _worker_threads()
                 return function(*args, **kwargs)
             except Exception as error:  # noqa: BLE001
                 return _Failed(error)
@@ -124,6 +145,7 @@ class EmbeddingQueue:
         self._running: Slice | None = None
         self._worker = None
         self._closed = False
+        qt_thread_threads()  # made on the Qt thread by the controller, which decodes there
 
     @property
     def running(self) -> Slice | None:

@@ -9,8 +9,16 @@ import torch
 
 from ..errors import DeviceError
 
-__all__ = ["DeviceError", "available_devices", "describe_runtime", "resolve_device", "set_cpu_threads", "torch_build"]
+__all__ = ["INTERACTIVE_THREADS", "DeviceError", "available_devices", "cpu_threads", "describe_runtime",
+           "resolve_device", "set_cpu_threads", "torch_build"]
 
+# torch threads of the napari Qt thread, which decodes the clicks while a worker thread encodes
+# slices with cpu_threads(). On a 2-core machine busy with another program, one decode thread
+# kept clicks fastest without slowing the encoder (benchmarks/bench_busy_click.py; figures in
+# docs/performance.md, "Clicks on a busy CPU"): two thread teams on two cores wait on each other.
+INTERACTIVE_THREADS = 1
+_threads: int | None = None  # the count set with set_cpu_threads (None: torch's default)
+_TORCH_DEFAULT = torch.get_num_threads()  # torch's own choice (physical cores), before anyone changes it
 
 
 def _mps_available() -> bool:
@@ -88,11 +96,21 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     )
 
 
+def cpu_threads() -> int:
+    """The CPU thread count for heavy work (encoding, propagation): set_cpu_threads' or torch's default."""
+    return _threads or _TORCH_DEFAULT
+
+
 def set_cpu_threads(n: int | None) -> int:
-    """Set torch's CPU thread count (``None``: one per CPU core) and return the count in effect."""
+    """Set torch's CPU thread count (``None``: one per CPU core) and return the count in effect.
+
+    The count is also remembered (:func:`cpu_threads`) for the napari panel's worker threads.
+    """
+    global _threads
     if n is None:
         n = os.cpu_count() or 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DeviceError(f"the number of CPU threads must be a positive integer, got {n!r}")
+    _threads = n
     torch.set_num_threads(n)
     return torch.get_num_threads()
