@@ -322,3 +322,17 @@ def test_docked_through_napari_the_layers_are_the_viewers_own(make_napari_viewer
     assert names(viewer)[-1] == f"{a.name} points"  # the current scan's layers on top
     widget.stop_segmentation()
     assert errors() == []
+
+
+def test_prompt_layers_are_drawn_above_the_labels(make_napari_viewer, qtbot, sample_dir):
+    """However the layers came about (prepared at opening, made at the start), points stay visible on top."""
+    from conftest import start_workflow, stop_workflow
+    from test_predictor import tiny_model
+
+    viewer = make_napari_viewer()
+    widget, controller = start_workflow(viewer, tiny_model("sam", seed=3), sample_dir)
+    qtbot.addWidget(widget)
+    layers = list(viewer.layers)
+    assert layers.index(controller.points_layer) > layers.index(controller.labels_layer)
+    assert layers.index(controller.boxes_layer) > layers.index(controller.labels_layer)
+    stop_workflow(qtbot, widget, controller)

@@ -374,6 +374,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.controller = scan.controller = controller
         scan.engine, scan.points, scan.boxes = controller.session, controller.points_layer, controller.boxes_layer
         scan.show_prompts(True)
+        self._prompts_on_top(scan)
         image.events.contrast_limits.connect(self._on_contrast_limits)
         for panel in (self.objects_panel, self.segment_panel):
             panel.set_controller(controller)
@@ -395,6 +396,16 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
                 or not isinstance(labels.data, np.ndarray) or self._labels_owner(labels) not in (None, image)):
             return None
         return labels
+
+    def _prompts_on_top(self, scan) -> None:
+        """Draw the scan's prompt layers above its Labels layer (a point under a label colour is hard to see)."""
+        layers = self.viewer.layers
+        if scan.labels is None or scan.labels not in layers:
+            return
+        below = [i for i, layer in enumerate(layers) if layer in (scan.points, scan.boxes)
+                 and i < layers.index(scan.labels)]
+        if below:
+            layers.move_multiple(below, layers.index(scan.labels) + 1)
 
     def _prepare_layers(self) -> None:
         """Make the current scan's Labels and prompt layers before any model is loaded, one per turn.
