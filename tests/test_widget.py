@@ -284,7 +284,7 @@ def test_export_names_every_segment_as_the_objects_table_shows_it(workflow, qtbo
 
 
 def test_export_default_file_name_is_short_and_beside_the_scan(workflow, sample_dir):
-    from napari_medsam._napari.labels_group import SHORT_NAME, short_file_stem
+    from napari_medsam.io._text import SHORT_NAME, short_file_stem
 
     viewer, widget, controller = workflow
     suggestion = widget.export_suggestion()

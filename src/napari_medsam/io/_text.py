@@ -8,6 +8,7 @@ long UIDs their start and end, and lists of slice indices become ranges
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,3 +75,36 @@ def index_ranges(indices: Iterable[int], max_runs: int = MAX_RUNS) -> str:
     if len(values) > len(runs) or len(runs) > max_runs or len(values) > 2:
         text += f" ({len(values)} in all)"
     return text
+
+
+SHORT_NAME = 40  # characters: the longest default file stem the panel suggests (export, session)
+_UID = re.compile(r"^\d+(\.\d+){3,}$")  # a DICOM UID ("1.2.840.113619.2.55...")
+
+
+def short_file_stem(name: str, limit: int = SHORT_NAME) -> str:
+    """A short readable file stem for a layer named ``name`` (a DICOM description or UID can be very long).
+
+    Words are joined by "_" (other characters dropped), a UID becomes "series-" and its last six
+    digits, and a stem longer than ``limit`` keeps its first words and its last one ("labels").
+    """
+    words = []
+    for word in re.split(r"[^\w.\-]+|_+", str(name)):
+        word = word.strip(".-")
+        if _UID.match(word):
+            word = "series-" + word.replace(".", "")[-6:]
+        if word:
+            words.append(word[:limit])
+    if not words:
+        return "labels"
+    stem = "_".join(words)
+    if len(stem) <= limit:
+        return stem
+    last = words[-1] if len(words) > 1 and len(words[-1]) <= limit // 3 else ""
+    kept = ""
+    for word in words[:-1] if last else words:
+        candidate = f"{kept}_{word}" if kept else word
+        if len(candidate) + (len(last) + 1 if last else 0) > limit:
+            break
+        kept = candidate
+    kept = kept or words[0][: limit - len(last) - 1 if last else limit]
+    return f"{kept}_{last}" if last else kept

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ...errors import MedSamError, SessionError
+from ...io._text import short_file_stem
 from ...io.atomic import atomic_output
 from ..cache.keys import volume_signature
 from ..predictor import SliceMasks
@@ -103,7 +104,7 @@ def scan_info(scan: Any, *, spacing: Any = None, name: str | None = None, signat
 
 def session_path(scan_path: Any, name: str) -> Path:
     """The default session file beside a scan: ``<folder of the scan>/<name>.medsam-session.zip``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._") or "segmentation"
+    safe = short_file_stem(name) if str(name).strip() else "segmentation"
     folder = Path.home()
     if scan_path is not None:
         folder = Path(scan_path).parent
