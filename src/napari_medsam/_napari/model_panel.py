@@ -20,6 +20,7 @@ from ..errors import DeviceError, DownloadCancelled, MedSamError, WeightsError
 from ..models.registry import ModelSpec, list_models, recommended_model
 from ..models.weights import cached_path, partial_path, weights_dir
 from ..segment.intensity import IntensityMapping
+from .messages import MessageLabel
 from .model_choices import (  # noqa: F401 - the mapping keys are re-exported
     DEFAULT_MAPPING,
     MAPPING_LIMITS,
@@ -123,8 +124,7 @@ class ModelPanel(QGroupBox):
                                      "The folder that holds downloaded weights (remembered; empty = the user cache)")
         self.device_combo = DeviceCombo(self.settings.get("device", "auto"))
         self.load_button = _button("Load model", self.load, "Build the model on the device (in the background)")
-        self.status = QLabel("no model loaded", wordWrap=True)
-        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status = MessageLabel("no model loaded")  # wraps, elides; the whole text in its tooltip
         self.mapping_combo = MappingCombo(self.settings.get("mapping", DEFAULT_MAPPING))
 
         # The buttons under the state, two per row: one row of five is wider than napari's dock.
@@ -246,8 +246,7 @@ class ModelPanel(QGroupBox):
         return spec.display_name if spec is not None else str(name)
 
     def _set_status(self, text: str) -> None:
-        self.status.setText(text if len(text) <= 240 else text[:237] + "...")
-        self.status.setToolTip(text)
+        self.status.setText(text)
 
     def _fail(self, message: str, level: str = "error") -> None:
         """The whole message in the panel (wrapped, with a tooltip); its first sentence in a toast."""
