@@ -96,19 +96,13 @@ class Appearance:
 
     def inside(self, pixels: np.ndarray) -> float:
         """Fraction of ``pixels`` with an intensity the object has (1.0 for no pixels)."""
-        if pixels.size == 0:
-            return 1.0
-        bins = np.floor((np.asarray(pixels, np.float64) - self.start) / self.width).astype(np.int64)
-        valid = (bins >= 0) & (bins < self.supported.size)
-        ok = np.zeros(bins.shape, bool)
-        ok[valid] = self.supported[bins[valid]]
-        return float(np.count_nonzero(ok)) / pixels.size
+        return float(self.looks(pixels).mean()) if np.size(pixels) else 1.0
 
     def looks(self, image: np.ndarray) -> np.ndarray:
-        """Pixels of ``image`` with an intensity the object has."""
+        """Which pixels of ``image`` (any shape) have an intensity the object has."""
         bins = np.floor((np.asarray(image, np.float64) - self.start) / self.width).astype(np.int64)
         valid = (bins >= 0) & (bins < self.supported.size)
-        out = np.zeros(image.shape, bool)
+        out = np.zeros(np.shape(image), bool)
         out[valid] = self.supported[bins[valid]]
         return out
 

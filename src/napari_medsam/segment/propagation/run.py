@@ -218,6 +218,7 @@ class PropagationRun:
         pooled = getattr(predictor, "pooled_embedding", None)
         self.pooled: Callable[[int, np.ndarray], np.ndarray | None] | None = pooled if callable(pooled) else None
         self._key_features: list[np.ndarray] = []
+        self._key_feature: np.ndarray | None = None  # their mean, what new masks are compared with
         self._key_views: list[tuple[np.ndarray, np.ndarray]] = []
         self.undo = UndoRecord(self.axis)
         self.reports: list[SliceReport] = []
@@ -306,6 +307,7 @@ class PropagationRun:
             features = self.pooled(index, np.asarray(mask, bool))
             if features is not None:
                 self._key_features.append(np.asarray(features, np.float64))
+                self._key_feature = np.mean(self._key_features, axis=0)
         self.protected.add(index)
         self.state[index] = STATUS_KEY
         self.report(index, STATUS_KEY, "key", mask, score, None, written)
@@ -346,14 +348,7 @@ class PropagationRun:
                 front.end("unchanged")
                 self.tick(f"slice {k}: unchanged")
                 return False
-        evidence = replace(self.evidence(k, mask, guide, front.mask_index), steady_area=front.steady_area())
-        if self._key_features and mask.any():
-            key = np.mean(self._key_features, axis=0)
-            evidence = replace(evidence, similarity=cosine(self.pooled(k, mask), key))  # type: ignore[misc]
-        if front.mask_index in self.protected and evidence.lost is not None:
-            # A key slice may hold a leak the user let pass (a box prompt's answer); the next slice
-            # rightly leaves that out, so parts left out are judged against propagated slices only.
-            evidence = replace(evidence, lost=None)
+        evidence = self.evidence(k, mask, guide, front)
         verdict, overlap = judge(self.stop, mask, score, guide, front.counters, evidence,
                                  self.appearance.unit if self.appearance is not None else "")
         written, status = False, verdict.status
@@ -376,13 +371,22 @@ class PropagationRun:
         self.tick(f"slice {k}: {status}")  # after ending fronts, so the last call has done == total
         return not front.finished
 
-    def evidence(self, index: int, mask: np.ndarray, previous: np.ndarray, previous_index: int) -> Evidence:
-        """Shape (and, with an image, intensity) evidence for ``mask`` on slice ``index``."""
+    def evidence(self, index: int, mask: np.ndarray, previous: np.ndarray, front: Front) -> Evidence:
+        """Everything the stop rule weighs for ``mask`` on slice ``index``, prompted from ``previous`` by ``front``."""
         use_image = self.image is not None and self.appearance is not None and np.any(mask)
-        return measure(mask, previous, pixel_mm=self.pixel_mm, outside_mm=self.stop.outside_mm,
-                       image=self.image(index) if use_image else None,  # type: ignore[misc]
-                       appearance=self.appearance, gap=abs(index - previous_index),
-                       previous_image=self.image(previous_index) if use_image else None)  # type: ignore[misc]
+        before = front.mask_index
+        evidence = measure(mask, previous, pixel_mm=self.pixel_mm, outside_mm=self.stop.outside_mm,
+                           image=self.image(index) if use_image else None,  # type: ignore[misc]
+                           appearance=self.appearance, gap=abs(index - before),
+                           previous_image=self.image(before) if use_image else None)  # type: ignore[misc]
+        changes: dict = {"steady_area": front.steady_area()}
+        if self._key_feature is not None and np.any(mask):
+            changes["similarity"] = cosine(self.pooled(index, mask), self._key_feature)  # type: ignore[misc]
+        if before in self.protected:
+            # A key slice may hold a leak the user let pass (a box prompt's answer); the next slice
+            # rightly leaves that out, so parts left out are judged against propagated slices only.
+            changes["lost"] = None
+        return replace(evidence, **changes)
 
     def _predict(self, index: int, prompts: Prompts, ahead: int):
         self.prefetcher.ensure(index)
