@@ -172,7 +172,8 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
         # key slice that leaked into a neighbour (the neighbour is in the key's intensities)
         # from counting its leak as a lost part.
         found = Appearance.of([image], [mask], width=appearance.width)
-        looks = _core(previous) & appearance.looks(image)
+        place = _core(previous)  # where the object was, its partial-volume edge left out
+        looks = place & appearance.looks(image)
         if found is not None:
             looks &= found.looks(image)
         pieces, n = ndimage.label(looks)
@@ -186,7 +187,6 @@ def measure(mask: np.ndarray, previous: np.ndarray, *, pixel_mm: tuple[float, fl
             if before is not None:
                 previous_match, previous_mean = before.inside(pixels), before.mean
                 # Is the object still where it was? (A model that dropped it answers elsewhere.)
-                place = _core(previous)
                 footprint = float(np.count_nonzero(place & appearance.looks(image) & before.looks(image))
                                   / max(int(np.count_nonzero(place)), 1))
                 if overlap.any():  # where it overlaps the previous mask it must look like it too
