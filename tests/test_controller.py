@@ -330,14 +330,15 @@ def test_signature_and_predictors_are_made_once_under_concurrent_callers(scene, 
     settle(qtbot, controller)
     controller._signature = None  # back to a scan nobody has hashed yet
     controller._predictors.clear()
-    hashing = threading.Event()
+    hashing, release, hashed = threading.Event(), threading.Event(), threading.Event()
     hashes = []
     real_signature = controller_module.volume_signature
 
     def slow_signature(array, spacing):
         hashes.append(threading.current_thread().name)
         hashing.set()
-        time.sleep(0.3)  # a big scan: both workers are inside scan_signature() meanwhile
+        release.wait(10)  # a big scan: the hash runs until the test lets it end
+        hashed.set()
         return real_signature(array, spacing)
 
     monkeypatch.setattr(controller_module, "volume_signature", slow_signature)
@@ -347,10 +348,10 @@ def test_signature_and_predictors_are_made_once_under_concurrent_callers(scene, 
         worker.start()
     assert hashing.wait(5)
     # Meanwhile the Qt thread is not kept waiting for the hash: it is told there is no signature yet.
-    asked = time.perf_counter()
     with pytest.raises(RuntimeError, match="no slice embedded yet"):
         controller.predictor(0)
-    assert time.perf_counter() - asked < 0.2
+    assert not hashed.is_set()  # answered while the hash was still running (no clock involved)
+    release.set()
     for worker in workers:
         worker.join(10)
     assert len(hashes) == 1 and len(results) == 2 and results[0] == results[1] is not None
