@@ -261,11 +261,11 @@ class PropagationRun:
     # ------------------------------------------------------------------ reports and progress
     def report(self, index: int, status: str, front: str, mask: np.ndarray | None = None,
                score: float | None = None, overlap: float | None = None, written: bool = False,
-               evidence: Evidence | None = None) -> SliceReport:
+               evidence: Evidence | None = None, object_score: float | None = None) -> SliceReport:
         """Add a report row (areas computed from ``mask``)."""
         area = None if mask is None else int(np.count_nonzero(mask))
         area_mm2 = None if area is None or self.pixel_mm2 is None else area * self.pixel_mm2
-        row = SliceReport(index, status, front, area, area_mm2, score, overlap, written, evidence)
+        row = SliceReport(index, status, front, area, area_mm2, score, overlap, written, evidence, object_score)
         self.reports.append(row)
         return row
 
@@ -295,7 +295,7 @@ class PropagationRun:
         return self.cancelled
 
     # ------------------------------------------------------------------ key slices and fronts
-    def add_key(self, index: int, mask: np.ndarray, score: float | None) -> None:
+    def add_key(self, index: int, mask: np.ndarray, score: float | None, object_score: float | None = None) -> None:
         """Write a key slice (never touched by the fronts afterwards)."""
         written = self.write(index, mask)
         if self.image is not None and np.any(mask):
@@ -310,7 +310,7 @@ class PropagationRun:
                 self._key_feature = np.mean(self._key_features, axis=0)
         self.protected.add(index)
         self.state[index] = STATUS_KEY
-        self.report(index, STATUS_KEY, "key", mask, score, None, written)
+        self.report(index, STATUS_KEY, "key", mask, score, None, written, object_score=object_score)
 
     def may_visit(self, index: int) -> bool:
         """True when a front could still go to slice ``index``."""
@@ -335,9 +335,7 @@ class PropagationRun:
             return front.end(f"met the other front at slice {k}")
         joint = (self.reconcile == "meet" and partner is not None and not partner.finished
                  and partner.position + partner.step == k)
-        guide, guide_logits = self._between(front, partner, k) if joint else (front.mask, front.logits)
-        prompts = prompts_from_mask(guide, guide_logits, self.prompt)
-        result = self._predict(k, prompts, k + front.step)
+        guide, result = self.predict_next(front, partner, k, joint)
         mask = np.asarray(result.masks[0], dtype=bool)
         score = float(result.scores[0])
         front.position = k
@@ -362,7 +360,8 @@ class PropagationRun:
             front.accept(mask, result.low_res_logits[0], k)
         else:
             self.state.setdefault(k, "skipped")
-        self.report(k, status, front.name, mask, score, overlap, written, evidence)
+        self.report(k, status, front.name, mask, score, overlap, written, evidence,
+                    getattr(result, "object_score", None))
         if joint:
             front.end(f"met the other front at slice {k}")
             partner.end(f"met the other front at slice {k}")  # type: ignore[union-attr]
@@ -370,6 +369,14 @@ class PropagationRun:
             front.end(verdict.reason)
         self.tick(f"slice {k}: {status}")  # after ending fronts, so the last call has done == total
         return not front.finished
+
+    def predict_next(self, front: Front, partner: Front | None, index: int, joint: bool):
+        """(guide, prediction) for slice ``index``: prompts from the front's last mask (or, where two
+        fronts meet, from both neighbours' masks blended). The guide is what the new mask is judged
+        against. Other engines (memory tracking) override this."""
+        guide, guide_logits = self._between(front, partner, index) if joint else (front.mask, front.logits)
+        prompts = prompts_from_mask(guide, guide_logits, self.prompt)
+        return guide, self._predict(index, prompts, index + front.step)
 
     def evidence(self, index: int, mask: np.ndarray, previous: np.ndarray, front: Front) -> Evidence:
         """Everything the stop rule weighs for ``mask`` on slice ``index``, prompted from ``previous`` by ``front``."""

@@ -121,6 +121,7 @@ class SliceReport:
     overlap: float | None = None  # with the previous accepted mask of the same front
     written: bool = False  # True when this slice's labels were changed by this report's step
     evidence: Evidence | None = None  # the stop rule's measurements on a propagated slice
+    object_score: float | None = None  # memory engine: the object-score logit (> 0 = object present)
 
     @property
     def kind(self) -> str:
