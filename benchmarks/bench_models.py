@@ -1,6 +1,6 @@
 """Speed of the SAM-family engine on this machine: encoder, prompt-to-mask, memory, cache size.
 
-    python benchmarks/bench_models.py [--models mobile_sam lite_medsam sam_vit_b] [--runs 3] [--threads N]
+    python benchmarks/bench_models.py [--models mobile_sam lite_medsam sam_vit_b medsam2] [--runs 3] [--threads N]
 
 Prints one Markdown table (put it in docs/performance.md with the machine it came from).
 Networks get random weights: speed does not depend on the values. Each model runs in its own
@@ -36,7 +36,12 @@ def measure(name: str, runs: int, threads: int | None, device: str) -> dict:
         torch.set_num_threads(threads)
     spec = get_model(name)
     torch.manual_seed(0)
-    network = build_network(spec.architecture, **spec.build_options)
+    if spec.family == "sam2":
+        from napari_medsam.models.networks.sam2 import build_sam2
+
+        network = build_sam2(spec.architecture, **spec.build_options)
+    else:
+        network = build_network(spec.architecture, **spec.build_options)
     model = SamModel(network, spec.pipeline, name=name, signature=f"bench-{name}", device=device)
     rng = np.random.default_rng(0)
     volume = rng.normal(40, 20, size=(max(runs, 1) + 1, 512, 512)).astype(np.int16)

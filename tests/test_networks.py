@@ -337,7 +337,7 @@ def test_lite_medsam_golden():
 
 def test_pipeline_names_and_inputs_are_checked():
     with pytest.raises(ValueError, match="unknown pipeline"):
-        P.prepare_image("sam2", np.zeros((8, 8, 3), np.uint8))
+        P.prepare_image("sam3", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         P.sam_preprocess(np.zeros((8, 8), np.uint8))
     assert P.resized_shape(437, 583, 1024) == (768, 1024)

@@ -153,9 +153,12 @@ def test_expected_state_equals_official_key_lists(golden_dir, arch, options, key
 
 
 def test_registry_architectures_are_buildable():
-    assert set(ARCHITECTURE_NAMES) == set(networks.ARCHITECTURES)
+    from napari_medsam.models.networks.sam2 import SAM2_ARCHITECTURES
+
+    assert set(ARCHITECTURE_NAMES) == set(networks.ARCHITECTURES) | set(SAM2_ARCHITECTURES)
     sizes = {spec.architecture: len(expected_state(spec.architecture)) for spec in list_models()}
     assert sizes["vit_h"] > sizes["vit_l"] > sizes["vit_b"] == 314
+    assert sizes["hiera_t512"] == sizes["hiera_t"] == 471  # MedSAM2 and SAM 2.1 Tiny share a layout
 
 
 # --- devices ----------------------------------------------------------------------------------

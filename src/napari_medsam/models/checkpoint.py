@@ -4,6 +4,13 @@ Weight files are opened with ``torch.load(..., weights_only=True)`` only: a chec
 pickle, and a general unpickler runs whatever code the file names. The restricted loader
 accepts tensors, plain containers and numbers and refuses everything else.
 
+Both network families go through :func:`load_network`: SAM 1 architectures are built by
+:mod:`napari_medsam.models.networks.sam`, SAM 2 ones (Hiera: SAM 2.1, MedSAM2) by
+:mod:`napari_medsam.models.networks.sam2.model`. Official SAM 2 files are ``{"model": state_dict}``,
+which the common unwrapping handles. Before building, the file's keys and shapes are compared with
+the chosen architecture; on a mismatch the error names the known model the file resembles (a SAM 1
+file offered as MedSAM2, a 512-px MedSAM2 file offered as SAM 2.1 Large, ...).
+
 torch is imported inside the functions so that :mod:`napari_medsam.models.weights` (which
 uses :class:`WeightsError` and :func:`describe_non_checkpoint`) stays light.
 """
@@ -16,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MedSamError, WeightsError
-from .registry import ModelSpec, get_model, list_models
+from .registry import SAM2_ARCHITECTURE_NAMES, ModelSpec, get_model, list_models
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -136,15 +143,25 @@ def _options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     )
 
 
+def _builder(arch: str) -> Any:
+    """The function that builds ``arch`` without weights: SAM 2 or SAM 1 family."""
+    if arch in SAM2_ARCHITECTURE_NAMES:
+        from .networks.sam2.model import build_sam2
+
+        return build_sam2
+    from .networks import build_network
+
+    return build_network
+
+
 @lru_cache(maxsize=16)
 def _expected_cached(arch: str, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import torch
 
-    from .networks import build_network
-
+    build = _builder(arch)
     # On the meta device nothing is allocated, so even ViT-H costs milliseconds.
     with torch.device("meta"):
-        net = build_network(arch, **dict(options))
+        net = build(arch, **dict(options))
     return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
@@ -158,23 +175,42 @@ def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _encoder_keys(shapes: Mapping[str, tuple[int, ...]]) -> set[tuple[str, tuple[int, ...]]]:
-    # The prompt encoder and mask decoder are the same in every SAM-family model, so only the
-    # image encoder tells the models apart.
+    # The prompt encoder and mask decoder are the same in every model of a family, so only the
+    # image encoder tells the models apart (SAM 1 and SAM 2 encoders share no key at all:
+    # ``image_encoder.patch_embed.*`` versus ``image_encoder.trunk.*``/``image_encoder.neck.*``).
     items = {(k, s) for k, s in shapes.items() if k.startswith("image_encoder.")}
     return items or set(shapes.items())
+
+
+def _layout_groups() -> list[tuple[str, list[str], frozenset[tuple[str, tuple[int, ...]]]]]:
+    """Registry architectures grouped by identical image-encoder layout: (first arch, display names, layout).
+
+    SAM 2.1 Tiny (1024 px) and MedSAM2 (512 px) have the same weights layout, as do SAM ViT-B and
+    MedSAM: such files cannot be told apart, so a hint names every model of the group.
+    """
+    groups: list[tuple[str, list[str], frozenset[tuple[str, tuple[int, ...]]]]] = []
+    for spec in list_models():
+        try:
+            layout = frozenset(_encoder_keys(expected_state(spec.architecture)))
+        except Exception:  # a family whose builder is unavailable gives no hint; the others still do
+            continue
+        for _arch, names, known in groups:
+            if known == layout:
+                if spec.display_name not in names:
+                    names.append(spec.display_name)
+                break
+        else:
+            groups.append((spec.architecture, [spec.display_name], layout))
+    return groups
 
 
 def _closest(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str, float, bool] | None:
     """The registry architecture nearest to ``shapes``: (arch, display names, share of the
     file's image-encoder entries it explains, exact match)."""
     try:
-        names: dict[str, list[str]] = {}
-        for spec in list_models():
-            names.setdefault(spec.architecture, []).append(spec.display_name)
         found = _encoder_keys(shapes)
         best: tuple[tuple[float, float], tuple[str, str, float, bool]] | None = None
-        for arch, arch_names in names.items():
-            ref = _encoder_keys(expected_state(arch))
+        for arch, arch_names, ref in _layout_groups():
             common = len(found & ref)
             share = common / max(len(found), 1)
             rank = (share, common / max(len(found | ref), 1))
@@ -232,7 +268,12 @@ def load_network(spec_or_name: str | ModelSpec, path: str | Path, device: Any = 
     state = load_state_dict(path)
     check_architecture(state, expected_state(spec.architecture, **spec.build_options), spec.display_name)
     try:
-        net = sam_networks.load_network(spec.architecture, state, **spec.build_options)
+        if spec.family == "sam2":
+            from .networks.sam2.model import load_sam2
+
+            net = load_sam2(spec.architecture, state, **spec.build_options)
+        else:
+            net = sam_networks.load_network(spec.architecture, state, **spec.build_options)
     except MedSamError as exc:  # keys and shapes matched, so this is e.g. a dtype problem
         raise WeightsError(f"{path}: {exc}") from exc
     return net.to(target).eval()

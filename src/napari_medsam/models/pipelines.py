@@ -14,11 +14,18 @@ libraries the official code used:
 * ``"lite_medsam"`` (``CVPR24_LiteMedSAM_infer.py``): OpenCV INTER_AREA to longest side 256,
   min-max, zero-pad to 256x256; boxes truncated to integers; crop -> bilinear to (H, W) ->
   sigmoid -> ``> 0.5``.
+* ``"sam2"`` / ``"medsam2"`` (SAM 2.1's video predictor frame loading; MedSAM2's
+  ``medsam2_infer_3D_CT.py``): stretch to S x S (1024, or 512 for MedSAM2) with Pillow's default
+  bicubic filter (aspect ratio not kept), ``/255`` and ImageNet mean/std in float64 with the
+  constants rounded to float32, then float32; prompts ``x * S / W``, ``y * S / H`` in float32;
+  the (S/4)^2 logits -> bilinear straight to (H, W) -> ``> 0``. The two differ only in how a
+  volume becomes 8-bit grey (MedSAM2's CT windowing, :mod:`napari_medsam.segment.intensity`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -39,6 +46,10 @@ __all__ = [
     "medsam_scale_boxes",
     "prepare_image",
     "resized_shape",
+    "sam2_postprocess",
+    "sam2_preprocess",
+    "sam2_resize",
+    "sam2_scale_coords",
     "sam_apply_boxes",
     "sam_apply_coords",
     "sam_postprocess",
@@ -48,9 +59,14 @@ __all__ = [
     "scale_points",
 ]
 
-PIPELINES: tuple[str, ...] = ("sam", "mobile_sam", "medsam", "lite_medsam")
+PIPELINES: tuple[str, ...] = ("sam", "mobile_sam", "medsam", "lite_medsam", "sam2", "medsam2")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# SAM 2's normalisation of [0, 1] images; the official code holds them in float32 tensors.
+SAM2_IMAGE_MEAN = (0.485, 0.456, 0.406)
+SAM2_IMAGE_STD = (0.229, 0.224, 0.225)
+# The pipelines whose network is a SAM 2 (Hiera) model: same pre- and post-processing.
+SAM2_PIPELINES: tuple[str, ...] = ("sam2", "medsam2")
 
 
 @dataclass(frozen=True)
@@ -206,6 +222,58 @@ def lite_medsam_postprocess(
     return torch.sigmoid(x)
 
 
+# --- SAM 2.1 / MedSAM2 (video predictor frame loading, medsam2_infer_3D_CT.py) -----------------
+
+
+def sam2_resize(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """Stretch to size x size with Pillow's default filter for ``resize`` (bicubic); aspect not kept."""
+    from PIL import Image
+
+    image = _check_rgb(image)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def sam2_preprocess(image: np.ndarray, size: int = 1024) -> PreparedImage:
+    """Bicubic stretch, ``/255``, ImageNet mean/std, float32 (1, 3, S, S).
+
+    The official code divides a float64 array by 255 and subtracts float32 mean/std tensors from
+    it, which torch does in float64 with the float32-rounded constants; the frame is cast to float32
+    only before the encoder. Doing the same here reproduces its input bit for bit (float32
+    arithmetic would differ in the last bit). As the input is 8-bit, the 256 possible results per
+    channel are computed once that way and looked up.
+    """
+    image = _check_rgb(image)
+    resized = sam2_resize(image, size)
+    x = np.empty((3, size, size), dtype=np.float32)
+    for channel in range(3):
+        np.take(_sam2_levels()[channel], resized[:, :, channel], out=x[channel])
+    return PreparedImage(torch.from_numpy(x).unsqueeze(0), (image.shape[0], image.shape[1]), (size, size))
+
+
+@lru_cache(maxsize=1)
+def _sam2_levels() -> np.ndarray:
+    """(3, 256) float32: each grey level normalised per channel exactly as the official float64 chain."""
+    levels = np.arange(256, dtype=np.float64)[None, :] / 255.0
+    mean = np.asarray(SAM2_IMAGE_MEAN, dtype=np.float32).astype(np.float64)[:, None]
+    std = np.asarray(SAM2_IMAGE_STD, dtype=np.float32).astype(np.float64)[:, None]
+    return ((levels - mean) / std).astype(np.float32)
+
+
+def sam2_scale_coords(coords: np.ndarray, original_size: tuple[int, int], size: int = 1024) -> np.ndarray:
+    """(..., 2) xy in original pixels -> float32 xy in the S x S frame: ``xy / [W, H] * S`` in float32.
+
+    Boxes are two such points (corners), as SAM 2's predictors treat them.
+    """
+    h, w = original_size
+    xy = np.asarray(coords, dtype=np.float64).astype(np.float32)
+    return xy / np.array([w, h], dtype=np.float32) * np.float32(size)
+
+
+def sam2_postprocess(low_res_logits: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """(B, M, L, L) logits -> (B, M, H, W) logits (bilinear, no crop); threshold at 0."""
+    return F.interpolate(low_res_logits, tuple(original_size), mode="bilinear", align_corners=False)
+
+
 # --- CT windowing used to make LiteMedSAM / MedSAM inputs (pre_CT_MR.py) -----------------------
 
 
@@ -224,12 +292,20 @@ def ct_window_uint8(hu: np.ndarray, level: float = 40.0, width: float = 400.0) -
 def _check_pipeline(pipeline: str) -> str:
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    return "sam" if pipeline == "mobile_sam" else pipeline
+    if pipeline == "mobile_sam":
+        return "sam"
+    return "sam2" if pipeline in SAM2_PIPELINES else pipeline
 
 
-def prepare_image(pipeline: str, image: np.ndarray) -> PreparedImage:
-    """Run ``pipeline``'s image preprocessing on an (H, W, 3) uint8 image."""
+def prepare_image(pipeline: str, image: np.ndarray, size: int | None = None) -> PreparedImage:
+    """Run ``pipeline``'s image preprocessing on an (H, W, 3) uint8 image.
+
+    ``size`` is the model's input side for the SAM 2 pipelines (1024; 512 for MedSAM2); the SAM 1
+    pipelines have fixed sizes and ignore it.
+    """
     kind = _check_pipeline(pipeline)
+    if kind == "sam2":
+        return sam2_preprocess(image, size or 1024)
     if kind == "sam":
         return sam_preprocess(image)
     if kind == "medsam":
@@ -237,9 +313,13 @@ def prepare_image(pipeline: str, image: np.ndarray) -> PreparedImage:
     return lite_medsam_preprocess(image)
 
 
-def scale_boxes(pipeline: str, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+def scale_boxes(pipeline: str, boxes: np.ndarray, original_size: tuple[int, int],
+                size: int | None = None) -> np.ndarray:
     """(N, 4) boxes in original pixels -> float32 (N, 4) boxes in the model frame."""
     kind = _check_pipeline(pipeline)
+    if kind == "sam2":
+        corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
+        return sam2_scale_coords(corners, original_size, size or 1024).reshape(-1, 4)
     if kind == "sam":
         return sam_apply_boxes(boxes, original_size)
     if kind == "medsam":
@@ -247,13 +327,16 @@ def scale_boxes(pipeline: str, boxes: np.ndarray, original_size: tuple[int, int]
     return lite_medsam_scale_boxes(boxes, original_size).astype(np.float32)
 
 
-def scale_points(pipeline: str, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+def scale_points(pipeline: str, coords: np.ndarray, original_size: tuple[int, int],
+                 size: int | None = None) -> np.ndarray:
     """(..., 2) xy in original pixels -> float32 xy in the model frame.
 
     The MedSAM scripts take only boxes; points get the same scaling as their boxes (without
     LiteMedSAM's integer truncation).
     """
     kind = _check_pipeline(pipeline)
+    if kind == "sam2":
+        return sam2_scale_coords(coords, original_size, size or 1024)
     if kind == "sam":
         return sam_apply_coords(coords, original_size)
     h, w = original_size
@@ -266,12 +349,15 @@ def scale_points(pipeline: str, coords: np.ndarray, original_size: tuple[int, in
 def logits_to_mask(
     pipeline: str, low_res_logits: torch.Tensor, prepared: PreparedImage
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M, 256, 256) logits -> (full-size scores, boolean masks) with the pipeline's threshold.
+    """(B, M, L, L) logits -> (full-size scores, boolean masks) with the pipeline's threshold.
 
-    Scores are logits for ``"sam"``/``"mobile_sam"`` (mask = score > 0) and probabilities for the
-    MedSAM pipelines (mask = score > 0.5).
+    Scores are logits for ``"sam"``/``"mobile_sam"`` and the SAM 2 pipelines (mask = score > 0)
+    and probabilities for the MedSAM 1 pipelines (mask = score > 0.5).
     """
     kind = _check_pipeline(pipeline)
+    if kind == "sam2":
+        scores = sam2_postprocess(low_res_logits, prepared.original_size)
+        return scores, scores > 0.0
     if kind == "sam":
         scores = sam_postprocess(low_res_logits, prepared.input_size, prepared.original_size)
         return scores, scores > 0.0

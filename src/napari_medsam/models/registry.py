@@ -9,7 +9,13 @@ several independent public sources (none of the upstream projects publishes a SH
 itself; Zenodo publishes an MD5 for MedSAM). Where no such value was found the
 field is ``None`` and the hash of the downloaded file is only recorded, not checked. The hex
 suffix in Meta's file names (``..._01ec64``) is *not* a prefix of the file's SHA-256 and is
-not used as a check. See docs/models.md for the provenance of every value.
+not used as a check. The SAM 2.1 files have a SHA-256 published by Git LFS on Meta's Hugging Face
+repositories and repeated by independent mirrors; MedSAM2's has none we could find. See
+docs/models.md for the provenance of every value.
+
+Two families share this table: ``"sam"`` (SAM 1 image encoder + prompt encoder + mask decoder:
+SAM, MedSAM, MobileSAM, LiteMedSAM) and ``"sam2"`` (SAM 2.1's Hiera encoder with memory
+modules: SAM 2.1 Tiny/Small/Base+/Large and MedSAM2). ``ModelSpec.family`` says which.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..errors import MedSamError
 
 __all__ = [
     "ARCHITECTURE_NAMES",
+    "SAM2_ARCHITECTURE_NAMES",
     "MODELS",
     "PIPELINE_NAMES",
     "ModelSpec",
@@ -29,11 +36,19 @@ __all__ = [
     "recommended_model",
 ]
 
-# Mirrors napari_medsam.models.networks.ARCHITECTURES without importing torch.
-ARCHITECTURE_NAMES: tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "tiny_vit", "lite_tiny_vit")
+# Mirrors napari_medsam.models.networks.sam2.model.SAM2_ARCHITECTURES without importing torch.
+SAM2_ARCHITECTURE_NAMES: tuple[str, ...] = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l", "hiera_t512")
+# Mirrors napari_medsam.models.networks.ARCHITECTURES (SAM 1) plus the SAM 2 ones.
+ARCHITECTURE_NAMES: tuple[str, ...] = (
+    "vit_b", "vit_l", "vit_h", "tiny_vit", "lite_tiny_vit", *SAM2_ARCHITECTURE_NAMES
+)
 # The official pre/post-processing families (napari_medsam.models.pipelines).
-PIPELINE_NAMES: tuple[str, ...] = ("sam", "medsam", "lite_medsam")
-_INPUT_SIZE = {"vit_b": 1024, "vit_l": 1024, "vit_h": 1024, "tiny_vit": 1024, "lite_tiny_vit": 256}
+PIPELINE_NAMES: tuple[str, ...] = ("sam", "medsam", "lite_medsam", "sam2", "medsam2")
+_SAM2_PIPELINES = ("sam2", "medsam2")
+_INPUT_SIZE = {
+    "vit_b": 1024, "vit_l": 1024, "vit_h": 1024, "tiny_vit": 1024, "lite_tiny_vit": 256,
+    "hiera_t": 1024, "hiera_s": 1024, "hiera_b+": 1024, "hiera_l": 1024, "hiera_t512": 512,
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,11 @@ class ModelSpec:
             raise ValueError(f"{self.name}: unknown architecture {self.architecture!r}")
         if self.pipeline not in PIPELINE_NAMES:
             raise ValueError(f"{self.name}: unknown pipeline {self.pipeline!r}")
+        if (self.pipeline in _SAM2_PIPELINES) != (self.architecture in SAM2_ARCHITECTURE_NAMES):
+            raise ValueError(
+                f"{self.name}: pipeline {self.pipeline!r} does not fit the {self.architecture} network "
+                "(SAM 2 networks take the 'sam2'/'medsam2' pipelines, SAM 1 networks the others)"
+            )
         if self.input_size != _INPUT_SIZE[self.architecture]:
             raise ValueError(
                 f"{self.name}: {self.architecture} takes {_INPUT_SIZE[self.architecture]} px input, "
@@ -75,6 +95,11 @@ class ModelSpec:
             raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
         if "/" in self.filename or "\\" in self.filename or not self.filename:
             raise ValueError(f"{self.name}: filename must be a bare file name")
+
+    @property
+    def family(self) -> str:
+        """``"sam2"`` for the SAM 2 networks (Hiera encoder, memory modules), ``"sam"`` otherwise."""
+        return "sam2" if self.architecture in SAM2_ARCHITECTURE_NAMES else "sam"
 
     @property
     def build_options(self) -> dict[str, Any]:
@@ -92,6 +117,38 @@ _MEDSAM_CITATION = (
     "Nature Communications 15, 654 (2024). doi:10.1038/s41467-024-44824-z"
 )
 _GDRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
+_SAM2_LICENSE = "Apache-2.0"
+_SAM2_CITATION = (
+    "Ravi N. et al. SAM 2: Segment Anything in Images and Videos. ICLR 2025. arXiv:2408.00714"
+)
+_SAM2_HOME = "https://github.com/facebookresearch/sam2"
+_SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_SAM2_HF = "https://huggingface.co/facebook/sam2.1-hiera-{}/resolve/main/{}"
+_SAM2_NOTES = (
+    "Meta's SAM 2.1 ({}, {} parameters), natural images and videos; here it segments one slice at a "
+    "time from points or a box (input stretched to 1024x1024). {}"
+)
+
+
+def _sam2_spec(size: str, arch: str, display: str, params: str, nbytes: int, sha256: str, extra: str) -> ModelSpec:
+    filename = f"sam2.1_hiera_{size}.pt"
+    return ModelSpec(
+        name=f"sam2.1_hiera_{size}",
+        display_name=f"SAM 2.1 {display}",
+        architecture=arch,
+        input_size=1024,
+        pipeline="sam2",
+        # Meta's download server (the links of the sam2 README and checkpoints/download_ckpts.sh),
+        # then Meta's own Hugging Face repository of the same file.
+        urls=(_SAM2_BASE + filename, _SAM2_HF.format(size.replace("_", "-"), filename)),
+        filename=filename,
+        size_bytes=nbytes,
+        sha256=sha256,
+        license=_SAM2_LICENSE,
+        citation=_SAM2_CITATION,
+        homepage=_SAM2_HOME,
+        notes=_SAM2_NOTES.format(f"Hiera-{display}", params, extra).strip(),
+    )
 
 _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -205,6 +262,34 @@ _SPECS: tuple[ModelSpec, ...] = (
         notes="MedSAM distilled into a TinyViT encoder at 256x256 (about 8x faster than MedSAM in this "
         "plugin). Box prompts. The recommended model for CT/MRI on a CPU: about 0.6 s per slice on a "
         "2-core CPU (docs/performance.md).",
+    ),
+    # SAM 2.1 (release 2024-09-28). Sizes and SHA-256: Git LFS pointers (docs/models.md).
+    _sam2_spec("tiny", "hiera_t", "Tiny", "38.9M", 156_008_466,
+               "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69", "The smallest SAM 2.1."),
+    _sam2_spec("small", "hiera_s", "Small", "46M", 184_416_285,
+               "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38", ""),
+    _sam2_spec("base_plus", "hiera_b+", "Base+", "80.8M", 323_606_802,
+               "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5", ""),
+    _sam2_spec("large", "hiera_l", "Large", "224.4M", 898_083_611,
+               "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+               "The most accurate SAM 2.1; GPU recommended."),
+    ModelSpec(
+        name="medsam2",
+        display_name="MedSAM2",
+        architecture="hiera_t512",
+        input_size=512,
+        pipeline="medsam2",
+        urls=("https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",),
+        filename="MedSAM2_latest.pt",
+        size_bytes=None,
+        sha256=None,
+        license="Apache-2.0",
+        citation="Ma J. et al. MedSAM2: Segment Anything in 3D Medical Images and Videos. "
+        "arXiv:2504.03600 (2025)",
+        homepage="https://github.com/bowang-lab/MedSAM2",
+        notes="SAM 2.1 Tiny fine-tuned on 455,000 3D medical image-mask pairs and 76,000 video frames "
+        "(CT, MRI, PET, ultrasound, endoscopy), at 512x512; the release its authors recommend "
+        "(MedSAM2_latest.pt). Box prompts; CT is windowed as MedSAM2's own inference script does.",
     ),
 )
 

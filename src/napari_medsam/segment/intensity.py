@@ -4,6 +4,12 @@ Always applied to a copy of a slice: the scan's voxels are never modified. A map
 fixed per volume (CT window bounds, or MR percentiles computed once over the whole volume) so
 every slice of the volume is scaled the same way, and it has a ``signature`` that the
 embedding cache uses: changing the window invalidates only embeddings made with the old one.
+
+Some models were trained on a particular mapping. MedSAM2 (pipeline ``"medsam2"``) windows CT the
+way its inference script ``medsam2_infer_3D_CT.py`` does: clip to the window, then stretch the
+*clipped volume's own* minimum and maximum (not the window bounds) to 0..255 and truncate.
+:func:`pipeline_mapping` turns the user's window into that mapping (kind ``"window-datarange"``);
+the slice predictor applies it, so the user keeps choosing windows as for any other model.
 """
 
 from __future__ import annotations
@@ -98,11 +104,42 @@ def data_range_window(volume: np.ndarray, level: float = 40.0, width: float = 40
     """
     low, high = float(level) - float(width) / 2.0, float(level) + float(width) / 2.0
     data = np.asarray(volume)
-    lo = max(low, float(np.min(data)))
-    hi = min(high, float(np.max(data)))
-    if not hi > lo:
+    return clipped_data_range(low, high, (float(np.min(data)), float(np.max(data))),
+                              name=f"L{level:g}/W{width:g} data range")
+
+
+def clipped_data_range(low: float, high: float, data_range: tuple[float, float], name: str = "") -> IntensityMapping:
+    """The window [low, high] applied as MedSAM/MedSAM2 do: stretch the clipped data's min/max to 0..255.
+
+    ``data_range`` is the (min, max) of the whole volume. After clipping, the volume's minimum is
+    ``max(low, min)`` and its maximum ``min(high, max)``; mapping those to 0 and 255 with the usual
+    clip-subtract-divide in float64 gives the official scripts' grey levels exactly
+    (``(x - x.min()) / (x.max() - x.min()) * 255`` on the clipped volume, truncated to uint8).
+    A volume entirely outside the window (nothing to stretch) maps to a constant image.
+    """
+    lo = max(float(low), float(data_range[0]))
+    hi = min(float(high), float(data_range[1]))
+    if not hi > lo:  # the official division would be 0/0: map the whole volume to 0 instead
+        lo = max(lo, float(data_range[1]))
         hi = lo + 1.0
-    return IntensityMapping("window-datarange", lo, hi, name=f"L{level:g}/W{width:g} data range")
+    return IntensityMapping("window-datarange", lo, hi, name=name or f"[{low:g}, {high:g}] data range")
+
+
+def pipeline_mapping(mapping: IntensityMapping, pipeline: str, modality: str,
+                     data_range: tuple[float, float] | None) -> IntensityMapping:
+    """The mapping a model with ``pipeline`` is fed when the user chose ``mapping``.
+
+    For ``"medsam2"`` on CT a window (or display contrast limits) becomes MedSAM2's clipped data
+    range (:func:`clipped_data_range`; ``data_range`` = the volume's (min, max)). Every other case
+    is unchanged: MR and other modalities already use the 0.5-99.5 percentile scaling of the
+    non-zero voxels that MedSAM's ``pre_CT_MR.py`` (the data preparation MedSAM2 refers to) uses.
+    """
+    if pipeline != "medsam2" or modality.upper() != "CT" or data_range is None:
+        return mapping
+    if mapping.kind not in ("window", "limits"):
+        return mapping
+    return clipped_data_range(mapping.low, mapping.high, data_range,
+                              name=f"{mapping.name or mapping.kind}, MedSAM2 data range")
 
 
 def default_mapping(volume_array: np.ndarray, modality: str) -> IntensityMapping:

@@ -6,6 +6,11 @@ and brings the low-resolution logits back to the image's size. The default ("fas
 samples the 256x256 logits once, directly at each output pixel, with the same coordinate
 mapping as the official two-step resize (to 1024, crop, to the image size): a 512x512 mask
 costs a few milliseconds instead of ~50. ``exact=True`` runs the official steps instead.
+
+SAM 2 networks (pipelines ``"sam2"``/``"medsam2"``) go through the same two calls: their
+embedding is the network's packed multi-level features (one flat array per image, so the
+embedding cache stores them like any other), the image is stretched over the whole square,
+and their L x L logits (L = S / 4: 256, or 128 for MedSAM2) are resized straight to the image.
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ class Decoded:
 
     masks: np.ndarray  # (K, H, W) bool
     scores: np.ndarray  # (K,) predicted IoU
-    low_res_logits: np.ndarray  # (K, 256, 256) float32
+    low_res_logits: np.ndarray  # (K, L, L) float32; L = SamModel.low_res (256; 128 for MedSAM2)
     logits: np.ndarray | None = field(default=None, repr=False)  # (K, H, W) full-size scores
 
 
+_SQUARE_PIPELINES = ("medsam", "sam2", "medsam2")  # the image is stretched over the whole input square
+
+
 class SamModel:
-    """A network in eval mode with its pipeline ("sam", "medsam", "lite_medsam") and device."""
+    """A network in eval mode with its pipeline ("sam", "medsam", "lite_medsam", "sam2", "medsam2") and device."""
 
     def __init__(self, network: torch.nn.Module, pipeline: str, *, name: str = "", signature: str = "",
                  device: torch.device | str = "cpu") -> None:
@@ -52,7 +60,14 @@ class SamModel:
         self.device = torch.device(device)
         self.network.to(self.device)
         self.image_size = int(network.image_size)
+        # Side of the decoder's mask logits: 256 for SAM 1 and 1024-px SAM 2, 128 for MedSAM2.
+        self.low_res = int(getattr(network, "low_res_size", LOW_RES))
         self._dense_pe: torch.Tensor | None = None
+
+    @property
+    def family(self) -> str:
+        """``"sam2"`` for SAM 2 networks (packed multi-level embeddings), ``"sam"`` otherwise."""
+        return "sam2" if self.pipeline in pipelines.SAM2_PIPELINES else "sam"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -81,19 +96,35 @@ class SamModel:
     # ------------------------------------------------------------------ geometry
     def geometry(self, height: int, width: int) -> ImageGeometry:
         """Where an (height, width) image lands inside the model's input square."""
-        if self.pipeline == "medsam":
+        if self.pipeline in _SQUARE_PIPELINES:
             return ImageGeometry((height, width), (self.image_size, self.image_size))
         return ImageGeometry((height, width), pipelines.resized_shape(height, width, self.image_size))
 
     # ------------------------------------------------------------------ encoder
     @torch.inference_mode()
     def encode(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 image -> (1, 256, 64, 64) float32 embedding (numpy, on the CPU)."""
-        prepared = pipelines.prepare_image(self.pipeline, rgb)
+        """(H, W, 3) uint8 image -> float32 embedding (numpy, on the CPU).
+
+        SAM 1: (1, 256, 64, 64) (LiteMedSAM: (1, 256, 16, 16)); SAM 2: (1, P), the network's packed
+        feature levels.
+        """
+        prepared = pipelines.prepare_image(self.pipeline, rgb, self.image_size)
         tensor = prepared.tensor.to(self.device)
-        if self.device.type == "cpu":
+        # channels_last speeds up SAM 1's convolutional stems on the CPU; SAM 2 is fed exactly the
+        # official contiguous layout, which its golden comparison was made with.
+        if self.device.type == "cpu" and self.family == "sam":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         return self.network.encode_image(tensor).float().cpu().numpy()
+
+    def feature_map(self, embedding: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The (C, G, G) image features of an :meth:`encode` result, e.g. to pool them over a mask.
+
+        SAM 1: the embedding itself; SAM 2: the top (stride-16) level of the packed features.
+        """
+        if self.family == "sam":
+            return np.asarray(embedding)[0]
+        packed = torch.as_tensor(np.asarray(embedding, np.float32))
+        return self.network.unpack(packed).top[0].numpy()
 
     # ------------------------------------------------------------------ decoder
     @torch.inference_mode()
@@ -115,15 +146,18 @@ class SamModel:
         emb = torch.as_tensor(embedding, dtype=torch.float32, device=self.device)
         coords = labels = boxes = masks_in = None
         if points_xy is not None and len(points_xy):
-            scaled = pipelines.scale_points(self.pipeline, np.asarray(points_xy, np.float64), geometry.original_size)
+            scaled = pipelines.scale_points(self.pipeline, np.asarray(points_xy, np.float64), geometry.original_size,
+                                            self.image_size)
             coords = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)[None]
             labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=self.device)[None]
         if box_xyxy is not None:
             scaled = pipelines.scale_boxes(self.pipeline, np.asarray(box_xyxy, np.float64).reshape(1, 4),
-                                           geometry.original_size)
+                                           geometry.original_size, self.image_size)
             boxes = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)[:, None, :]
         if mask_logits is not None:
-            masks_in = torch.as_tensor(np.asarray(mask_logits, np.float32), device=self.device).reshape(1, 1, LOW_RES, LOW_RES)
+            side = self.low_res
+            masks_in = torch.as_tensor(np.asarray(mask_logits, np.float32), device=self.device)
+            masks_in = masks_in.reshape(1, 1, side, side)
         if coords is None and boxes is None and masks_in is None:
             raise ValueError("give at least one point, a box or a previous mask")
         low_res, iou = self.network.decode(emb, coords, labels, boxes, masks_in, multimask_output=multimask)
@@ -144,28 +178,36 @@ class SamModel:
         )
 
     def _fast_upsample(self, low_res: torch.Tensor, geometry: ImageGeometry, out_size: tuple[int, int]) -> torch.Tensor:
-        """The official resize chain as two small matrix products: (K, 256, 256) -> (K, H, W) scores.
+        """The official resize chain as two small matrix products: (K, L, L) -> (K, H, W) scores.
 
         Bilinear resizing is separable and linear, so "to 1024, crop, to (H, W)" is one matrix
         per axis; the result equals the official chain up to float rounding. Scores are
         thresholded at 0 (for MedSAM: sigmoid first, then resize, minus 0.5, as its script does).
         """
-        rows, cols = _chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device)
+        rows, cols = _chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device,
+                                     int(low_res.shape[-1]))
         values = torch.sigmoid(low_res) if self.pipeline == "medsam" else low_res
         out = torch.matmul(torch.matmul(rows, values), cols.transpose(0, 1))
         return out - 0.5 if self.pipeline == "medsam" else out
 
 
 def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) matrix of 1D bilinear resizing as torch's interpolate(align_corners=False) does it."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    """(out, in) matrix of 1D bilinear resizing as torch's interpolate(align_corners=False) does it.
+
+    The weights are torch's own float32 values: its CPU kernel computes the source position
+    ``scale * (i + 0.5) - 0.5`` in float32 with one rounding (a fused multiply-add), which the
+    float64 product below reproduces; the fraction is then float32. Exact weights would differ from
+    torch's by up to a few 1e-6 at large positions, i.e. ~1e-7 on typical logits.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    centres = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)).astype(np.float64)
+    src = np.maximum((np.float64(scale) * centres - 0.5).astype(np.float32), np.float32(0.0))
     low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     high = np.minimum(low + 1, in_size - 1)
-    frac = src - low
+    frac = np.clip(src - low.astype(np.float32), np.float32(0.0), np.float32(1.0))
     matrix = np.zeros((out_size, in_size))
-    np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
-    np.add.at(matrix, (np.arange(out_size), high), frac)
+    np.add.at(matrix, (np.arange(out_size), low), (np.float32(1.0) - frac).astype(np.float64))
+    np.add.at(matrix, (np.arange(out_size), high), frac.astype(np.float64))
     return matrix
 
 
@@ -173,20 +215,20 @@ _MATRIX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis matrices taking the 256 low-res logits to the output size via the pipeline's steps."""
-    key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device))
+                    device: torch.device, low_res: int = LOW_RES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis matrices taking the L x L low-res logits to the output size via the pipeline's steps."""
+    key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device), low_res)
     cached = _MATRIX_CACHE.get(key)
     if cached is None:
         mats = []
         for extent, out in zip(input_size, out_size):
             if pipeline == "sam":  # 256 -> model size, crop to the image, -> output size
-                up = _resize_matrix(LOW_RES, image_size)[:extent]
+                up = _resize_matrix(low_res, image_size)[:extent]
                 mats.append(_resize_matrix(extent, out) @ up)
-            elif pipeline == "medsam":  # the whole 256 field stretched to the output size
-                mats.append(_resize_matrix(LOW_RES, out))
+            elif pipeline in _SQUARE_PIPELINES:  # the whole L field stretched to the output size
+                mats.append(_resize_matrix(low_res, out))
             else:  # lite_medsam: crop the 256 field to the image, -> output size
-                full = np.zeros((out, LOW_RES))
+                full = np.zeros((out, low_res))
                 full[:, :extent] = _resize_matrix(extent, out)
                 mats.append(full)
         cached = tuple(torch.as_tensor(m, dtype=torch.float32, device=device) for m in mats)

@@ -8,6 +8,10 @@ When the slice's pixels are not square (a coronal or sagittal slice of a CT with
 slices and 0.8 mm pixels), the image given to the model is first resampled to square pixels,
 so the model sees anatomy in its true proportions; prompts are mapped in and masks come back
 on the slice's own grid.
+
+The intensity mapping is the user's (window, percentiles, ...); a model trained on its own CT
+windowing (MedSAM2) is fed that mapping's variant instead (:func:`intensity.pipeline_mapping`),
+and the embedding cache keys carry the variant's signature.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..volume import Volume
 from .cache import EmbeddingCache
 from .cache.keys import EmbeddingKey, volume_signature
 from .cache.memory import MemoryCache
-from .intensity import IntensityMapping, default_mapping
+from .intensity import IntensityMapping, default_mapping, pipeline_mapping
 from .model import Decoded, ImageGeometry, SamModel
 
 # In-plane pixel aspect ratios closer to 1 than this are treated as square.
@@ -36,7 +40,7 @@ class Prompts:
     points: np.ndarray | None = None  # (N, 2) row, column
     positive: np.ndarray | None = None  # (N,) bool: True = include, False = exclude
     box: np.ndarray | None = None  # (4,) row_min, col_min, row_max, col_max
-    mask_logits: np.ndarray | None = None  # (256, 256) low-res logits of an earlier prediction
+    mask_logits: np.ndarray | None = None  # (L, L) low-res logits of an earlier prediction (L = 256; 128 MedSAM2)
 
     def __post_init__(self) -> None:
         if self.points is not None:
@@ -53,7 +57,11 @@ class Prompts:
             # Corners may come in any order (a box dragged up-left).
             self.box = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
         if self.mask_logits is not None:
-            self.mask_logits = np.asarray(self.mask_logits, dtype=np.float32).reshape(256, 256)
+            logits = np.asarray(self.mask_logits, dtype=np.float32)
+            side = int(round(np.sqrt(logits.size)))
+            if side * side != logits.size:
+                raise ValueError(f"mask logits must be a square low-res array, got shape {logits.shape}")
+            self.mask_logits = logits.reshape(side, side)
 
     @property
     def empty(self) -> bool:
@@ -67,7 +75,7 @@ class SliceMasks:
 
     masks: np.ndarray  # (K, H, W) bool on the slice grid
     scores: np.ndarray  # (K,)
-    low_res_logits: np.ndarray  # (K, 256, 256): feed one back as Prompts.mask_logits
+    low_res_logits: np.ndarray  # (K, L, L): feed one back as Prompts.mask_logits
     index: int = 0
     axis: int = 0
     logits: np.ndarray | None = field(default=None, repr=False)
@@ -99,12 +107,15 @@ class SlicePredictor:
         spacing_mm: tuple[float, float, float] | None = None,
         cache: EmbeddingCache | None = None,
         signature: str | None = None,
+        modality: str | None = None,
     ) -> None:
         if isinstance(volume, Volume):
-            array, spacing, modality = volume.array, volume.spacing_mm, volume.modality
+            array, spacing, modality = volume.array, volume.spacing_mm, modality or volume.modality
             unit = volume.intensity_unit or ("HU" if modality == "CT" else "")
         else:
-            array, spacing, modality, unit = np.asarray(volume), spacing_mm or (1.0, 1.0, 1.0), "OT", ""
+            array, spacing = np.asarray(volume), spacing_mm or (1.0, 1.0, 1.0)
+            modality = modality or "OT"
+            unit = "HU" if modality.upper() == "CT" else ""
         if array.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {array.shape}")
         if axis not in (0, 1, 2):
@@ -114,7 +125,9 @@ class SlicePredictor:
         self.spacing_mm = tuple(float(s) for s in (spacing_mm or spacing))
         self.axis = axis
         self.intensity_unit = unit  # for propagation's report ("mean 212 vs 65 HU")
+        self.modality = modality
         self.mapping = mapping or default_mapping(array, modality)
+        self._data_range: tuple[float, float] | None = None  # the volume's (min, max), computed when needed
         self.cache = cache or EmbeddingCache(MemoryCache(max_bytes=1 << 30))
         self._volume_signature = signature
         self._lock = threading.Lock()
@@ -142,10 +155,20 @@ class SlicePredictor:
         """Use another intensity mapping; embeddings made with the old one stay cached under it."""
         self.mapping = mapping
 
+    def model_mapping(self, model: SamModel | None = None, mapping: IntensityMapping | None = None) -> IntensityMapping:
+        """The mapping ``model`` is fed under the user's ``mapping`` (MedSAM2 on CT: its own windowing)."""
+        model = self.model if model is None else model
+        mapping = self.mapping if mapping is None else mapping
+        if getattr(model, "pipeline", "") != "medsam2" or self.modality.upper() != "CT":
+            return mapping
+        if self._data_range is None:
+            self._data_range = (float(np.min(self.array)), float(np.max(self.array)))
+        return pipeline_mapping(mapping, "medsam2", self.modality, self._data_range)
+
     def key(self, index: int, model: SamModel | None = None, mapping: IntensityMapping | None = None) -> EmbeddingKey:
         """The cache key of slice ``index`` under ``model`` and ``mapping`` (default: the current ones)."""
         model = self.model if model is None else model
-        mapping = self.mapping if mapping is None else mapping
+        mapping = self.model_mapping(model, mapping)
         return EmbeddingKey(self.volume_signature, model.signature, mapping.signature, self.axis,
                             self._check_index(index))
 
@@ -165,10 +188,11 @@ class SlicePredictor:
     def model_image(self, index: int, mapping: IntensityMapping | None = None) -> np.ndarray:
         """The (H', W', 3) uint8 image the model sees: mapped intensities, square pixels.
 
-        ``mapping`` defaults to the current one; :meth:`embed` passes the one it built its cache
-        key from, so a mapping changed meanwhile cannot leak in.
+        ``mapping`` defaults to the current one as this model is fed it (:meth:`model_mapping`);
+        :meth:`embed` passes the one it built its cache key from, so a mapping changed meanwhile
+        cannot leak in.
         """
-        rgb = (self.mapping if mapping is None else mapping).to_rgb(self.slice_image(index))
+        rgb = (self.model_mapping() if mapping is None else mapping).to_rgb(self.slice_image(index))
         size = self._model_image_size()
         if size != rgb.shape[:2]:
             import cv2
@@ -192,7 +216,8 @@ class SlicePredictor:
         # the stored embedding belongs to its key even when another thread swaps either meanwhile.
         model, mapping = self.model, self.mapping
         key = self.key(index, model, mapping)
-        return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(key.index, mapping)))
+        fed = self.model_mapping(model, mapping)
+        return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(key.index, fed)))
 
     def pooled_embedding(self, index: int, mask: np.ndarray) -> np.ndarray | None:
         """The slice's image embedding averaged over ``mask`` (a 256-vector), or None for an empty mask.
@@ -204,7 +229,9 @@ class SlicePredictor:
         mask = np.asarray(mask, bool)
         if not mask.any():
             return None
-        embedding = np.asarray(self.embed(index))[0]  # (C, G, G)
+        features = getattr(self.model, "feature_map", None)  # SAM 2 embeddings are packed levels
+        raw = self.embed(index)
+        embedding = np.asarray(features(raw) if callable(features) else np.asarray(raw)[0])  # (C, G, G)
         grid = embedding.shape[-1]
         rows, cols = self.slice_shape
         h, w = self.model.geometry(*self._model_image_size()).input_size

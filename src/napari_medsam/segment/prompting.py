@@ -134,7 +134,9 @@ def prompts_from_mask(mask: np.ndarray, logits: np.ndarray | None, settings: Pro
         flags = np.concatenate([np.ones(len(inside), bool), np.zeros(len(outside), bool)])
         prompts = Prompts(points=points, positive=flags, box=prompts.box)
     if "mask" in parts and logits is not None:
-        prompts.mask_logits = np.asarray(logits, dtype=np.float32).reshape(256, 256)
+        logits = np.asarray(logits, dtype=np.float32)
+        side = int(round(np.sqrt(logits.size)))  # 256 (SAM), 128 (MedSAM2)
+        prompts.mask_logits = logits.reshape(side, side)
     return prompts
 
 

@@ -4,7 +4,9 @@ Points and box corners are encoded with random Fourier features of their normali
 (Tancik et al. 2020, as used by SAM) plus a learned per-role embedding (negative point,
 positive point, box top-left, box bottom-right, padding). A mask prompt is downscaled 4x by a
 small conv net into a dense embedding; without one, a learned "no mask" vector is broadcast.
-Names follow the official checkpoints (``prompt_encoder.*``).
+SAM 2 uses the same encoder but gives a box as two points labelled 2 (top-left) and 3
+(bottom-right), so they take the points path (with the padding token appended, as for any
+points given without a box). Names follow the official checkpoints (``prompt_encoder.*``).
 """
 
 from __future__ import annotations
@@ -111,18 +113,15 @@ class PromptEncoder(nn.Module):
             coords = torch.cat((coords, coords.new_zeros((batch, 1, 2))), dim=1)
             labels = torch.cat((labels, -labels.new_ones((batch, 1))), dim=1)
         emb = self.pe_layer.at_coords(coords, self.input_image_size)
-        role = torch.stack(
-            (
-                self.not_a_point_embed.weight[0],
-                self.point_embeddings[0].weight[0],
-                self.point_embeddings[1].weight[0],
-            )
-        )
+        # Role vectors by label + 1: padding (-1), negative (0), positive (1), and the box corners
+        # top-left (2) and bottom-right (3), which SAM 2 passes as points.
+        role = torch.cat([self.not_a_point_embed.weight] + [role_emb.weight for role_emb in self.point_embeddings])
         is_padding = (labels == -1).unsqueeze(-1)
-        # Padding tokens get no positional part; labels 0/1 select their role vector.
+        # Padding tokens get no positional part; labels 0..3 select their role vector and any
+        # other label keeps its positional part alone.
         emb = torch.where(is_padding, torch.zeros_like(emb), emb)
-        index = (labels.clamp(-1, 1) + 1).long()
-        known = (labels >= -1) & (labels <= 1)
+        index = (labels.clamp(-1, 3) + 1).long()
+        known = (labels >= -1) & (labels <= 3)
         return emb + torch.where(known.unsqueeze(-1), role[index], torch.zeros_like(emb))
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -140,8 +139,8 @@ class PromptEncoder(nn.Module):
         """Return sparse (B, N, C) and dense (B, C, h, w) prompt embeddings.
 
         ``points`` = (coords (B, N, 2) float xy, labels (B, N) with 1 positive, 0 negative,
-        -1 padding); ``boxes`` (B, 4) or (B, 1, 4) as x0, y0, x1, y1; ``masks`` (B, 1, 4h, 4w)
-        low-resolution logits.
+        -1 padding, 2 / 3 box top-left / bottom-right corner as SAM 2 gives boxes); ``boxes``
+        (B, 4) or (B, 1, 4) as x0, y0, x1, y1; ``masks`` (B, 1, 4h, 4w) low-resolution logits.
         """
         if points is not None:
             batch = points[0].shape[0]

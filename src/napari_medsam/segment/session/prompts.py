@@ -211,7 +211,7 @@ def check_masks(masks: Any, slice_shape: tuple[int, int]) -> SliceMasks:
     logits = np.asarray(masks.low_res_logits)
     if logits.ndim != 3 or logits.shape[0] != array.shape[0]:
         raise SessionError(f"The prediction has {array.shape[0]} masks but {logits.shape[0] if logits.ndim else 0} "
-                           "low-res logits; each candidate needs its (256, 256) logits.")
+                           "low-res logits; each candidate needs its low-res logits.")
     if not all(isinstance(a, np.ndarray) for a in (masks.masks, masks.scores, masks.low_res_logits)):
         masks = replace(masks, masks=array, scores=np.asarray(masks.scores).reshape(-1), low_res_logits=logits)
     return masks
