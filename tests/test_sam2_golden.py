@@ -186,3 +186,39 @@ def test_official_flow_gives_medsam2s_volume(state, gold, scenario):
     assert scores[11] == pytest.approx(float(gold[f"{scenario}fwd_object_score_logits"][-1]), abs=1e-6)
     result.undo.undo(labels)
     assert not labels.any()
+
+
+def test_memory_engine_through_the_slice_predictor_and_its_caches(state, gold, tmp_path):
+    """The real path of the panel and the CLI: SamModel + SlicePredictor (MedSAM2's CT windowing from
+    the scan's window, features from the memory and disk caches) -> MedSAM2's volume; a second run
+    reads every slice's features back from the disk cache and gives the same labels."""
+    from napari_medsam.segment.cache import DiskCache, EmbeddingCache, MemoryCache
+    from napari_medsam.segment.intensity import IntensityMapping
+    from napari_medsam.segment.memory.engine import propagate_memory, tracker_for
+    from napari_medsam.segment.model import SamModel
+    from napari_medsam.segment.postprocess import PostProcess
+    from napari_medsam.segment.predictor import Prompts, SlicePredictor
+    from napari_medsam.volume import Volume
+
+    volume = Volume(gold["hu_volume"], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), modality="CT",
+                    intensity_unit="HU")
+    window = IntensityMapping("window", *(float(v) for v in gold["window"]))
+    x0, y0, x1, y1 = (float(v) for v in gold["box"])
+    runs = []
+    for _ in range(2):
+        model = SamModel(load_sam2("hiera_t512", state, **REDUCED), "medsam2", name="medsam2-golden",
+                         signature="medsam2-golden:1")
+        cache = EmbeddingCache(MemoryCache(), DiskCache(tmp_path / "cache"))
+        predictor = SlicePredictor(model, volume, mapping=window, cache=cache)
+        labels = np.zeros(volume.array.shape, np.uint8)
+        result = propagate_memory(predictor, labels, 1, {5: Prompts(box=[y0, x0, y1, x1])},
+                                  tracker=tracker_for(predictor), official=True,
+                                  postprocess=PostProcess(largest_component=True, connectivity=3))
+        assert cache.flush(30)
+        runs.append((labels, result, predictor))
+    expected = gold["segs_3D"].astype(bool)
+    for labels, result, _ in runs:
+        wrong = (labels == 1) != expected
+        assert wrong.sum() <= 40, f"{wrong.sum()} voxels differ from MedSAM2's result"
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert runs[1][2].cache.disk is not None and len(runs[1][2].cache.cached_indices(runs[1][2].key(0))) == 12
