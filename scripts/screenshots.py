@@ -1,11 +1,18 @@
 """Take the documentation screenshots of the real napari window (run under xvfb-run).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py docs/images
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py docs/images [SCENE ...]
+
+SCENE names limit the run to some scenes (``workflow``: demo.png and the workflow-*.png,
+``propagate-memory``); without, every scene is taken.
 
 No real SAM weights can be downloaded on the build machines, so the masks in the workflow
 screenshots come from a ground-truth stand-in predictor (``tests/gt_predictor.py``: the
 phantom's own labels, degraded the way a model errs) plugged into the real controller; the
-window, panel, layers, prompts, propagation and report are the plugin's own.
+window, panel, layers, prompts, propagation and report are the plugin's own. The memory
+engine needs a real SAM 2 network: ``propagate-memory.png`` (the Propagate box at napari's
+default dock width, the memory engine chosen, its report with object scores) runs the reduced
+MedSAM2 of ``shared/golden/sam2`` (random weights, so its masks mean nothing; only the panel is
+shown).
 """
 
 from __future__ import annotations
@@ -40,7 +47,73 @@ def _stand_in(controller, truth) -> None:
     controller._set_status("ready (stand-in predictor)")
 
 
-def main(out: Path) -> None:
+def _reduced_medsam2():
+    """The reduced MedSAM2 of shared/golden/sam2 as a loaded model, or None when the file is absent."""
+    import dataclasses
+
+    from napari_medsam.models.registry import MODELS
+    from napari_medsam.segment.model import SamModel
+
+    path = REPO.parent / "shared" / "golden" / "sam2" / "sam2_t512_reduced_random.pt"
+    if not path.is_file():
+        return None
+    spec = dataclasses.replace(MODELS["medsam2"], name="medsam2_reduced", display_name="MedSAM2 (reduced)",
+                               arch_options=(("embed_dim", 16), ("stages", (1, 1, 3, 2)), ("global_att_blocks", (4,)),
+                                             ("memory_ffn", 1024), ("memory_layers", 2)))
+    MODELS.setdefault(spec.name, spec)
+    return SamModel.from_checkpoint(spec.name, path, device="cpu", download=False)
+
+
+def propagate_memory_scene(out: Path) -> None:
+    """propagate-memory.png: the Propagate box with the memory engine, after a run over a few slices."""
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    model = _reduced_medsam2()
+    if model is None:
+        print("propagate-memory.png: the reduced SAM 2 checkpoint (shared/golden/sam2) is missing; skipped")
+        return
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(title="napari-medsam")
+    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
+    viewer.window._qt_window.resize(1600, 1000)
+    key = 26
+    viewer.dims.set_point(0, image.data_to_world([key, 0, 0])[0])
+    widget.model_panel.set_model(model, "medsam2")
+    controller = widget.controller
+    controller.session.rename(1, "liver")
+    rows, cols = np.nonzero(np.asarray(truth.data)[key] == 1)
+    r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+    controller.boxes_layer.add_rectangles(np.array([[key, r0, c0], [key, r0, c1], [key, r1, c1], [key, r1, c0]],
+                                                   float))
+    while controller.queue.running is not None or controller.queue.pending:
+        _settle(app, 0.1)
+    _settle(app)
+    panel = widget.propagate_panel
+    panel.limit_check.setChecked(True)
+    panel.range_slider.setValue((key - 4, key + 4))
+    panel.propagate("both")
+    while panel.busy:
+        _settle(app, 0.1)
+    widget.scroll.ensureWidgetVisible(panel.report_button)
+    _settle(app)
+    dock.grab().save(str(out / "propagate-memory.png"))
+    widget.stop_segmentation()
+    viewer.close()
+
+
+def main(out: Path, scenes: list[str] | None = None) -> None:
+    """Save the screenshots of ``scenes`` (default: all) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not scenes or "workflow" in scenes:
+        workflow_scene(out)
+    if not scenes or "propagate-memory" in scenes:
+        propagate_memory_scene(out)
+
+
+def workflow_scene(out: Path) -> None:
     """Save demo.png and the workflow screenshots into ``out``."""
     import napari
     import numpy as np
@@ -134,4 +207,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/images"), sys.argv[2:])

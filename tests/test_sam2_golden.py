@@ -222,3 +222,32 @@ def test_memory_engine_through_the_slice_predictor_and_its_caches(state, gold, t
         assert wrong.sum() <= 40, f"{wrong.sum()} voxels differ from MedSAM2's result"
     assert np.array_equal(runs[0][0], runs[1][0])
     assert runs[1][2].cache.disk is not None and len(runs[1][2].cache.cached_indices(runs[1][2].key(0))) == 12
+
+
+def test_objects_are_tracked_independently_and_reset(state, gold):
+    """A second object (a mask on another slice) does not change the first one's track; reset forgets all."""
+    tracker, _ = _tracker(state, gold)
+    other = np.zeros(gold["volume_uint8"].shape[1:], bool)
+    other[60:80, 10:40] = True
+    tracker.add_mask(2, 7, other)
+    tracker.add_prompts(1, 5, box_xyxy=_box(gold))
+    assert tracker.objects == [1, 2] and tracker.key_slices(2) == [7]
+    walk2 = tracker.walk(2, -1)
+    for index in (6, 5, 4):
+        walk2.track(index)
+    walk1 = tracker.walk(1, +1)
+    for row, index in enumerate(gold["fwd_frame_idx"][1:4], start=1):
+        out = walk1.track(int(index))
+        close(out.low_res_logits, gold["fwd_lowres_logits"][row], 1e-6, f"object 1 slice {index}")
+    key2 = tracker.add_mask(2, 7, other)
+    assert key2.key and key2.object_score == 10.0 and key2.iou == 1.0
+    empty = tracker.add_mask(3, 2, np.zeros_like(other))
+    assert empty.object_score == -10.0 and not empty.mask.any()
+    with pytest.raises(ValueError, match="slices are"):
+        tracker.add_mask(2, 7, other[:10])
+    with pytest.raises(IndexError):
+        tracker.add_prompts(1, 12, box_xyxy=_box(gold))
+    tracker.reset()
+    assert tracker.objects == []
+    with pytest.raises(ValueError, match="no key slice"):
+        tracker.walk(1, +1)

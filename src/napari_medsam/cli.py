@@ -95,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--prompts", required=True, help="PROMPTS.json (see docs/cli.md)")
     segment.add_argument("--out", required=True, help="output labels: .nii, .nii.gz, .dcm, .nrrd or .mha")
     segment.add_argument("--model", default="lite_medsam", help="model name (napari-medsam models); default lite_medsam")
-    segment.add_argument("--checkpoint", help="a local weight file for --model (otherwise the cache/download)")
+    segment.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="FILE",
+                         help="a local weight file for --model (otherwise the cache/download)")
     segment.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     segment.add_argument("--threads", type=int, help="CPU threads for torch")
     segment.add_argument("--window", help="CT window preset (soft tissue, liver, lung, mediastinum, bone, brain), "
                          "LEVEL/WIDTH in HU, or 'percentile' (default: soft tissue for CT, percentile for MR)")
     segment.add_argument("--propagate", action="store_true", help="propagate every object through the volume")
+    segment.add_argument("--engine", choices=["auto", "slice", "memory"], default="auto",
+                         help="how --propagate finds each next slice: slice (prompted from the previous slice's "
+                         "mask, any model) or memory (SAM 2 / MedSAM2 tracking with the model's memory; SAM 2 "
+                         "models only); auto (default): memory for SAM 2 models, else slice")
     segment.add_argument("--zrange", nargs=2, type=int, metavar=("Z0", "Z1"),
                          help="limit propagation to slices Z0..Z1 (display slice indices along the object's plane)")
     segment.add_argument("--cache", help="folder for the on-disk embedding cache (reused across runs)")
@@ -251,7 +256,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .io.segments import segments_for_labels, segments_sidecar_path
     from .models.weights import resolve_weights
     from .segment.cache import DiskCache, EmbeddingCache, MemoryCache
-    from .segment.headless import check_z_range, segment_volume
+    from .segment.headless import check_z_range, choose_engine, segment_volume
     from .segment.model import SamModel
     from .segment.prompt_file import load_prompt_file
 
@@ -271,6 +276,15 @@ def _segment(args: argparse.Namespace) -> int:
     objects = load_prompt_file(args.prompts, volume)
     check_z_range(z_range, volume.shape, objects)  # inside the scan: before any model is loaded
     mapping = _mapping(args.window, volume)
+    if args.propagate:
+        from .models.registry import get_model
+
+        try:
+            spec = get_model(args.model)
+        except MedSamError:
+            spec = None  # an unknown name: resolve_weights says so, as without --propagate
+        if spec is not None:
+            choose_engine(args.engine, spec)  # --engine memory with a SAM 1 model: before any download
     download = say.bytes(f"downloading {args.model}")
     try:
         weights = resolve_weights(args.model, args.checkpoint, download=True, progress=download,
@@ -279,18 +293,25 @@ def _segment(args: argparse.Namespace) -> int:
         download.close()
     say.line(f"loading {args.model} from {weights}")
     model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads)
+    engine = choose_engine(args.engine, model)
     cache = EmbeddingCache(MemoryCache(), DiskCache(args.cache) if args.cache else None)
     say.line(f"segmenting {len(objects)} object(s) on {model.device}"
-             f"{' with propagation' if args.propagate else ''}")
+             f"{f' with propagation ({engine} engine)' if args.propagate else ''}")
     bar = say.slices()
     try:
         labels, summaries = segment_volume(
             volume, objects, model, mapping=mapping, propagate_objects=args.propagate,
-            z_range=z_range, cache=cache, progress=bar,
+            z_range=z_range, cache=cache, progress=bar, engine=engine,
         )
     finally:
         bar.close()  # segment_volume has flushed the cache: the last embeddings are on disk
     names = {o.label: o.name for o in objects}
+    for s in summaries:
+        scores = s.object_scores()
+        if scores is not None:
+            absent = len(scores["absent_slices"])
+            say.line(f"{s.name}: object score {scores['min']:.2f} to {scores['max']:.2f} (mean {scores['mean']:.2f})"
+                     f"{f', absent on {absent} slice(s)' if absent else ''}")
     say.line(f"writing {args.out}")
     out, sidecar, written_warnings = save_labels_named(labels, volume, args.out,
                                                        segments_for_labels(labels, names=names))
@@ -301,6 +322,7 @@ def _segment(args: argparse.Namespace) -> int:
     summary = {
         "written": str(out), "model": args.model, "device": str(model.device), "window": mapping.name,
         "propagate": args.propagate, "seconds": round(time.perf_counter() - started, 3),
+        **({"engine": engine} if args.propagate else {}),
         "objects": [s.as_dict() for s in summaries], "warnings": warnings,
     }
     if sidecar is not None:

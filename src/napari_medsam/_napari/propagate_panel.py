@@ -5,6 +5,13 @@ The engine (:mod:`napari_medsam.segment.propagation`) runs in a napari thread wo
 is merged into the live labels on the Qt thread, only where the user has not changed a voxel
 since the snapshot, so the mask grows on screen. At the end the run becomes one undo step of
 the session (its "before" slices are the live ones), so one Ctrl+Z removes it whole.
+
+Two engines: "slice prompts" (:func:`~napari_medsam.segment.propagation.propagate`: each slice
+prompted from the previous one's mask, any model) and, with a SAM 2 family model (SAM 2.1,
+MedSAM2), "memory" (:func:`~napari_medsam.segment.memory.engine.propagate_memory`: the object
+tracked with the model's memory of its key slices and the last slices). The memory engine is
+then the default; the user's choice is kept in the settings. Both give the same report (the
+memory engine's rows add the object score), undo, locks, cancel and corrections.
 """
 
 from __future__ import annotations
@@ -14,24 +21,31 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
-                            QHBoxLayout, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout)
+                            QHBoxLayout, QPushButton, QSpinBox, QTableWidget, QVBoxLayout)
 from superqt import QLabeledRangeSlider
 
 from ..errors import MedSamError
 from ..segment.propagation.stop_rules import StopRule
 from .messages import MessageLabel, RunProgress
+from .report_window import COLUMNS, OBJECT_SCORE, fill_report_table
+from .settings import Settings
 
 if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not when the panel docks
     from ..segment.prompting import PromptSettings
     from ..segment.propagation.run import PropagationResult
-    from .propagate_run import Run
+    from .propagate_run import MemoryTrackers, Run
 
-__all__ = ["COLUMNS", "PROMPT_MODES", "PropagatePanel"]
+__all__ = ["COLUMNS", "ENGINES", "OBJECT_SCORE", "PROMPT_MODES", "PropagatePanel", "is_memory_model"]
 
 PROMPT_MODES = ("box+mask", "box", "mask", "points", "box+points", "points+mask", "box+points+mask")
-COLUMNS = ("slice", "kind", "area px", "IoU", "overlap", "status")
+# engine -> its name in the combo box; "memory" needs a SAM 2 family model
+ENGINES = {"slice": "slice prompts", "memory": "memory (SAM 2)"}  # short: fits the default dock width
+ENGINE_TIPS = {
+    "slice": "Each slice is prompted from the mask found on the previous one (any model)",
+    "memory": "SAM 2's video tracking: each slice is segmented from the model's memory of the key slices "
+              "and of the last slices it tracked (SAM 2 family models only: SAM 2.1, MedSAM2)",
+}
 DIMS_EVENTS = ("current_step", "order", "ndisplay")
 # StopRule field -> (label, tooltip): the spin boxes edit exactly these fields.
 STOP_FIELDS = {
@@ -66,6 +80,11 @@ def _stop_spin(name: str) -> QDoubleSpinBox | QSpinBox:
     return spin
 
 
+def is_memory_model(model: Any) -> bool:
+    """True for a SAM 2 family model (SAM 2.1, MedSAM2): the memory engine can track with it."""
+    return getattr(model, "family", "sam") == "sam2" and hasattr(getattr(model, "network", None), "track_frame")
+
+
 def _text_overlay(viewer: Any) -> Any:
     """The viewer's text overlay (napari >= 0.9 keeps it on the canvas)."""
     overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
@@ -81,8 +100,9 @@ class PropagatePanel(QGroupBox):
     report_changed = Signal(object, object)
     _tick = Signal(object, object)  # (run, (done, total, message, slice or None)) from the worker thread
 
-    def __init__(self, parent: Any = None) -> None:
+    def __init__(self, parent: Any = None, settings: Settings | None = None) -> None:
         super().__init__("Propagate", parent)
+        self.settings = settings if settings is not None else Settings()
         self.controller: Any = None
         self.last_result: PropagationResult | None = None
         self._run: Run | None = None
@@ -91,6 +111,8 @@ class PropagatePanel(QGroupBox):
         self._kinds: dict[int, str] = {}  # slice -> "key" / "propagated" / "interpolated" of that object
         self._overlay_on = False
         self._axis: int | None = None
+        self._last_engine = "slice"  # the engine of the last run, which its corrections use too
+        self._trackers: MemoryTrackers | None = None  # the scan's memory trackers (made on first use)
 
         self.up_button = _button("Up", "Propagate from the highest key slice towards higher slice numbers")
         self.down_button = _button("Down", "Propagate from the lowest key slice towards lower slice numbers")
@@ -107,6 +129,14 @@ class PropagatePanel(QGroupBox):
         self.prompt_combo.setToolTip("How each slice is prompted from the previous one's mask")
         self.prompt_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.prompt_combo.setMinimumContentsLength(6)
+        self.engine_combo = QComboBox()
+        for engine, text in ENGINES.items():
+            self.engine_combo.addItem(text, engine)
+            self.engine_combo.setItemData(self.engine_combo.count() - 1, ENGINE_TIPS[engine],
+                                          Qt.ItemDataRole.ToolTipRole)
+        self.engine_combo.setToolTip("How each next slice is found; memory needs a SAM 2.1 or MedSAM2 model")
+        self.engine_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.engine_combo.setMinimumContentsLength(6)
         self.repropagate_check = QCheckBox("Re-propagate corrections")
         self.repropagate_check.setChecked(True)
         self.repropagate_check.setToolTip("After a propagation, a new prompt on another slice re-propagates from it")
@@ -134,6 +164,7 @@ class PropagatePanel(QGroupBox):
         form.addRow(self.limit_check)
         for name, spin in self.stop_spins.items():
             form.addRow(STOP_FIELDS[name][0], spin)
+        form.addRow("engine", self.engine_combo)
         form.addRow("prompt", self.prompt_combo)
         form.addRow(self.repropagate_check)
         layout.addLayout(form)
@@ -146,8 +177,9 @@ class PropagatePanel(QGroupBox):
         self.fill_button.clicked.connect(lambda: self.propagate("both", fill_only=True))
         self.cancel_button.clicked.connect(self.cancel)
         self.table.cellClicked.connect(self._row_clicked)
+        self.engine_combo.currentIndexChanged.connect(self._on_engine_chosen)
         self._tick.connect(self._on_tick)
-        self._update_enabled()
+        self.update_engine_choices()
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -169,19 +201,21 @@ class PropagatePanel(QGroupBox):
         self._wire(controller, connect=True)
         self.show_report(report)
         self._on_dims()
-        self._update_enabled()
+        self.update_engine_choices()
 
     def report_state(self) -> dict | None:
         """The report on show (result, last run's object/axis/keys, slice kinds, texts), or None."""
         if self.last_result is None:
             return None
         return {"result": self.last_result, "last": self._last, "kinds": dict(self._kinds),
-                "summary": self.summary.text(), "status": self.status_label.text()}
+                "summary": self.summary.text(), "status": self.status_label.text(),
+                "engine": self._last_engine, "trackers": self._trackers}
 
     def show_report(self, report: dict | None) -> None:
         """Show a report kept by :meth:`report_state` (None: an empty table and no summary)."""
         if report is None:
             self.last_result, self._last, self._kinds = None, None, {}
+            self._last_engine, self._trackers = "slice", None  # another scan: its trackers are its own
             self.table.setRowCount(0)
             self.summary.setText("")
             self.status_label.setText("")
@@ -189,6 +223,7 @@ class PropagatePanel(QGroupBox):
             self._follow_report()
             return
         self.last_result, self._last = report["result"], report["last"]
+        self._last_engine, self._trackers = report.get("engine", "slice"), report.get("trackers")
         self._fill_table(report["result"])
         self._kinds = dict(report["kinds"])
         self.summary.setText(report["summary"])
@@ -209,9 +244,10 @@ class PropagatePanel(QGroupBox):
         for button in (self.up_button, self.down_button, self.both_button, self.fill_button):
             button.setEnabled(on and not busy)
         self.cancel_button.setEnabled(busy)
-        for widget in (self.range_slider, self.limit_check, self.prompt_combo, self.repropagate_check,
+        for widget in (self.range_slider, self.limit_check, self.engine_combo, self.repropagate_check,
                        *self.stop_spins.values()):
             widget.setEnabled(on)
+        self.prompt_combo.setEnabled(on and self.engine == "slice")  # the memory engine prompts no slice
         for widget in (self.range_slider, self.limit_check):
             self.form.setRowVisible(widget, on)
         self.report_button.setEnabled(self.last_result is not None)
@@ -243,6 +279,46 @@ class PropagatePanel(QGroupBox):
         """The stop rule the widgets describe (the slice range only when "limit to range" is on)."""
         z_range = tuple(int(v) for v in self.range_slider.value()) if self.limit_check.isChecked() else (None, None)
         return StopRule(z_range=z_range, **{name: spin.value() for name, spin in self.stop_spins.items()})
+
+    # ------------------------------------------------------------------ engine
+    @property
+    def engine(self) -> str:
+        """The chosen engine: "slice" or "memory" (see :data:`ENGINES`)."""
+        return str(self.engine_combo.currentData())
+
+    def memory_available(self) -> bool:
+        """True when the controller's model is a SAM 2 family model (the memory engine can run)."""
+        return self.controller is not None and is_memory_model(self.controller.model)
+
+    def update_engine_choices(self) -> None:
+        """Offer the memory engine only with a SAM 2 family model; choose the remembered engine (memory by default).
+
+        Call it when the controller's model changes (the dock widget does).
+        """
+        available = self.memory_available()
+        index = self.engine_combo.findData("memory")
+        item = self.engine_combo.model().item(index)
+        item.setEnabled(available)
+        item.setToolTip(ENGINE_TIPS["memory"] if available else
+                        "Needs a SAM 2.1 or MedSAM2 model: load one in the Model box")
+        wanted = self.settings.get("propagation_engine") or "memory"
+        choice = wanted if available and wanted in ENGINES else "slice"
+        self.engine_combo.blockSignals(True)  # a choice made here is not the user's: not saved
+        self.engine_combo.setCurrentIndex(self.engine_combo.findData(choice))
+        self.engine_combo.blockSignals(False)
+        self._update_enabled()
+
+    def _on_engine_chosen(self, _index: int = 0) -> None:
+        if self.memory_available():  # the user chose between both: remembered for SAM 2 models
+            self.settings.set("propagation_engine", self.engine)
+        self._update_enabled()
+
+    def _memory_trackers(self) -> "MemoryTrackers":
+        from .propagate_run import MemoryTrackers
+
+        if self._trackers is None:
+            self._trackers = MemoryTrackers()
+        return self._trackers
 
     def prompt_settings(self) -> "PromptSettings":
         """The prompt settings (mode from the combo box)."""
@@ -276,14 +352,25 @@ class PropagatePanel(QGroupBox):
             if rule.z_range[0] > rule.z_range[1]:
                 self._set_status("The slice range does not lie between the key slices.", "warning")
                 return False
-        prompt = self.prompt_settings()
+        prompt, engine = self.prompt_settings(), self.engine
+        if engine == "memory" and not self.memory_available():
+            self._set_status("The memory engine needs a SAM 2.1 or MedSAM2 model: load one, or choose "
+                             "slice prompts.", "warning")
+            return False
+        trackers = self._memory_trackers()
 
         def call(predictor: Any, run: Run, **common: Any) -> PropagationResult:
+            if engine == "memory":
+                from ..segment.memory.engine import propagate_memory
+
+                with trackers.use(c, axis, predictor) as tracker:
+                    return propagate_memory(predictor, run.snapshot, obj, keys, tracker=tracker, direction=direction,
+                                            stop=rule, **common)
             return propagate(predictor, run.snapshot, obj, keys, direction=direction, stop=rule, prompt=prompt,
                              **common)
 
         what = "filling between key slices" if fill_only else f"propagating {direction}"
-        return self._start(obj, axis, set(keys), call, what)
+        return self._start(obj, axis, set(keys), call, what + (" (memory)" if engine == "memory" else ""), engine)
 
     def repropagate_from(self, index: int) -> bool:
         """Re-propagate the last run's object from its corrected slice ``index`` (other key slices protected)."""
@@ -298,14 +385,26 @@ class PropagatePanel(QGroupBox):
         if not mask.any():
             return False
         rule, prompt = self.stop_rule(), self.prompt_settings()
+        # A memory run's corrections go on with its tracker (the object's key slices are in it);
+        # without one (another model or mapping since), the slice engine re-propagates.
+        trackers = self._trackers
+        memory = (self._last_engine == "memory" and trackers is not None and self.memory_available()
+                  and trackers.find(c, axis, obj) is not None)
 
         def call(predictor: Any, run: Run, **common: Any) -> PropagationResult:
+            if memory:
+                from ..segment.memory.engine import repropagate_memory
+
+                with trackers.use(c, axis, predictor) as tracker:  # type: ignore[union-attr]
+                    return repropagate_memory(predictor, run.snapshot, obj, index, mask, tracker=tracker,
+                                              other_keys=sorted(keys), stop=rule, **common)
             return repropagate(predictor, run.snapshot, obj, index, mask, other_keys=sorted(keys), stop=rule,
                                prompt=prompt, **common)
 
-        return self._start(obj, axis, keys | {int(index)}, call, f"re-propagating from slice {index}")
+        return self._start(obj, axis, keys | {int(index)}, call, f"re-propagating from slice {index}"
+                           + (" (memory)" if memory else ""), "memory" if memory else "slice")
 
-    def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str) -> bool:
+    def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str, engine: str = "slice") -> bool:
         from .propagate_run import Recorder, Run
 
         from napari.utils import progress
@@ -314,6 +413,7 @@ class PropagatePanel(QGroupBox):
 
         c = self.controller
         run = Run(c, obj, axis, keys, what)
+        run.engine, run.trackers = engine, self._trackers
         locked, overwrite = c.session.locked_mask(), bool(c.overwrite)
 
         def report(done: int, total: int, message: str) -> None:  # worker thread
@@ -384,6 +484,7 @@ class PropagatePanel(QGroupBox):
             self.last_result = applied
             same = self._last is not None and self._last[:2] == (run.obj, run.axis)
             self._last = (run.obj, run.axis, set(run.keys) | (self._last[2] if same else set()))  # type: ignore[index]
+            self._last_engine = run.engine
             self._show(applied, run.keys, keep=same)
             self._set_status(f"Object {run.obj}: {summarize(applied)}; {written_text(applied)}.")
             self.report_changed.emit(run.controller.image_layer, self.report_state())
@@ -392,7 +493,8 @@ class PropagatePanel(QGroupBox):
             self.report_changed.emit(run.controller.image_layer, {
                 "result": applied, "last": (run.obj, run.axis, set(run.keys)), "kinds": kinds,
                 "summary": summarize(applied),
-                "status": f"Object {run.obj}: {summarize(applied)}; {written_text(applied)}."})
+                "status": f"Object {run.obj}: {summarize(applied)}; {written_text(applied)}.",
+                "engine": run.engine, "trackers": run.trackers})
         self.finished.emit(applied)
 
     def _on_mask_written(self, info: Any) -> None:
@@ -421,22 +523,7 @@ class PropagatePanel(QGroupBox):
 
     def _fill_table(self, result: PropagationResult) -> list:
         """One row per slice of the run's report; returns the reports in slice order."""
-        rows = sorted(result.reports, key=lambda r: r.index)
-        self.table.setRowCount(len(rows))
-        bold = QFont()
-        bold.setBold(True)
-        for i, r in enumerate(rows):
-            cells = (str(r.index), r.kind, "" if r.area_px is None else str(r.area_px),
-                     "" if r.score is None else f"{r.score:.2f}", "" if r.overlap is None else f"{r.overlap:.2f}",
-                     "key slice" if r.kind == "key" else f"{r.front}: {r.status}")
-            for j, text in enumerate(cells):
-                item = QTableWidgetItem(text)
-                item.setData(Qt.ItemDataRole.UserRole, int(r.index))
-                if r.kind == "key":
-                    item.setFont(bold)
-                self.table.setItem(i, j, item)
-        self.table.resizeColumnsToContents()
-        return rows
+        return fill_report_table(self.table, result.reports)
 
     def _row_clicked(self, row: int, column: int = 0) -> None:
         item = self.table.item(row, 0)

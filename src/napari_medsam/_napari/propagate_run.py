@@ -3,13 +3,20 @@
 See :mod:`.propagate_panel`. A :class:`Run` holds the snapshot of the labels the worker writes
 into and merges each finished slice into the live labels, only where the user has not changed a
 voxel since; :class:`Recorder` wraps the predictor to note which slice the worker is on.
+
+The memory engine (SAM 2 / MedSAM2, :mod:`napari_medsam.segment.memory`) never calls the
+predictor's ``predict``: it asks its :class:`MemoryTracker` for each slice's features. A scan's
+trackers (one per axis, kept in :class:`MemoryTrackers` with the scan's report, so a correction
+after switching scans still finds the object's key slices) read them through a
+:class:`FeatureTap`, which tells the run in flight which slice the engine is on.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -79,6 +86,8 @@ class Run:
         self.expected: dict[int, np.ndarray] = {}  # engine content last merged into each live slice
         self.before: dict[int, np.ndarray] = {}  # live slices before the first merge
         self.bar: Any = None
+        self.engine = "slice"  # "memory": SAM 2 tracking (see the panel's ENGINES)
+        self.trackers: MemoryTrackers | None = None  # the scan's memory trackers, for its report
 
     def view(self, k: int, live: bool = False) -> np.ndarray:
         """Slice ``k`` of the snapshot (or of the live labels)."""
@@ -116,8 +125,81 @@ class Recorder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._predictor, name)
 
-    def predict(self, index: int, prompts: Any, multimask: bool = False) -> Any:
-        """Predict through the wrapped predictor, noting the slice first."""
+    @property
+    def wrapped(self) -> Any:
+        """The predictor this one records."""
+        return self._predictor
+
+    def note(self, index: int) -> None:
+        """The worker is on slice ``index``: keep its content before the engine writes it."""
         self._run.base.setdefault(int(index), self._run.view(int(index)).copy())
         self._run.last = int(index)
+
+    def predict(self, index: int, prompts: Any, multimask: bool = False) -> Any:
+        """Predict through the wrapped predictor, noting the slice first."""
+        self.note(index)
         return self._predictor.predict(index, prompts, multimask=multimask)
+
+
+class FeatureTap:
+    """A predictor as a memory tracker sees it: ``embed`` also notes the slice for the run in flight."""
+
+    def __init__(self, predictor: Any) -> None:
+        self._predictor = predictor
+        self.recorder: Recorder | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def embed(self, index: int) -> Any:
+        """The slice's features from the predictor (and its cache); the recorder, if any, notes the slice."""
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.note(index)
+        return self._predictor.embed(index)
+
+
+class MemoryTrackers:
+    """One scan's memory trackers, one per axis, each valid for one model and input mapping.
+
+    A tracker keeps each object's key slices, which a later correction re-propagates from
+    (``repropagate_memory``). One made with another model or mapping than the controller's
+    current ones is dropped when next asked for.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[Any, str, Any, FeatureTap]] = {}  # axis -> (network, mapping, tracker, tap)
+
+    @staticmethod
+    def _valid(controller: Any, item: tuple) -> bool:
+        network, mapping, _, _ = item
+        return network is getattr(controller.model, "network", None) and mapping == controller.mapping.signature
+
+    def find(self, controller: Any, axis: int, obj: int | None = None) -> Any:
+        """The axis's tracker if it fits the controller's model and mapping (and knows ``obj``), else None."""
+        item = self._items.get(int(axis))
+        if item is None or not self._valid(controller, item):
+            return None
+        tracker = item[2]
+        return tracker if obj is None or tracker.key_slices(int(obj)) else None
+
+    @contextmanager
+    def use(self, controller: Any, axis: int, recorder: Recorder) -> Iterator[Any]:
+        """The axis's tracker (made over ``recorder``'s predictor when missing or stale); ``recorder`` notes its slices."""
+        from ..segment.memory.engine import tracker_for
+
+        item = self._items.get(int(axis))
+        if item is None or not self._valid(controller, item):
+            tap = FeatureTap(recorder.wrapped)
+            item = (controller.model.network, controller.mapping.signature, tracker_for(tap), tap)
+            self._items[int(axis)] = item
+        tap = item[3]
+        tap.recorder = recorder
+        try:
+            yield item[2]
+        finally:
+            tap.recorder = None
+
+    def clear(self) -> None:
+        """Forget every tracker (their objects' key slices with them)."""
+        self._items.clear()

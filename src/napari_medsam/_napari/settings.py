@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "window": "soft tissue",  # CT window preset name (display)
     "mapping": "",  # model input intensity mapping; "" = the panel's default
     "overwrite": False,
+    "propagation_engine": "",  # "slice" or "memory" (SAM 2 models only); "" = memory for SAM 2 models
     "checkpoints": {},  # model name -> local weight file chosen by the user
     "refine_from_logits": False,  # a new click refines the slice's last mask (SAM's low-res logits as mask prompt)
     "keys": {},  # controller action -> key, overriding keys.SHORTCUTS (e.g. {"cycle_mask": "Shift-C"})

@@ -90,7 +90,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.model_panel = ModelPanel(self.settings)
         self.objects_panel = ObjectsPanel()
         self.segment_panel = SegmentPanel()
-        self.propagate_panel = PropagatePanel()
+        self.propagate_panel = PropagatePanel(settings=self.settings)
         self.segment_panel.overwrite.setChecked(bool(self.settings.get("overwrite", False)))
 
         labels_box = self._build_labels_box()
@@ -325,6 +325,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         if controller is not None:
             if controller.model is not model:
                 controller.set_model(model)
+                self.propagate_panel.update_engine_choices()  # the memory engine: only with SAM 2 models
             return
         if image is not None and model is not None and may_start:
             self.start_segmentation()
