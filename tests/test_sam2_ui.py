@@ -118,7 +118,7 @@ def propagate_both(qtbot, panel) -> None:
 
 def test_memory_engine_propagates_reports_object_scores_and_undoes(docked, qtbot, monkeypatch):
     from napari_medsam.segment.memory import engine as memory_engine
-    from napari_medsam.segment.propagation import engine as slice_engine
+    import napari_medsam.segment.propagation as slice_engine  # where the panel imports it from
 
     viewer, widget, controller, truth = docked
     panel = widget.propagate_panel

@@ -28,6 +28,7 @@ from superqt import QLabeledRangeSlider
 from ..errors import MedSamError
 from ..segment.propagation.stop_rules import StopRule
 from .messages import MessageLabel, RunProgress
+from .propagate_engine import ENGINE_TIPS, ENGINES, EngineChoiceMixin, is_memory_model
 from .report_window import COLUMNS, OBJECT_SCORE, fill_report_table
 from .settings import Settings
 
@@ -39,13 +40,6 @@ if TYPE_CHECKING:  # the engine imports torch: loaded when a run starts, not whe
 __all__ = ["COLUMNS", "ENGINES", "OBJECT_SCORE", "PROMPT_MODES", "PropagatePanel", "is_memory_model"]
 
 PROMPT_MODES = ("box+mask", "box", "mask", "points", "box+points", "points+mask", "box+points+mask")
-# engine -> its name in the combo box; "memory" needs a SAM 2 family model
-ENGINES = {"slice": "slice prompts", "memory": "memory (SAM 2)"}  # short: fits the default dock width
-ENGINE_TIPS = {
-    "slice": "Each slice is prompted from the mask found on the previous one (any model)",
-    "memory": "SAM 2's video tracking: each slice is segmented from the model's memory of the key slices "
-              "and of the last slices it tracked (SAM 2 family models only: SAM 2.1, MedSAM2)",
-}
 DIMS_EVENTS = ("current_step", "order", "ndisplay")
 # StopRule field -> (label, tooltip): the spin boxes edit exactly these fields.
 STOP_FIELDS = {
@@ -80,18 +74,13 @@ def _stop_spin(name: str) -> QDoubleSpinBox | QSpinBox:
     return spin
 
 
-def is_memory_model(model: Any) -> bool:
-    """True for a SAM 2 family model (SAM 2.1, MedSAM2): the memory engine can track with it."""
-    return getattr(model, "family", "sam") == "sam2" and hasattr(getattr(model, "network", None), "track_frame")
-
-
 def _text_overlay(viewer: Any) -> Any:
     """The viewer's text overlay (napari >= 0.9 keeps it on the canvas)."""
     overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
     return overlays["text"] if overlays is not None and "text" in overlays else viewer.text_overlay
 
 
-class PropagatePanel(QGroupBox):
+class PropagatePanel(EngineChoiceMixin, QGroupBox):
     """Up / Down / Both / Fill between keys for the active object, with a stop rule, a report and Cancel."""
 
     status_changed = Signal(str)
@@ -279,46 +268,6 @@ class PropagatePanel(QGroupBox):
         """The stop rule the widgets describe (the slice range only when "limit to range" is on)."""
         z_range = tuple(int(v) for v in self.range_slider.value()) if self.limit_check.isChecked() else (None, None)
         return StopRule(z_range=z_range, **{name: spin.value() for name, spin in self.stop_spins.items()})
-
-    # ------------------------------------------------------------------ engine
-    @property
-    def engine(self) -> str:
-        """The chosen engine: "slice" or "memory" (see :data:`ENGINES`)."""
-        return str(self.engine_combo.currentData())
-
-    def memory_available(self) -> bool:
-        """True when the controller's model is a SAM 2 family model (the memory engine can run)."""
-        return self.controller is not None and is_memory_model(self.controller.model)
-
-    def update_engine_choices(self) -> None:
-        """Offer the memory engine only with a SAM 2 family model; choose the remembered engine (memory by default).
-
-        Call it when the controller's model changes (the dock widget does).
-        """
-        available = self.memory_available()
-        index = self.engine_combo.findData("memory")
-        item = self.engine_combo.model().item(index)
-        item.setEnabled(available)
-        item.setToolTip(ENGINE_TIPS["memory"] if available else
-                        "Needs a SAM 2.1 or MedSAM2 model: load one in the Model box")
-        wanted = self.settings.get("propagation_engine") or "memory"
-        choice = wanted if available and wanted in ENGINES else "slice"
-        self.engine_combo.blockSignals(True)  # a choice made here is not the user's: not saved
-        self.engine_combo.setCurrentIndex(self.engine_combo.findData(choice))
-        self.engine_combo.blockSignals(False)
-        self._update_enabled()
-
-    def _on_engine_chosen(self, _index: int = 0) -> None:
-        if self.memory_available():  # the user chose between both: remembered for SAM 2 models
-            self.settings.set("propagation_engine", self.engine)
-        self._update_enabled()
-
-    def _memory_trackers(self) -> "MemoryTrackers":
-        from .propagate_run import MemoryTrackers
-
-        if self._trackers is None:
-            self._trackers = MemoryTrackers()
-        return self._trackers
 
     def prompt_settings(self) -> "PromptSettings":
         """The prompt settings (mode from the combo box)."""
