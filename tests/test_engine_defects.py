@@ -133,7 +133,10 @@ def test_model_notes_quote_the_plugins_own_measured_speeds():
         measured.setdefault(row.group(1), int(row.group(2)))
     rows = {"sam_vit_b": "SAM ViT-B / MedSAM (1024)", "medsam": "SAM ViT-B / MedSAM (1024)",
             "sam_vit_l": "SAM ViT-L (1024), 1 run", "sam_vit_h": "SAM ViT-H (1024), 1 run",
-            "mobile_sam": "MobileSAM (TinyViT, 1024)", "lite_medsam": "LiteMedSAM (TinyViT, 256)"}
+            "mobile_sam": "MobileSAM (TinyViT, 1024)", "lite_medsam": "LiteMedSAM (TinyViT, 256)",
+            "medsam2": "MedSAM2 (Hiera-T, 512)", "sam2.1_hiera_tiny": "SAM 2.1 Tiny (Hiera, 1024)",
+            "sam2.1_hiera_small": "SAM 2.1 Small (Hiera, 1024)", "sam2.1_hiera_base_plus": "SAM 2.1 Base+ (Hiera, 1024)",
+            "sam2.1_hiera_large": "SAM 2.1 Large (Hiera, 1024)"}
     assert set(rows) == set(MODELS)
     for name, spec in MODELS.items():
         seconds = [float(m.group(1) or m.group(2)) for m in re.finditer(

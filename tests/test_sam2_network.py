@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from napari_medsam.errors import MedSamError
 from napari_medsam.models.networks.sam2 import SAM2_ARCHITECTURES, build_sam2, load_sam2
+from test_registry import _read_keys  # the official key lists: key<TAB>JSON shape
 
 REDUCED = dict(embed_dim=16, stages=(1, 1, 3, 2), global_att_blocks=(4,), memory_layers=2, memory_ffn=1024)
-
-
-def _keys(path) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, shape = line.split("\t")
-            rows.append((key, tuple(json.loads(shape))))
-    return rows
 
 
 def _meta(arch: str, **overrides):
@@ -32,14 +22,14 @@ def _meta(arch: str, **overrides):
     ("sam2_t512_reduced_keys.txt", "hiera_t512", REDUCED),
 ])
 def test_state_dict_equals_the_official_key_list(golden_dir, name, arch, overrides):
-    expected = _keys(golden_dir / "sam2" / name)
+    expected = _read_keys(golden_dir / "sam2" / name)
     actual = [(k, tuple(v.shape)) for k, v in _meta(arch, **overrides).state_dict().items()]
     assert dict(actual) == dict(expected)
     assert [k for k, _ in actual] == [k for k, _ in expected], "state_dict order differs from the official"
 
 
 def test_full_t512_loads_a_random_checkpoint_strictly(golden_dir, tmp_path):
-    expected = _keys(golden_dir / "sam2" / "sam2_hiera_t512_keys.txt")
+    expected = _read_keys(golden_dir / "sam2" / "sam2_hiera_t512_keys.txt")
     gen = torch.Generator().manual_seed(1)
     state = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in expected}
     path = tmp_path / "MedSAM2_random.pt"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from napari_medsam.models.registry import (
     SAM2_ARCHITECTURE_NAMES,
     get_model,
 )
+from test_registry import _read_keys  # the official key lists: key<TAB>JSON shape
 
 SAM2_SIZES = {"tiny": "hiera_t", "small": "hiera_s", "base_plus": "hiera_b+", "large": "hiera_l"}
 # The reduced official-code variant of sam2.1_hiera_t512 the golden checkpoint was made with
@@ -38,15 +38,6 @@ def sam2_golden(golden_dir) -> Path:
     if not (path / "README.md").is_file():
         pytest.skip(f"SAM 2 golden data not found at {path}")
     return path
-
-
-def _read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, shape = line.split("\t")
-            rows.append((key, tuple(json.loads(shape))))
-    return rows
 
 
 # --- entries ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 from ...errors import PropagationError
 from ..postprocess import PostProcess
 from ..predictor import Prompts, SliceMasks
-from ..propagation.engine import DIRECTIONS, _check_labels
+from ..propagation.engine import DIRECTIONS, _check_labels, front_tasks, run_fronts
 from ..propagation.run import CancelCheck, Front, ProgressCallback, PropagationResult, PropagationRun
 from ..propagation.stop_rules import StopRule
 from .tracker import MemoryTracker, TrackedSlice, Walk
@@ -211,45 +211,24 @@ def propagate_memory(
     if not any(k.mask.any() for k in keys.values()):
         tracker.remove_object(object_value)
         raise PropagationError("Every key slice is empty: nothing to propagate. Segment the object on a slice first.")
-    spacing = spacing_mm or getattr(predictor, "spacing_mm", None)
-    run = MemoryRun(predictor, labels, int(object_value), tracker=tracker, obj=object_value, judge=not official,
-                    stop=stop or StopRule(), prompt=_no_prompt_settings(), locked=locked, overwrite=overwrite,
-                    cancel=cancel, progress=progress, prefetch=prefetch, spacing_mm=spacing)
+    run = _new_memory_run(predictor, labels, object_value, tracker, judge=not official, stop=stop, locked=locked,
+                          overwrite=overwrite, cancel=cancel, progress=progress, prefetch=prefetch,
+                          spacing_mm=spacing_mm)
     try:
         for index, key in keys.items():
             run.add_key(index, key.mask, key.iou, key.object_score)
-        order = sorted(keys)
-        up, down = direction in ("both", "up"), direction in ("both", "down")
-        fronts: list[list[Front]] = []
-
         def front(name: str, start: int, step: int) -> Front:
             return Front(name, step, start, keys[start].mask, keys[start].low_res_logits, start)
 
         if official:
             # MedSAM2's script: one forward walk from the first key slice to the end, one reverse
             # walk from the last to the start, through the other key slices.
-            if up:
-                fronts.append([front("up", order[0], +1)])
-            if down:
-                fronts.append([front("down", order[-1], -1)])
+            order = sorted(keys)
+            tasks = ([[front("up", order[0], +1)]] if direction in ("both", "up") else []) + \
+                    ([[front("down", order[-1], -1)]] if direction in ("both", "down") else [])
         else:
-            solid = [k for k in order if keys[k].mask.any()]
-            if down and order[0] in solid:
-                fronts.append([front("down", order[0], -1)])
-            for lo, hi in zip(order[:-1], order[1:]):
-                pair = [front(f"fill {lo}-{hi} up", lo, +1)] if up and lo in solid else []
-                pair += [front(f"fill {lo}-{hi} down", hi, -1)] if down and hi in solid else []
-                if hi - lo > 1 and pair:
-                    fronts.append(pair)
-            if up and order[-1] in solid:
-                fronts.append([front("up", order[-1], +1)])
-        for task in fronts:
-            run.register(*task)
-        for task in fronts:
-            if len(task) == 2:
-                run.run_pair(*task)
-            else:
-                run.run_alone(task[0])
+            tasks = front_tasks(keys, lambda k: bool(keys[k].mask.any()), direction, front)
+        run_fronts(run, tasks)
         if fill_skipped and not run.cancelled and not official:
             run.fill_skipped()
         if postprocess is not None and not run.cancelled:
@@ -288,10 +267,9 @@ def repropagate_memory(
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     axis, locked = _check_labels(predictor, labels, object_value, locked)
     tracked = _run_keys(tracker, object_value, {int(index): key}, labels.shape[axis])[int(index)]
-    spacing = spacing_mm or getattr(predictor, "spacing_mm", None)
-    run = MemoryRun(predictor, labels, int(object_value), tracker=tracker, obj=object_value,
-                    stop=stop or StopRule(), prompt=_no_prompt_settings(), locked=locked, overwrite=overwrite,
-                    cancel=cancel, progress=progress, prefetch=prefetch, spacing_mm=spacing)
+    run = _new_memory_run(predictor, labels, object_value, tracker, judge=True, stop=stop, locked=locked,
+                          overwrite=overwrite, cancel=cancel, progress=progress, prefetch=prefetch,
+                          spacing_mm=spacing_mm)
     try:
         run.protected.update(int(k) for k in other_keys)
         run.protected.update(k for k in tracker.key_slices(object_value) if k != int(index))
@@ -308,7 +286,10 @@ def repropagate_memory(
         run.prefetcher.close()
 
 
-def _no_prompt_settings():
-    from ..prompting import PromptSettings
+def _new_memory_run(predictor, labels: np.ndarray, value: int, tracker: MemoryTracker, *, judge: bool,
+                    stop: StopRule | None, spacing_mm, **options) -> MemoryRun:
+    from ..prompting import PromptSettings  # unused by memory walks; the run's constructor wants one
 
-    return PromptSettings()
+    spacing = spacing_mm or getattr(predictor, "spacing_mm", None)
+    return MemoryRun(predictor, labels, int(value), tracker=tracker, obj=value, judge=judge, stop=stop or StopRule(),
+                     prompt=PromptSettings(), spacing_mm=spacing, **options)

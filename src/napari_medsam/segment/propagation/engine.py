@@ -173,37 +173,48 @@ def propagate(
         for index in sorted(keys):
             mask, _, score = keys[index]
             run.add_key(index, mask, score)
-        order = sorted(keys)
-        solid = [k for k in order if keys[k][0].any()]  # empty key slices only bound the object
-
         def front(name: str, start: int, step: int) -> Front:
             mask, logits, _ = keys[start]
             return Front(name, step, start, mask, logits, start)
 
-        up, down = direction in ("both", "up"), direction in ("both", "down")
-        tasks: list[list[Front]] = []  # one front walks alone; two fill a gap together
-        if down and order[0] in solid:
-            tasks.append([front("down", order[0], -1)])
-        for lo, hi in zip(order[:-1], order[1:]):
-            pair = [front(f"fill {lo}-{hi} up", lo, +1)] if up and lo in solid else []
-            pair += [front(f"fill {lo}-{hi} down", hi, -1)] if down and hi in solid else []
-            if hi - lo > 1 and pair:
-                tasks.append(pair)
-        if up and order[-1] in solid:
-            tasks.append([front("up", order[-1], +1)])
-        for task in tasks:
-            run.register(*task)
-        for task in tasks:
-            if len(task) == 2:
-                run.run_pair(*task)
-            else:
-                run.run_alone(task[0])
+        run_fronts(run, front_tasks(keys, lambda k: bool(keys[k][0].any()), direction, front))
         return _finish(run, fill_skipped, postprocess)
     except BaseException:
         run.undo.undo(labels)  # a failed run leaves the labels as they were
         raise
     finally:
         run.prefetcher.close()
+
+
+def front_tasks(keys, solid: Callable[[int], bool], direction: str,
+                front: Callable[[str, int, int], Front]) -> list[list[Front]]:
+    """The fronts of a run from its key slices: one walking down from the first key, pairs filling
+    each gap between keys from both ends, one walking up from the last (only from keys with a mask:
+    empty key slices only bound the object)."""
+    order = sorted(keys)
+    up, down = direction in ("both", "up"), direction in ("both", "down")
+    tasks: list[list[Front]] = []  # one front walks alone; two fill a gap together
+    if down and solid(order[0]):
+        tasks.append([front("down", order[0], -1)])
+    for lo, hi in zip(order[:-1], order[1:]):
+        pair = [front(f"fill {lo}-{hi} up", lo, +1)] if up and solid(lo) else []
+        pair += [front(f"fill {lo}-{hi} down", hi, -1)] if down and solid(hi) else []
+        if hi - lo > 1 and pair:
+            tasks.append(pair)
+    if up and solid(order[-1]):
+        tasks.append([front("up", order[-1], +1)])
+    return tasks
+
+
+def run_fronts(run: PropagationRun, tasks: list[list[Front]]) -> None:
+    """Announce every front (for progress), then walk them: alone, or two towards each other."""
+    for task in tasks:
+        run.register(*task)
+    for task in tasks:
+        if len(task) == 2:
+            run.run_pair(*task)
+        else:
+            run.run_alone(task[0])
 
 
 def repropagate(

@@ -28,29 +28,15 @@ import torch
 from torch import nn
 
 from ..mask_decoder import _MLP
+from ..mask_decoder import _Attention as _Sam1Attention
 from ..vit import LayerNorm2d
 from .memory import math_attention
 
 __all__ = ["Sam2MaskDecoder", "stability_scores"]
 
 
-class _Attention(nn.Module):
-    """Multi-head attention with q/k/v projections to ``dim / downsample_rate`` channels."""
-
-    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1) -> None:
-        super().__init__()
-        inner = dim // downsample_rate
-        if inner % num_heads:
-            raise ValueError(f"attention width {inner} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, inner)
-        self.k_proj = nn.Linear(dim, inner)
-        self.v_proj = nn.Linear(dim, inner)
-        self.out_proj = nn.Linear(inner, dim)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape
-        return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
+class _Attention(_Sam1Attention):
+    """The SAM 1 decoder's attention (same parameters) computed plainly, in the official order."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = math_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
