@@ -18,6 +18,7 @@ shown).
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,92 @@ def main(out: Path, scenes: list[str] | None = None) -> None:
         workflow_scene(out)
     if not scenes or "propagate-memory" in scenes:
         propagate_memory_scene(out)
+    if not scenes or "everything" in scenes:
+        everything_scene(out)
+    if not scenes or "finetune" in scenes:
+        finetune_scene(out)
+
+
+def finetune_scene(out: Path) -> None:
+    """finetune.png: the Fine-tune group after a short run on the phantom's liver and spleen (golden LiteMedSAM)."""
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    import os
+
+    from napari_medsam.models.local import ENV_VAR
+    from napari_medsam.segment.model import SamModel
+
+    os.environ[ENV_VAR] = tempfile.mkdtemp()  # the tuned model is registered there, not in the user's folder
+    weights = REPO.parent / "shared" / "golden" / "lite_medsam_random.pth"
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(title="napari-medsam")
+    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.dims.set_point(0, image.data_to_world([26, 0, 0])[0])
+    widget.model_panel.set_local_file("lite_medsam", str(weights))
+    widget.model_panel.set_model(SamModel.from_checkpoint("lite_medsam", weights, device="cpu"), "lite_medsam")
+    controller = widget.controller
+    organs = np.isin(np.asarray(truth.data), (1, 2))
+    controller.labels_layer.data[organs] = np.asarray(truth.data)[organs]
+    controller.labels_layer.refresh()
+    panel = widget.finetune_panel
+    panel.epochs.setValue(2)
+    panel.max_slices = 4
+    panel.run(out=Path(tempfile.mkdtemp()) / "phantom_tuned.pth")
+    while panel.worker is not None:
+        _settle(app, 0.2)
+    widget.scroll.ensureWidgetVisible(panel)
+    _settle(app)
+    viewer.screenshot(str(out / "finetune.png"), canvas_only=False)
+    widget.stop_segmentation()
+    viewer.close()
+
+
+def everything_scene(out: Path) -> None:
+    """everything.png: "Segment everything" on an axial slice (stand-in predictor), one candidate accepted."""
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from gt_predictor import GroundTruthPredictor
+    from test_predictor import tiny_model
+
+    class Steep(GroundTruthPredictor):  # logits as steep as a trained model's, so the stability filter passes
+        def to_low_res(self, mask):
+            return np.clip(32.0 * super().to_low_res(mask), -32, 32)
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(title="napari-medsam")
+    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
+    viewer.window._qt_window.resize(1600, 1000)
+    key = 26
+    viewer.dims.set_point(0, image.data_to_world([key, 0, 0])[0])
+    widget.model_panel.set_model(tiny_model("sam"), "lite_medsam")
+    widget.model_panel.status.setText("stand-in predictor (screenshots)")
+    controller = widget.controller
+    _stand_in(controller, np.asarray(truth.data))
+    stand_in = Steep(np.asarray(truth.data), 0, spacing_mm=controller.spacing_mm, dropout=0.0, leak=0.0,
+                     boundary_px=0.5)
+    controller.predictor = lambda axis: stand_in
+    panel = widget.everything_panel
+    panel.points.setValue(24)
+    panel.run()
+    while panel.worker is not None:
+        _settle(app, 0.1)
+    rows, cols = np.nonzero(np.asarray(truth.data)[key] == 1)
+    label = int(panel.layer.data[0, int(np.median(rows)), int(np.median(cols))])
+    if label:
+        panel.accept(label)
+    widget.scroll.ensureWidgetVisible(panel)
+    _settle(app)
+    viewer.screenshot(str(out / "everything.png"), canvas_only=False)
+    widget.stop_segmentation()
+    viewer.close()
 
 
 def workflow_scene(out: Path) -> None:

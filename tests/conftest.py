@@ -49,6 +49,12 @@ def golden_dir() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_user_models(tmp_path_factory, monkeypatch):
+    """Every test sees an empty folder of the user's fine-tuned models (never the real one)."""
+    monkeypatch.setenv("NAPARI_MEDSAM_MODELS_DIR", str(tmp_path_factory.mktemp("user-models")))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """A last, red line when golden tests were skipped for want of their data."""
     for message in _golden_missing:

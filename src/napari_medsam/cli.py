@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(segment)
     _add_modality_option(segment)
 
+    from .cli_everything import add_parser as _add_everything_parser  # issue 13: segment everything
+
+    _add_everything_parser(sub)
+
+    from .cli_finetune import add_parser as _add_finetune_parser  # issue 13: fine-tune the decoder
+
+    _add_finetune_parser(sub)
+
     models = sub.add_parser(
         "models",
         help="list the models, their weight files and whether they are in the cache",
@@ -178,6 +186,14 @@ def _run(argv: list[str] | None) -> int:
             return _export(args)
         if args.command == "segment":
             return _segment(args)
+        if args.command == "everything":
+            from .cli_everything import run as _everything
+
+            return _everything(args)
+        if args.command == "finetune":
+            from .cli_finetune import run as _finetune
+
+            return _finetune(args)
         if args.command == "models":
             return _models(args)
         if args.command == "download":

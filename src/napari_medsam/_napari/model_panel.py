@@ -152,6 +152,14 @@ class ModelPanel(QGroupBox):
         self._progress.connect(self._on_progress)
         self.refresh()
 
+    def refresh_models(self) -> None:
+        """Add models registered since the panel was built (fine-tuned local models) to the chooser."""
+        for spec in list_models():
+            if spec.name not in self._specs:
+                self._specs[spec.name] = spec
+                self.model_combo.addItem(f"{spec.display_name} ({spec.input_size} px)", spec.name)
+                self.model_combo.setItemData(self.model_combo.count() - 1, spec.notes, Qt.ToolTipRole)
+
     def choose_folder(self) -> None:
         """Ask for the weights folder (cache) and remember it."""
         folder = QFileDialog.getExistingDirectory(self, "Folder for model weights", str(weights_dir(self._cache_dir())))

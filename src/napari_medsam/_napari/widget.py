@@ -28,6 +28,8 @@ from .layers import volume_from_layer_meta
 from .model_panel import ModelPanel
 from .objects_panel import ObjectsPanel
 from .propagate_panel import PropagatePanel
+from .everything_panel import EverythingPanel
+from .finetune_panel import FinetunePanel
 from .messages import MessageLabel
 from .scan_session import ScanSwitchMixin
 from .scan_group import (
@@ -91,6 +93,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.objects_panel = ObjectsPanel()
         self.segment_panel = SegmentPanel()
         self.propagate_panel = PropagatePanel(settings=self.settings)
+        self.everything_panel = EverythingPanel()  # segment everything on the shown slice (issue 13)
+        self.finetune_panel = FinetunePanel(self.model_panel)  # fine-tune the decoder (issue 13)
         self.segment_panel.overwrite.setChecked(bool(self.settings.get("overwrite", False)))
 
         labels_box = self._build_labels_box()
@@ -106,6 +110,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         for part in (scan_box, self.model_panel, labels_box, self.objects_panel, self.segment_panel,
                      self.propagate_panel, self.status):
             inner.addWidget(part)
+        inner.insertWidget(inner.indexOf(self.propagate_panel) + 1, self.everything_panel)
+        inner.insertWidget(inner.indexOf(self.everything_panel) + 1, self.finetune_panel)
         inner.addStretch(1)
         self.scroll = scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -142,6 +148,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.model_panel.mapping_changed.connect(self._on_mapping_changed)
         for panel in (self.objects_panel, self.segment_panel):
             panel.error.connect(self._notify)
+        self.everything_panel.error.connect(self._notify)
+        self.finetune_panel.error.connect(self._notify)
         self.propagate_panel.report_changed.connect(self._on_report_changed)
         self.propagate_panel.finished.connect(self._update_next_step)
         self.segment_panel.overwrite.toggled.connect(lambda on: self.settings.set("overwrite", bool(on)))
@@ -380,6 +388,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         for panel in (self.objects_panel, self.segment_panel):
             panel.set_controller(controller)
         self.propagate_panel.set_controller(controller, scan.report)
+        self.everything_panel.set_controller(controller)
+        self.finetune_panel.set_controller(controller)
         controller.changed.connect(self._update_next_step)
         # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
         self.viewer.layers.selection.active = controller.points_layer
@@ -456,6 +466,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self._contrast_timer.stop()
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(None)
+        self.everything_panel.set_controller(None)
+        self.finetune_panel.set_controller(None)
         controller.close()
         self._update_next_step()
 

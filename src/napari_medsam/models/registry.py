@@ -71,6 +71,8 @@ class ModelSpec:
     # Builder overrides for non-standard variants (e.g. the reduced depth-2 ViT-B test model),
     # as (name, value) pairs so the spec stays hashable.
     arch_options: tuple[tuple[str, Any], ...] = field(default=())
+    # A user's own model (a fine-tuned checkpoint, models/local.py): its file, used where it is.
+    local_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURE_NAMES:
@@ -304,21 +306,28 @@ if len(MODELS) != len(_SPECS):  # pragma: no cover - guards edits to the table a
     raise RuntimeError("duplicate model names in the registry")
 
 
+def _local_models() -> dict[str, ModelSpec]:
+    """The user's registered fine-tuned models (models/local.py), read from their folder now."""
+    from .local import local_specs
+
+    return {spec.name: spec for spec in local_specs(MODELS)}
+
+
 def list_models() -> list[ModelSpec]:
-    """All registered models, in the order the UI lists them."""
-    return list(MODELS.values())
+    """All registered models, in the order the UI lists them: built-in ones, then the user's own."""
+    return list(MODELS.values()) + list(_local_models().values())
 
 
 def get_model(name: str | ModelSpec) -> ModelSpec:
     """The spec registered under ``name`` (a spec passes through unchanged)."""
     if isinstance(name, ModelSpec):
         return name
-    try:
+    if isinstance(name, str) and name in MODELS:
         return MODELS[name]
-    except (KeyError, TypeError):
-        raise MedSamError(
-            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
-        ) from None
+    local = _local_models() if isinstance(name, str) else {}
+    if name in local:
+        return local[name]
+    raise MedSamError(f"unknown model {name!r}; choose one of: {', '.join([*MODELS, *local])}")
 
 
 def recommended_model(has_gpu: bool, medical: bool = True) -> ModelSpec:

@@ -62,6 +62,8 @@ def weights_dir(override: str | os.PathLike[str] | None = None) -> Path:
 def cached_path(name: str | ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where the cache keeps (or will keep) the weight file of model ``name``."""
     spec = get_model(name)
+    if spec.local_path:  # a user's own (fine-tuned) model: its file where it is
+        return Path(spec.local_path)
     return weights_dir(cache_dir) / spec.filename
 
 
@@ -238,6 +240,12 @@ def resolve_weights(
         if problem:
             raise WeightsError(f"{local} cannot be used as {spec.display_name} weights: {problem}.")
         return local  # the user's own file is used where it is; its layout is checked on loading
+    if spec.local_path:  # a registered fine-tuned model: never downloaded, never cached
+        own = Path(spec.local_path)
+        if not own.is_file():
+            raise WeightsError(f"the checkpoint {own} of {spec.display_name} is missing; save it again or "
+                               "remove its registration (napari_medsam.models.local.models_dir())")
+        return own
     target = weights_dir(cache_dir) / spec.filename
     if target.is_file():
         return _check_cached(spec, target, cancel, own_file_hint)
