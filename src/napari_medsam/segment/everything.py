@@ -351,18 +351,7 @@ def _network_decode(model: Any, embedding: Any, coords: Any, labels: Any):
 
     network = model.network
     emb = torch.as_tensor(np.asarray(embedding), dtype=torch.float32, device=model.device)
-    if model.family != "sam2":
-        return network.decode(emb, coords, labels, None, None, multimask_output=True)
-    # SAM 2's decode takes one prompt set; the same steps with the image features broadcast to the batch.
-    batch = coords.shape[0]
-    features = network.unpack(emb)
-    top = (features.top + network.no_mem_embed.reshape(1, -1, 1, 1)).expand(batch, -1, -1, -1)
-    high_res = [f.expand(batch, -1, -1, -1) for f in features.high_res]
-    sparse, dense = network.sam_prompt_encoder(points=(coords, labels.to(torch.int32)), boxes=None, masks=None)
-    logits, ious, _, _ = network.sam_mask_decoder(
-        image_embeddings=top, image_pe=network.sam_prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense, multimask_output=True, repeat_image=False, high_res_features=high_res)
-    return logits.float().clamp(-32.0, 32.0), ious
+    return network.decode(emb, coords, labels, None, None, multimask_output=True)  # both families take a batch
 
 
 def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[int, int, int, int],
@@ -372,7 +361,7 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
     import torch
 
     from ..models import pipelines
-    from .model import _chain_matrices
+    from .model import chain_matrices
 
     x0, y0, x1, y1 = crop
     crop_h, crop_w = y1 - y0, x1 - x0
@@ -393,7 +382,7 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
     if keep.numel():
         # The official resize chain to the crop's size, on the survivors only (raw logits: the
         # stability offsets are in logit units for every pipeline).
-        row_m, col_m = _chain_matrices(model.pipeline, model.image_size, geometry.input_size, (crop_h, crop_w),
+        row_m, col_m = chain_matrices(model.pipeline, model.image_size, geometry.input_size, (crop_h, crop_w),
                                        low_res.device, int(low_res.shape[-1]))
         full = torch.matmul(torch.matmul(row_m, low_res[keep]), col_m.transpose(0, 1))
         stable = torch.as_tensor(stability_score(full, settings.stability_score_offset))

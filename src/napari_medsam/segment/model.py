@@ -184,7 +184,7 @@ class SamModel:
         per axis; the result equals the official chain up to float rounding. Scores are
         thresholded at 0 (for MedSAM: sigmoid first, then resize, minus 0.5, as its script does).
         """
-        rows, cols = _chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device,
+        rows, cols = chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device,
                                      int(low_res.shape[-1]))
         values = torch.sigmoid(low_res) if self.pipeline == "medsam" else low_res
         out = torch.matmul(torch.matmul(rows, values), cols.transpose(0, 1))
@@ -214,7 +214,7 @@ def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 _MATRIX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
+def chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
                     device: torch.device, low_res: int = LOW_RES) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-axis matrices taking the L x L low-res logits to the output size via the pipeline's steps."""
     key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device), low_res)

@@ -314,17 +314,18 @@ class Sam2Network(nn.Module):
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
                mask_input: torch.Tensor | None = None,
                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Single-slice prompting (the official image predictor): -> (1, M, L, L) logits, (1, M) IoU.
+        """Single-slice prompting (the official image predictor): -> (B, M, L, L) logits, (B, M) IoU.
 
-        A box becomes two corner points (labels 2, 3) placed before the clicks.
+        B prompt sets (points (B, N, 2), boxes (B, 4)) share the one slice's features (broadcast,
+        not copied). A box becomes two corner points (labels 2, 3) placed before the clicks.
         """
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         features = self.unpack(packed)
         coords, labels = point_coords, point_labels
         if boxes is not None:
-            corners = boxes.reshape(-1, 2, 2)[:1].float()
-            corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=corners.device)
+            corners = boxes.reshape(-1, 2, 2).float()
+            corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=corners.device).expand(len(corners), 2)
             if coords is None:
                 coords, labels = corners, corner_labels
             else:
@@ -335,12 +336,14 @@ class Sam2Network(nn.Module):
         if coords is None:
             coords = torch.zeros(1, 1, 2, device=packed.device)
             labels = -torch.ones(1, 1, dtype=torch.int32, device=packed.device)
-        top = features.top + self.no_mem_embed.reshape(1, -1, 1, 1)
-        sparse, dense = self.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+        batch = coords.shape[0]
+        top = (features.top + self.no_mem_embed.reshape(1, -1, 1, 1)).expand(batch, -1, -1, -1)
+        high_res = [level.expand(batch, -1, -1, -1) for level in features.high_res]
+        sparse, dense = self.sam_prompt_encoder(points=(coords, labels.to(torch.int32)), boxes=None, masks=mask_input)
         logits, ious, _, _ = self.sam_mask_decoder(
             image_embeddings=top, image_pe=self.sam_prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, multimask_output=multimask_output, repeat_image=False,
-            high_res_features=features.high_res)
+            high_res_features=high_res)
         return logits.float().clamp(-32.0, 32.0), ious
 
 
