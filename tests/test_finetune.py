@@ -122,9 +122,10 @@ def test_saved_checkpoint_has_the_base_layout_and_registers(lite, phantom, golde
     assert type(tuned) is type(base) and list(tuned) == list(base)
     assert all(tuned[k].dtype == base[k].dtype and tuned[k].shape == base[k].shape for k in base)
     changed = {k for k in base if not torch.equal(tuned[k], base[k])}
-    assert "mask_decoder.iou_token.weight" in changed and all(k.startswith("mask_decoder.") for k in changed)
+    assert "mask_decoder.iou_token.weight" in changed
+    assert all(k.startswith(("mask_decoder.", "prompt_encoder.")) for k in changed)  # the image encoder stays
     own = result.model.network.state_dict()
-    assert all(torch.equal(tuned[k], own[k]) for k in base if k.startswith("mask_decoder."))
+    assert all(torch.equal(tuned[k], own[k]) for k in base if k.startswith(result.trained))
     # the project's strict loader, under the base model and under the registered local model
     load_network("lite_medsam", saved.checkpoint)
     info = json.loads(saved.info.read_text())
@@ -160,3 +161,29 @@ def test_cancel_keeps_the_best_state(lite, phantom):
 
 
 # --------------------------------------------------------------------------- it learns
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a CPU shared with other jobs, two threads spin against each other (~5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fine_tuning_learns_a_kidney_from_random_weights(lite, phantom, one_thread):
+    """Random-weight LiteMedSAM, tuned on 8 slices of one phantom's right kidney, segments another phantom's.
+
+    Before training its box-prompt masks are noise (Dice ~0.02); after 80 small steps it must
+    outline the kidney of a different body (other position, texture and noise) from a box.
+    Measured 0.68 here, and 0.74 / 0.66 with config seeds 1 / 2 judged on phantoms 2 / 3 (docs/performance.md);
+    the untrained decoder gives 0.017.
+    """
+    volume, labels, _names = phantom
+    other, other_labels, _ = make_ct_phantom(seed=1)
+    config = FinetuneConfig(epochs=20, objects=(3,), max_slices=8, batch_size=2, point_fraction=0.0)
+    result = finetune(lite, [(volume, labels)], validation=[(other, other_labels)], config=config)
+    assert result.train_samples == 8 and result.val_samples == 8
+    assert result.dice_before < 0.2
+    assert result.dice_after >= 0.5 and result.dice_after - result.dice_before >= 0.3
+    assert result.best_epoch > 0 and result.curve[result.best_epoch].dice == max(r.dice for r in result.curve)
+    assert result.trained == ("mask_decoder", "prompt_encoder")

@@ -18,15 +18,26 @@ def _models_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "user-models"))
 
 
-def test_finetune_cli_writes_a_local_model(tmp_path, sample_dir, golden_dir, capsys):
+def test_finetune_cli_writes_a_local_model(tmp_path, sample_dir, golden_dir, capsys, monkeypatch):
+    from napari_medsam.segment import finetune as engine
+
+    seen = []
+    real = engine.finetune
+
+    def spy(model, pairs, *, config=None, **kwargs):
+        seen.append(config)
+        return real(model, pairs, config=config, **kwargs)
+
+    monkeypatch.setattr(engine, "finetune", spy)
     out = tmp_path / "tuned" / "phantom_tuned.pth"
     code = main(["finetune", "--model", "lite_medsam", "--checkpoint", str(golden_dir / "lite_medsam_random.pth"),
                  "--image", str(sample_dir / "ct_phantom.nii.gz"),
                  "--labels", str(sample_dir / "ct_phantom_labels.nii.gz"),
                  "--out", str(out), "--epochs", "1", "--objects", "liver", "2", "--max-slices", "3",
-                 "--val-fraction", "0.34", "--batch-size", "2", "--quiet"])
+                 "--val-fraction", "0.34", "--batch-size", "2", "--corrections", "1", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert [c.corrections for c in seen] == [1] and seen[0].train_prompt_encoder
     summary = json.loads(captured.out)
     assert 0.0 <= summary["dice_before"] <= summary["dice_after"] <= 1.0  # the best state is kept
     assert summary["train_samples"] > 0 and summary["val_samples"] > 0 and summary["checkpoint"] == str(out)
@@ -53,3 +64,10 @@ def test_finetune_cli_unknown_object_names_the_segments(tmp_path, sample_dir, go
                  "--out", str(tmp_path / "x.pth"), "--objects", "heart", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "heart" in err and "1=liver" in err
+
+
+def test_finetune_cli_refuses_negative_corrections(tmp_path, sample_dir, capsys):
+    code = main(["finetune", "--image", str(sample_dir / "ct_phantom.nii.gz"),
+                 "--labels", str(sample_dir / "ct_phantom_labels.nii.gz"), "--out", str(tmp_path / "x.pth"),
+                 "--corrections", "-1", "--quiet"])
+    assert code == 1 and "--corrections -1" in capsys.readouterr().err

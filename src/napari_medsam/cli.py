@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_finetune_parser(sub)
 
+    from .cli_batch import add_parser as _add_batch_parser  # issue 14: cohorts on dask.distributed
+
+    _add_batch_parser(sub)
+
     models = sub.add_parser(
         "models",
         help="list the models, their weight files and whether they are in the cache",
@@ -194,6 +198,10 @@ def _run(argv: list[str] | None) -> int:
             from .cli_finetune import run as _finetune
 
             return _finetune(args)
+        if args.command == "batch":
+            from .cli_batch import run as _batch
+
+            return _batch(args)
         if args.command == "models":
             return _models(args)
         if args.command == "download":
@@ -348,23 +356,9 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _mapping(window: str | None, volume):
-    from .errors import MedSamError
-    from .segment.intensity import ct_window, default_mapping, percentile_mapping, window_level_width
+    from .segment.headless import window_mapping  # shared with `napari-medsam batch`
 
-    if window is None:
-        return default_mapping(volume.array, volume.modality)
-    if window.lower() == "percentile":
-        return percentile_mapping(volume.array)
-    if "/" in window:
-        try:
-            level, width = (float(v) for v in window.split("/"))
-            return window_level_width(level, width)
-        except ValueError:
-            raise MedSamError(f"--window {window!r}: give LEVEL/WIDTH in HU, e.g. 40/400") from None
-    try:
-        return ct_window(window)
-    except ValueError as exc:
-        raise MedSamError(str(exc)) from None
+    return window_mapping(window, volume)
 
 
 def _models(args: argparse.Namespace) -> int:

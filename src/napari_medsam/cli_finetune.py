@@ -37,7 +37,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--labels", action="append", required=True, help="its label volume (one per --image)")
     p.add_argument("--out", required=True, help="the tuned checkpoint to write (.pth)")
     p.add_argument("--name", help="the local model's name (default: the --out file name without suffix)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training samples (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training samples (default 20)")
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="share of slice blocks (or scans, with --split scan) held out (default 0.25)")
     p.add_argument("--split", choices=["slice", "scan"], default="slice", help="hold out slices (default) or scans")
@@ -45,7 +45,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, help="at most this many slices per scan and object (quick runs)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's)")
-    p.add_argument("--prompt-encoder", action="store_true", help="train the prompt encoder too")
+    p.add_argument("--prompt-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the prompt encoder with the decoder (default: yes; it learns much faster)")
+    p.add_argument("--corrections", type=int, default=None, metavar="N",
+                   help="correction clicks on the model's own largest error after each first answer (default 0; "
+                   "each costs another decoder pass)")
     p.add_argument("--no-register", action="store_true", help="do not list the result as a local model")
     p.add_argument("--window", help="CT window preset, LEVEL/WIDTH in HU, or 'percentile' (as for segment)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
@@ -88,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     say = Progress("napari-medsam finetune", quiet=args.quiet)
     if len(args.image) != len(args.labels):
         raise MedSamError(f"{len(args.image)} --image but {len(args.labels)} --labels: give one --labels per --image")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise MedSamError("--epochs must be at least 1")
+    if args.corrections is not None and args.corrections < 0:
+        raise MedSamError(f"--corrections {args.corrections}: give 0 or more clicks")
     if not 0.0 < args.val_fraction < 1.0:
         raise MedSamError("--val-fraction must be between 0 and 1")
     spec = get_model(args.model)
@@ -101,9 +107,14 @@ def run(args: argparse.Namespace) -> int:
         names.update({int(s.label): s.name for s in segments})
         pairs.append((volume, np.asarray(labels)))
     objects = _objects(args.objects, names)
-    config = FinetuneConfig(epochs=args.epochs, val_fraction=args.val_fraction, split=args.split, objects=objects,
-                            max_slices=args.max_slices, batch_size=args.batch_size,
-                            train_prompt_encoder=args.prompt_encoder, seed=args.seed)
+    config = FinetuneConfig(val_fraction=args.val_fraction, split=args.split, objects=objects,
+                            max_slices=args.max_slices, batch_size=args.batch_size, seed=args.seed)
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    if args.prompt_encoder is not None:
+        config.train_prompt_encoder = args.prompt_encoder
+    if args.corrections is not None:
+        config.corrections = args.corrections
     if args.lr is not None:
         config.learning_rate = args.lr
     weights = resolve_weights(spec, args.checkpoint, download=True, own_file_hint=CHECKPOINT_HINT)
@@ -122,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     used = sorted({int(v) for v in (objects or [])} or {int(v) for _v, lab in pairs for v in np.unique(lab) if v})
     saved = save_finetuned(result, args.out, base_spec=spec, base_checkpoint=weights,
                            data=[f"{i} + {lab}" for i, lab in zip(args.image, args.labels)],
-                           objects={v: names.get(v, f"label {v}") for v in used}, epochs=args.epochs,
+                           objects={v: names.get(v, f"label {v}") for v in used}, epochs=config.epochs,
                            name=args.name, register=not args.no_register)
     summary = {
         "model": saved.name, "base_model": spec.name, "dice_before": round(result.dice_before, 4),

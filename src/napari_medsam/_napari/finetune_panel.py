@@ -43,7 +43,7 @@ class FinetunePanel(QGroupBox):
 
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 100)
-        self.epochs.setValue(3)
+        self.epochs.setValue(20)  # FinetuneConfig's default (not imported here: it loads torch)
         self.epochs.setToolTip("Passes over the training slices")
         self.run_button = QPushButton("Fine-tune")
         self.run_button.setToolTip("Train the loaded model's mask decoder on this scan's objects (the image encoder "

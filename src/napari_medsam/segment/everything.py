@@ -15,8 +15,14 @@ The algorithm of the SAM paper (section "automatic mask generation") with its pu
 5. optionally, holes and islands smaller than ``min_region_mm2`` removed (8-connected regions),
    then suppression once more, preferring the masks this step left unchanged.
 
-Only the predicted IoU filter runs on all 3 x N low-resolution masks; the upsampling to the image
-(the costly part) is done for the survivors only, which gives the same result as upsampling all.
+Only the predicted IoU filter runs on all 3 x N masks; the upsampling to the image is done for the
+survivors only, which gives the same result as upsampling all. For the SAM-1 family (SAM, MedSAM,
+MobileSAM, LiteMedSAM) the decoder itself works that way too (``MaskDecoder.decode_points``): the
+image-side work is shared by every point of the slice (each point's image tokens stay "shared
+tokens + a low-rank update" and are never formed), and the decoder's own upscaling to
+low-resolution logits and its hypernetworks run only for masks that pass the IoU filter; the
+survivors and their logits equal those of ``network.decode`` up to float rounding.
+SAM 2 decodes through ``network.decode`` (its decoder adds high-resolution features per mask).
 
 The work is done in the frame of the image the model sees (square pixels); masks are brought back
 to the slice's own grid at the end, where areas are counted and converted to mm². A predictor
@@ -266,11 +272,14 @@ def _has_model(predictor: Any) -> bool:
 
 
 def segment_everything(predictor: Any, index: int, settings: EverythingSettings | None = None, *,
-                       cancel: Any = None, progress: ProgressCallback | None = None) -> EverythingResult:
+                       cancel: Any = None, progress: ProgressCallback | None = None,
+                       reference: bool = False) -> EverythingResult:
     """All candidate masks of slice ``index`` (along the predictor's axis), largest first.
 
     ``cancel`` (a callable or threading.Event) is checked between batches: a cancelled run returns
     the candidates found so far with ``cancelled=True``. ``progress(done, total)`` after each batch.
+    ``reference=True`` decodes every batch with the network's plain ``decode`` (all masks to
+    logits), the slower path the fast one is tested and benchmarked against.
     """
     from .propagation.run import as_cancel_check
 
@@ -281,7 +290,8 @@ def segment_everything(predictor: Any, index: int, settings: EverythingSettings 
     start = time.perf_counter()
     clock = {"encoder": 0.0, "decoder": 0.0, "postprocess": 0.0}
     if _has_model(predictor):
-        kept, n_points, cancelled, frame = _run_model(predictor, int(index), settings, stop, progress, clock)
+        kept, n_points, cancelled, frame = _run_model(predictor, int(index), settings, stop, progress, clock,
+                                                      reference)
     else:
         if settings.crop_n_layers:
             raise ValueError("crop layers need a SAM model predictor (they encode each crop)")
@@ -294,11 +304,13 @@ def segment_everything(predictor: Any, index: int, settings: EverythingSettings 
     return EverythingResult(int(index), axis, (rows, cols), candidates, settings, clock, n_points, cancelled)
 
 
-def _run_model(predictor: Any, index: int, settings: EverythingSettings, stop, progress, clock):
+def _run_model(predictor: Any, index: int, settings: EverythingSettings, stop, progress, clock,
+               reference: bool = False):
     """The batched path: encoder once per crop, decoder once per batch of points."""
     import torch
 
     model = predictor.model
+    fast = not reference and _has_point_decoder(model)
     tick = time.perf_counter()
     image = predictor.model_image(index)
     full_embedding = predictor.embed(index)  # cached like any other slice
@@ -324,13 +336,16 @@ def _run_model(predictor: Any, index: int, settings: EverythingSettings, stop, p
         points = grids[layer] * np.array([x1 - x0, y1 - y0], np.float64)
         here = _Kept()
         with torch.inference_mode():
+            tick = time.perf_counter()
+            shared = _share_embedding(model, embedding) if fast else None
+            clock["decoder"] += time.perf_counter() - tick
             for first in range(0, len(points), settings.points_per_batch):
                 if stop():
                     cancelled = True
                     break
                 batch = points[first:first + settings.points_per_batch]
                 _decode_batch(model, embedding, batch, crop, (height, width), settings, here, clock,
-                              keep_logits=layer == 0)
+                              keep_logits=layer == 0, shared=shared)
                 done += len(batch)
                 if progress is not None:
                     progress(done, total)
@@ -354,10 +369,39 @@ def _network_decode(model: Any, embedding: Any, coords: Any, labels: Any):
     return network.decode(emb, coords, labels, None, None, multimask_output=True)  # both families take a batch
 
 
+def _has_point_decoder(model: Any) -> bool:
+    """Whether the network is of the SAM-1 family, whose decoder has the many-prompt path ``decode_points``."""
+    network = getattr(model, "network", None)
+    decoder = getattr(network, "mask_decoder", None)
+    return callable(getattr(decoder, "decode_points", None)) and hasattr(network, "prompt_encoder")
+
+
+def _share_embedding(model: Any, embedding: Any) -> Any:
+    """The decoder's shared first-block work for one embedding (``MaskDecoder.share_image``)."""
+    import torch
+
+    network = model.network
+    emb = torch.as_tensor(np.asarray(embedding), dtype=torch.float32, device=model.device)
+    prompts = network.prompt_encoder
+    dense = prompts.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    return network.mask_decoder.share_image(emb, prompts.get_dense_pe(), dense)
+
+
+def _points_decode(model: Any, shared: Any, coords: Any, labels: Any, threshold: float | None) -> Any:
+    """``PointMasks`` (IoU of all 3 x B masks, logits of those above ``threshold``) of B single-point prompts."""
+    network = model.network
+    sparse, _ = network.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    return network.mask_decoder.decode_points(shared, sparse, multimask_output=True, iou_threshold=threshold)
+
+
 def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[int, int, int, int],
                   image_size: tuple[int, int], settings: EverythingSettings, out: _Kept, clock: dict,
-                  keep_logits: bool) -> None:
-    """Decode one batch of points of one crop and keep the masks that pass the filters."""
+                  keep_logits: bool, shared: Any = None) -> None:
+    """Decode one batch of points of one crop and keep the masks that pass the filters.
+
+    With ``shared`` (a SAM-1 decoder's ``SharedImage``) only the masks above the IoU threshold are
+    decoded to logits; without it every mask is, by ``network.decode``.
+    """
     import torch
 
     from ..models import pipelines
@@ -370,24 +414,31 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
     scaled = pipelines.scale_points(model.pipeline, points, geometry.original_size, model.image_size)
     coords = torch.as_tensor(scaled, dtype=torch.float32, device=model.device)[:, None, :]
     labels = torch.ones((len(points), 1), dtype=torch.int64, device=model.device)
-    low_res, iou = _network_decode(model, embedding, coords, labels)
+    threshold = settings.pred_iou_thresh if settings.pred_iou_thresh > 0 else None
+    if shared is not None:
+        decoded = _points_decode(model, shared, coords, labels, threshold)
+        n_masks = decoded.iou.shape[1]
+        iou, keep, low_res = decoded.iou.reshape(-1).float(), decoded.keep, decoded.logits.float()
+    else:
+        low_res, iou = _network_decode(model, embedding, coords, labels)
+        n_masks = low_res.shape[1]
+        low_res = low_res.reshape(-1, *low_res.shape[-2:]).float()
+        iou = iou.reshape(-1).float()
+        keep = torch.nonzero(iou > threshold).reshape(-1) if threshold is not None \
+            else torch.arange(len(iou), device=iou.device)
+        low_res = low_res[keep]  # from here on, row j of low_res is mask keep[j]
     clock["decoder"] += time.perf_counter() - tick
     tick = time.perf_counter()
-    n_masks = low_res.shape[1]
-    low_res = low_res.reshape(-1, *low_res.shape[-2:]).float()
-    iou = iou.reshape(-1).float()
     owner = torch.arange(len(points), device=iou.device).repeat_interleave(n_masks)
-    keep = torch.nonzero(iou > settings.pred_iou_thresh).reshape(-1) if settings.pred_iou_thresh > 0 \
-        else torch.arange(len(iou), device=iou.device)
     if keep.numel():
         # The official resize chain to the crop's size, on the survivors only (raw logits: the
         # stability offsets are in logit units for every pipeline).
         row_m, col_m = chain_matrices(model.pipeline, model.image_size, geometry.input_size, (crop_h, crop_w),
                                        low_res.device, int(low_res.shape[-1]))
-        full = torch.matmul(torch.matmul(row_m, low_res[keep]), col_m.transpose(0, 1))
+        full = torch.matmul(torch.matmul(row_m, low_res), col_m.transpose(0, 1))
         stable = torch.as_tensor(stability_score(full, settings.stability_score_offset))
         good = stable >= settings.stability_score_thresh
-        keep, full, stable = keep[good], full[good], stable[good]
+        keep, full, stable, low_res = keep[good], full[good], stable[good], low_res[good]
         masks = full > 0.0
         boxes = mask_boxes(masks)
         near_edge = _near_crop_edge(boxes, crop, image_size)
@@ -399,7 +450,7 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
             out.stability.append(float(stable[j]))
             out.points.append(points[int(owner[k])] + np.array([x0, y0]))
             out.crops.append(crop)
-            out.logits.append(low_res[k].cpu().numpy() if keep_logits else None)
+            out.logits.append(low_res[j].cpu().numpy() if keep_logits else None)
     clock["postprocess"] += time.perf_counter() - tick
 
 

@@ -85,6 +85,27 @@ class ObjectSummary:
         }
 
 
+def window_mapping(window: str | None, volume: Volume) -> IntensityMapping:
+    """The intensity mapping of ``segment --window`` (and of ``batch``): a preset name, LEVEL/WIDTH
+    in HU, "percentile", or None for the scan's default (CT soft tissue, MR percentiles)."""
+    from .intensity import ct_window, default_mapping, percentile_mapping, window_level_width
+
+    if window is None:
+        return default_mapping(volume.array, volume.modality)
+    if window.lower() == "percentile":
+        return percentile_mapping(volume.array)
+    if "/" in window:
+        try:
+            level, width = (float(v) for v in window.split("/"))
+            return window_level_width(level, width)
+        except ValueError:
+            raise MedSamError(f"--window {window!r}: give LEVEL/WIDTH in HU, e.g. 40/400") from None
+    try:
+        return ct_window(window)
+    except ValueError as exc:
+        raise MedSamError(str(exc)) from None
+
+
 def check_z_range(z_range: tuple[int | None, int | None], shape: tuple[int, ...],
                   objects: list[ObjectPrompts] = ()) -> None:
     """Raise :class:`MedSamError` unless ``z_range`` is an ordered range of existing slices.

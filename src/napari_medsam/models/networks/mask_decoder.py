@@ -15,9 +15,18 @@ on the token layout. Image tokens stay (B, h*w, C) contiguous and, on the CPU, e
 step runs in blocks of image tokens: whole-image temporaries (4-8 MB each) cost thousands of
 page faults per call, while block-sized ones stay in cache and their memory is reused. Measured
 on 2 CPU cores: ~45 ms -> ~16 ms per single-mask call with a 64x64 embedding.
+
+Many prompts on one embedding (SAM's automatic mask generator): ``share_image`` once per
+embedding, then ``decode_points`` per batch of single-point prompts. The first block's image-side
+projections are shared by all prompts; with SAM's two blocks the image tokens are never formed per
+prompt at all (they stay "shared tokens + a rank-56 update" through both LayerNorms, see
+``_share_factors``), and only the masks whose predicted IoU passes a threshold are upscaled.
+``forward`` (interactive prompts) does not use this path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +34,10 @@ from torch import nn
 
 from .vit import LayerNorm2d
 
-__all__ = ["MaskDecoder", "TwoWayTransformer"]
+__all__ = ["MaskDecoder", "PointMasks", "SharedImage", "TwoWayTransformer"]
 
 _BLOCK = 512  # image tokens per block of the per-token steps (512 measured best on 2 cores)
+_GROUP = 4  # prompts decoded together by ``decode_points`` (they share each read of the shared factors)
 
 
 def _tokens(image: torch.Tensor, own: bool = False) -> torch.Tensor:
@@ -239,6 +249,35 @@ class _MLP(nn.Module):
         return x
 
 
+@dataclass
+class SharedImage:
+    """What every prompt on one image embedding shares: made once by :meth:`MaskDecoder.share_image`.
+
+    In the first transformer block the image tokens (embedding + the no-mask dense embedding) and
+    their positional encoding are the same for every prompt, so the image-side projections of its
+    two cross attentions are computed once here; per prompt only the head-sized products remain.
+    """
+
+    keys: torch.Tensor  # (1, T, C) image tokens + dense embedding
+    key_pe: torch.Tensor  # (1, T, C)
+    keys_out: torch.Tensor  # (T, C) keys + the first block's image-to-token output bias
+    t2i_keys: torch.Tensor  # (heads, d, T) first token-to-image keys, projected
+    t2i_values: torch.Tensor  # (heads, T, d) first token-to-image values, projected
+    i2t_queries: torch.Tensor  # (heads, T, d) first image-to-token queries, projected and scaled
+    height: int
+    width: int
+    factors: dict[str, torch.Tensor] | None = None  # shared terms of the low-rank path (two blocks)
+
+
+@dataclass
+class PointMasks:
+    """Result of :meth:`MaskDecoder.decode_points`: every prompt's IoU, logits of the survivors only."""
+
+    iou: torch.Tensor  # (B, M) predicted IoU of every mask of every prompt
+    keep: torch.Tensor  # (K,) int64 flat indices into iou.reshape(-1) of the masks decoded to logits
+    logits: torch.Tensor  # (K, 4h, 4w) mask logits of those masks
+
+
 class MaskDecoder(nn.Module):
     """Predict mask logits (at 4x the embedding grid) and IoU scores from embeddings and prompts."""
 
@@ -333,6 +372,306 @@ class MaskDecoder(nn.Module):
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(chosen.start, chosen.stop)], dim=1
         )
         return self._masks(keys, hyper, height, width), iou[:, chosen]
+
+    # ------------------------------------------------------------------ many prompts on one image
+    @torch.no_grad()
+    def share_image(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+    ) -> SharedImage:
+        """Prepare one (1, C, h, w) embedding for :meth:`decode_points` (dense: the no-mask embedding, broadcast)."""
+        if image_embeddings.shape[0] != 1:
+            raise ValueError("share_image takes one image embedding")
+        height, width = image_embeddings.shape[-2:]
+        keys = _tokens((image_embeddings + dense_prompt_embeddings[:1]).contiguous(), own=True)
+        key_pe = _tokens(image_pe).contiguous()
+        first = self.transformer.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        heads = t2i.num_heads
+        with_pe = keys[0] + key_pe[0]
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (T, width) -> (heads, T, d)
+            return x.view(x.shape[0], heads, -1).transpose(0, 1).contiguous()
+
+        head_dim = i2t.q_proj.out_features // heads
+        i2t_queries = split(i2t.q_proj(with_pe) * head_dim**-0.5)
+        factors = None
+        if len(self.transformer.layers) == 2:
+            factors = self._share_factors(keys[0], key_pe[0])
+            factors["i2t_queries"] = i2t_queries.transpose(1, 2).contiguous()
+        return SharedImage(
+            keys=keys, key_pe=key_pe, keys_out=keys[0] + i2t.out_proj.bias,
+            t2i_keys=split(t2i.k_proj(with_pe)).transpose(1, 2).contiguous(),
+            t2i_values=split(t2i.v_proj(keys[0])),
+            i2t_queries=i2t_queries, height=int(height), width=int(width), factors=factors,
+        )
+
+    def _share_factors(self, keys: torch.Tensor, key_pe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-embedding terms of the low-rank path (see ``_decode_low_rank``); (T, C) image tokens and PE.
+
+        After the first block an image token is LN(x_i + bo + P_i S): a shared vector plus a rank-56
+        update (P_i: the token's attention over the 8 heads x 7 prompt tokens, S: their values
+        through the output projection). Every later use of the image tokens is a product with few
+        vectors per head, so it splits into shared (T, 16)-per-head products computed here, small
+        (T, 56) products per prompt, and the LayerNorm's per-token mean and scale, which follow from
+        the same pieces (the Gram matrices of the updates). The image tokens themselves are never
+        formed, except for the masks that are upscaled.
+        """
+        first, second = self.transformer.layers
+        final = self.transformer.final_attn_token_to_image
+        heads = first.cross_attn_image_to_token.num_heads
+
+        def center(x: torch.Tensor) -> torch.Tensor:
+            return x - x.mean(-1, keepdim=True)
+
+        def by_head(x: torch.Tensor) -> torch.Tensor:  # (T, heads*d) -> (heads, d, T)
+            return x.view(x.shape[0], heads, -1).permute(1, 2, 0).contiguous()
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:  # (T, heads*d) -> (heads, T, d)
+            return x.view(x.shape[0], heads, -1).transpose(0, 1).contiguous()
+
+        i2t0 = first.cross_attn_image_to_token
+        t2i, i2t = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        out1 = i2t0.out_proj.weight  # (C, width)
+        g1, b1, g2, b2 = first.norm4.weight, first.norm4.bias, second.norm4.weight, second.norm4.bias
+        xc = center(keys + i2t0.out_proj.bias)  # block 1's pre-norm tokens before the update, centred
+        a = g1 * xc
+        ac = center(a)
+        c0 = center(b1 + i2t.out_proj.bias)
+        # R_hn = (S_hn - mean) * g1 = W'_h v_hn: the update's rows in block 2's frame.
+        w_prime = g1[:, None] * (out1 - out1.mean(0, keepdim=True))
+        b1pe, b2pe = key_pe + b1, key_pe + b2
+        g2ac = g2 * ac
+        return {
+            "xx": (xc * xc).sum(-1), "xc_out1": by_head(xc @ out1),
+            "ak": by_head(a @ t2i.k_proj.weight.t()), "bk": by_head(b1pe @ t2i.k_proj.weight.t()),
+            "av": per_head(a @ t2i.v_proj.weight.t()),
+            "aq": by_head(a @ i2t.q_proj.weight.t()),
+            "bq": by_head(torch.addmm(i2t.q_proj.bias, b1pe, i2t.q_proj.weight.t())),
+            "aa": (ac * ac).sum(-1), "ac_w": by_head(ac @ w_prime), "ac_out2": by_head(ac @ i2t.out_proj.weight),
+            "ac_c0": ac @ c0, "c0": c0,
+            "ak3": by_head(g2ac @ final.k_proj.weight.t()), "bk3": by_head(b2pe @ final.k_proj.weight.t()),
+            "av3": per_head(g2ac @ final.v_proj.weight.t()), "g2ac": g2ac,
+        }
+
+    @torch.no_grad()
+    def decode_points(
+        self, shared: SharedImage, sparse_prompt_embeddings: torch.Tensor, multimask_output: bool = True,
+        iou_threshold: float | None = None,
+    ) -> PointMasks:
+        """Many prompts (B, N, C) on one shared embedding, no dense (mask) prompt: SAM's automatic generator.
+
+        Equals ``forward`` (up to float rounding) for the masks it returns, but the image-side work of
+        the first block is shared (see :class:`SharedImage`) and the costly part of the output, the
+        upscaling of the image tokens and the hypernetworks, runs only for the masks whose predicted
+        IoU exceeds ``iou_threshold`` (all masks when it is None); the prompts run in groups of
+        ``_GROUP`` (one at a time without the low-rank factors), so no temporary grows with the batch.
+        """
+        chosen = slice(1, self.num_mask_tokens) if multimask_output else slice(0, 1)
+        batch = sparse_prompt_embeddings.shape[0]
+        out_tokens = torch.cat((self.iou_token.weight, self.mask_tokens.weight), dim=0)
+        # The final attention needs the IoU token and the chosen mask tokens only.
+        final = torch.tensor([0] + [1 + i for i in range(chosen.start, chosen.stop)], device=out_tokens.device)
+        ious, keeps, logits = [], [], []
+        work = torch.empty_like(shared.keys)
+        step = _GROUP if shared.factors is not None else 1
+        for first in range(0, batch, step):
+            tokens = torch.cat((out_tokens.expand(min(step, batch - first), -1, -1),
+                                sparse_prompt_embeddings[first:first + step]), dim=1)
+            if shared.factors is not None:
+                hs, image_tokens = self._decode_low_rank(shared, tokens, final)
+            else:
+                hs, image_tokens = self._decode_dense(shared, tokens, final, work)
+            group_iou = self.iou_prediction_head(hs[:, 0])[:, chosen]
+            for j, iou in enumerate(group_iou):
+                ious.append(iou)
+                alive = torch.arange(iou.shape[0], device=iou.device)
+                if iou_threshold is not None:
+                    alive = alive[iou > iou_threshold]
+                if alive.numel():
+                    hyper = torch.stack(
+                        [self.output_hypernetworks_mlps[chosen.start + int(i)](hs[j, 1 + int(i)]) for i in alive]
+                    ).unsqueeze(0)
+                    logits.append(self._masks(image_tokens(j), hyper, shared.height, shared.width)[0])
+                    keeps.append(alive + (first + j) * iou.shape[0])
+        size = (4 * shared.height, 4 * shared.width)
+        return PointMasks(
+            iou=torch.stack(ious) if ious else out_tokens.new_empty((0, chosen.stop - chosen.start)),
+            keep=torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.int64, device=out_tokens.device),
+            logits=torch.cat(logits) if logits else out_tokens.new_empty((0, *size)),
+        )
+
+    def _decode_dense(self, shared: SharedImage, tokens: torch.Tensor, final: torch.Tensor, work: torch.Tensor):
+        """One prompt through the transformer with the image tokens formed: (hs of ``final``, image tokens getter)."""
+        queries, keys = self._first_block(shared, tokens, work)
+        for layer in self.transformer.layers[1:]:
+            queries, keys = layer(queries, keys, tokens, shared.key_pe)
+        queries, pe = queries[:, final], tokens[:, final]
+        attn = self.transformer.final_attn_token_to_image.tokens_to_image(queries + pe, keys, shared.key_pe, keys)
+        return self.transformer.norm_final_attn(queries + attn), lambda j: keys
+
+    def _decode_low_rank(self, shared: SharedImage, tokens: torch.Tensor, final: torch.Tensor):
+        """G prompts (G, N, C) through a two-block transformer without forming image tokens (``_share_factors``).
+
+        Notation per image token i: after block 1 the tokens are r_i (A_i + a_i R) + b1 with A the
+        shared (gain-scaled, centred) tokens, r_i the LayerNorm's 1/std, a_i = r_i P1_i with P1_i
+        the token's attention over the 56 (head, prompt token) pairs, R their updates; after block
+        2's image-to-token attention the centred pre-norm tokens are r_i Ac_i + [a_i, b_i] Y0 + c0
+        (b_i = P2_i, Y0 = [Rc; S2c]). The G prompts share each product with a shared factor (one
+        read of it for all). Returns the (G, M, C) outputs of the tokens ``final`` and a function
+        forming prompt j's (1, T, C) image tokens (for upscaling).
+        """
+        f = shared.factors
+        first, second = self.transformer.layers
+        last = self.transformer.final_attn_token_to_image
+        heads = first.cross_attn_image_to_token.num_heads
+        group, count, dim = tokens.shape
+        pairs, size = heads * count, f["xx"].shape[0]
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (G, n, width) -> (G, heads, n, d)
+            return x.view(group, x.shape[1], heads, -1).transpose(1, 2)
+
+        def with_shared(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            """(G, heads, n, d) by a shared (heads, d, T) factor -> (G, heads*n, T)."""
+            n, d = x.shape[2], x.shape[3]
+            out = torch.bmm(x.transpose(0, 1).reshape(heads, group * n, d), factor)
+            return out.view(heads, group, n, size).transpose(0, 1).reshape(group, heads * n, size)
+
+        def mix(weights: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            """(G, heads*n, T) weights over a shared (heads, T, d) factor -> (G, heads, n, d)."""
+            n = weights.shape[1] // heads
+            out = torch.bmm(weights.view(group, heads, n, size).transpose(0, 1).reshape(heads, group * n, size), factor)
+            return out.view(heads, group, n, -1).transpose(0, 1)
+
+        def fold(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:  # (G, heads, n, d) -> (G, heads*n, C)
+            return torch.matmul(x, linear.weight.view(heads, -1, dim)).reshape(group, -1, dim)
+
+        def spread(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:  # values through the output projection
+            return torch.matmul(x, linear.weight.view(dim, heads, -1).permute(1, 2, 0)).reshape(group, -1, dim)
+
+        def head_blocks(x: torch.Tensor, rows: int) -> torch.Tensor:  # (G, heads*n, heads*d) -> (G, heads, n, d)
+            return x.view(group, heads, rows, heads, -1).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+        def scale(attn: _Attention) -> float:
+            return (attn.q_proj.out_features // heads) ** -0.5
+
+        def t(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2)
+
+        # Block 1, token side (as _first_block), then its image-to-token attention P1 (G, pairs, T).
+        queries = first.norm1(first.self_attn(tokens, tokens, tokens))
+        t2i0, i2t0 = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        query = split(t2i0.q_proj(queries + tokens)) * scale(t2i0)
+        probs = torch.softmax(with_shared(query, shared.t2i_keys), dim=-1)
+        mixed = mix(probs, shared.t2i_values).transpose(1, 2).reshape(group, count, -1)
+        queries = first.norm2(queries + t2i0.out_proj(mixed))
+        queries = first.norm3(queries + first.mlp(queries))
+        key = split(i2t0.k_proj(queries + tokens))
+        p1 = torch.softmax(with_shared(key, f["i2t_queries"]).view(group, heads, count, size), dim=2)
+        p1 = p1.reshape(group, pairs, size)
+        value1 = split(i2t0.v_proj(queries))
+        s1c = spread(value1, i2t0.out_proj)
+        s1c = s1c - s1c.mean(-1, keepdim=True)
+        # |Xc_i + P1_i S1c|^2 = |Xc_i|^2 + P1_i . (2 S1 Xc_i + (S1c S1c^T) P1_i)
+        terms = with_shared(value1, f["xc_out1"]).mul_(2).baddbmm_(s1c @ t(s1c), p1)
+        r = torch.rsqrt((p1 * terms).sum(1).add_(f["xx"]).div_(dim).add_(first.norm4.eps))  # (G, T)
+        r_col = r.unsqueeze(1)
+        rows = s1c * first.norm4.weight  # R
+        a = p1 * r_col
+
+        def scores_of(query: torch.Tensor, shared_a: torch.Tensor, shared_b: torch.Tensor, folded: torch.Tensor):
+            """query . (W (r (A + a R) + b1 + pe)) for (G, heads, n, d) queries; ``folded`` = W-folded queries."""
+            out = with_shared(query, shared_b).baddbmm_(folded @ t(rows), a)
+            return out.addcmul_(with_shared(query, shared_a), r_col)
+
+        # Block 2: self-attention, token-to-image over the implicit image tokens.
+        q = queries + tokens
+        queries = second.norm1(queries + second.self_attn(q, q, queries))
+        t2i, i2t = second.cross_attn_token_to_image, second.cross_attn_image_to_token
+        query = split(t2i.q_proj(queries + tokens)) * scale(t2i)
+        weights = torch.softmax(scores_of(query, f["ak"], f["bk"], fold(query, t2i.k_proj)), dim=-1)
+        mixed = head_blocks((weights @ t(a)) @ (rows @ t2i.v_proj.weight.t()), count)
+        mixed = mixed + mix(weights * r_col, f["av"])
+        mixed = mixed + torch.addmv(t2i.v_proj.bias, t2i.v_proj.weight, first.norm4.bias).view(heads, 1, -1)
+        queries = second.norm2(queries + t2i.out_proj(mixed.transpose(1, 2).reshape(group, count, -1)))
+        queries = second.norm3(queries + second.mlp(queries))
+
+        # Block 2, image-to-token: P2 (G, pairs, T), softmax over each head's prompt tokens.
+        key = split(i2t.k_proj(queries + tokens)) * scale(i2t)
+        scores = scores_of(key, f["aq"], f["bq"], fold(key, i2t.q_proj))
+        p2 = torch.softmax(scores.view(group, heads, count, size), dim=2).reshape(group, pairs, size)
+        value2 = split(i2t.v_proj(queries))
+        s2c = spread(value2, i2t.out_proj)
+        s2c = s2c - s2c.mean(-1, keepdim=True)
+        rows_c = rows - rows.mean(-1, keepdim=True)
+        c0, norm = f["c0"], second.norm4
+        # |r Ac + [a, b] Y0 + c0|^2 per token, with coefficients [a, b] (G, 2 * pairs, T):
+        # r^2 |Ac|^2 + 2 r Ac.c0 + |c0|^2 + [a, b] . (2 r Y0 Ac + Y0 Y0^T [a, b] + 2 Y0 c0).
+        coeffs = torch.cat((a, p2), dim=1)
+        basis0 = torch.cat((rows_c, s2c), dim=1)
+        terms = torch.cat((with_shared(value1, f["ac_w"]), with_shared(value2, f["ac_out2"])), dim=1)
+        terms.mul_(2 * r_col).baddbmm_(basis0 @ t(basis0), coeffs).add_(2 * (basis0 @ c0).unsqueeze(-1))
+        square = (coeffs * terms).sum(1).add_(r * (r * f["aa"] + 2 * f["ac_c0"])).add_((c0 * c0).sum())
+        s = torch.rsqrt(square.div_(dim).add_(norm.eps))  # (G, T)
+        s_col = s.unsqueeze(1)
+
+        # Final token-to-image attention over LN(...) = s * (r g2 Ac + [a, b] Y + g2 c0) + b2.
+        queries, pe = queries[:, final], tokens[:, final]
+        chosen = queries.shape[1]
+        query = split(last.q_proj(queries + pe)) * scale(last)
+        basis = basis0 * norm.weight  # Y (G, 2 * pairs, C)
+        shift = norm.weight * c0
+        folded = fold(query, last.k_proj)
+        inner = with_shared(query, f["ak3"]).mul_(r_col).baddbmm_(folded @ t(basis), coeffs)
+        inner.add_((folded @ shift).unsqueeze(-1))
+        scores = with_shared(query, f["bk3"]).addcmul_(inner, s_col)
+        weights = torch.softmax(scores, dim=-1).mul_(s_col)
+        mixed = mix(weights * r_col, f["av3"])
+        mixed = mixed + head_blocks((weights @ t(coeffs)) @ (basis @ last.v_proj.weight.t()), chosen)
+        mixed = mixed + weights.sum(-1).view(group, heads, chosen, 1) * (last.v_proj.weight @ shift).view(heads, 1, -1)
+        mixed = mixed + torch.addmv(last.v_proj.bias, last.v_proj.weight, norm.bias).view(heads, 1, -1)
+        attn = last.out_proj(mixed.transpose(1, 2).reshape(group, chosen, -1))
+
+        def image_tokens(j: int) -> torch.Tensor:
+            out = torch.addmm(shift, coeffs[j].t(), basis[j]).addcmul_(f["g2ac"], r[j].unsqueeze(1))
+            return out.mul_(s[j].unsqueeze(1)).add_(norm.bias).unsqueeze(0)
+
+        return self.transformer.norm_final_attn(queries + attn), image_tokens
+
+    def _first_block(
+        self, shared: SharedImage, tokens: torch.Tensor, work: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first two-way block for one prompt's (1, N, C) tokens, with the shared image projections.
+
+        The updated image tokens are written into ``work`` (1, T, C) and returned.
+        """
+        layer = self.transformer.layers[0]
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        heads = t2i.num_heads
+        count = tokens.shape[1]
+        queries = layer.norm1(layer.self_attn(tokens, tokens, tokens))
+
+        # token -> image: projected queries over the shared projected keys and values.
+        head_dim = t2i.q_proj.out_features // heads
+        query = t2i.q_proj(queries + tokens)[0].view(count, heads, -1).transpose(0, 1) * head_dim**-0.5
+        probs = torch.softmax(torch.bmm(query, shared.t2i_keys), dim=-1)  # (heads, N, T)
+        mixed = torch.bmm(probs, shared.t2i_values).transpose(0, 1).reshape(1, count, -1)
+        queries = layer.norm2(queries + t2i.out_proj(mixed))
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        # image -> token: shared image queries against the prompt's keys; the output projection
+        # is folded into the values (see ``_Attention.fold_tokens``).
+        key = i2t.k_proj(queries + tokens)[0].view(count, heads, -1)  # (N, heads, d)
+        out_weight = i2t.out_proj.weight.view(-1, heads, key.shape[-1])
+        spread = torch.einsum("nhd,chd->hnc", i2t.v_proj(queries)[0].view(count, heads, -1), out_weight)
+        spread = spread.reshape(heads * count, -1)
+        key = key.permute(1, 2, 0)  # (heads, d, N)
+        dim = shared.keys.shape[-1]
+        for part in _blocks(shared.keys.shape[1], shared.keys.device):
+            scores = torch.bmm(shared.i2t_queries[:, part], key)  # (heads, n, N)
+            probs = torch.softmax(scores, dim=-1).transpose(0, 1).reshape(-1, heads * count)
+            out = torch.addmm(shared.keys_out[part], probs, spread)
+            work[0, part] = F.layer_norm(out, (dim,), layer.norm4.weight, layer.norm4.bias, layer.norm4.eps)
+        return queries, work
 
     def _masks(self, keys: torch.Tensor, hyper: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, h*w, C) image tokens and (B, K, C/8) mask vectors -> (B, K, 4h, 4w) logits.

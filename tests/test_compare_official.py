@@ -1,0 +1,162 @@
+"""benchmarks/compare_official.py without the official packages: its table logic and its skip path.
+
+The benchmark itself needs the official SAM/MobileSAM/LiteMedSAM code in a separate environment;
+these tests check what must hold everywhere: per-pair ratios and their median (not the ratio of
+medians), the alternating order, the seeded random-weight rule, the torchvision stand-in, and
+that a figure without its official package is reported as skipped instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_official.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("compare_official_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_median_of_pair_ratios_not_ratio_of_medians(bench):
+    result = bench.FigureResult("x", "x", official_s=[3.0, 4.0, 10.0], project_s=[1.0, 4.0, 2.0], diff=0.0,
+                                diff_unit="px")
+    assert result.ratios() == [3.0, 1.0, 5.0]
+    row = result.summary()
+    assert row["official_median"] == 4.0 and row["project_median"] == 2.0
+    assert row["ratio_median"] == 3.0  # the ratio of the medians would be 2.0
+    table = bench.format_table([result])
+    assert "| 4.00 s | 2.00 s | 3.00 | 3 | 0 px |" in table
+    with pytest.raises(ValueError, match="unpaired"):
+        bench.pair_ratios([1.0, 2.0], [1.0])
+
+
+def test_table_formats_times_memory_and_skips(bench):
+    fast = bench.FigureResult("box", "box", official_s=[0.060], project_s=[0.020], diff=1.5e-6, diff_unit="abs")
+    rss = bench.FigureResult("rss", "rss", official_s=[3200.0], project_s=[1000.0], unit="MiB")
+    gone = bench.FigureResult("vit_b", "ViT-B", skipped="segment_anything not importable")
+    lines = bench.format_table([fast, rss, gone]).splitlines()
+    assert lines[2] == "| box | 60.0 ms | 20.0 ms | 3.00 | 1 | 1.5e-06 |"
+    assert lines[3] == "| rss | 3200 MiB | 1000 MiB | 3.20 | 1 | - |"
+    assert lines[4].startswith("| ViT-B | skipped (segment_anything not importable) |")
+    assert gone.summary() == {"figure": "vit_b", "label": "ViT-B", "unit": "s",
+                              "skipped": "segment_anything not importable"}
+
+
+def test_alternate_flips_the_order_every_pair(bench):
+    calls: list[str] = []
+
+    def official():
+        calls.append("o")
+        return "O"
+
+    def project():
+        calls.append("p")
+        return "P"
+
+    times_o, times_p, out_o, out_p = bench.alternate(official, project, repeats=3, warmup=1)
+    assert "".join(calls) == "op" + "op" + "po" + "op"
+    assert len(times_o) == len(times_p) == 3 and (out_o, out_p) == ("O", "P")
+
+
+def test_figures_without_official_code_are_skipped(bench, tmp_path):
+    ctx = bench.Context(repeats=1, golden=tmp_path, src=None, workdir=tmp_path)
+    result = bench.run_figure("lite_medsam", ctx)
+    assert result.skipped and "golden checkpoint" in result.skipped
+    (tmp_path / "lite_medsam_random.pth").write_bytes(b"")
+    result = bench.run_figure("box_lite_medsam", ctx)
+    assert result.skipped and "--official-src" in result.skipped
+    (tmp_path / "mobile_sam_random.pt").write_bytes(b"")
+    result = bench.run_figure("mobile_sam", bench.Context(1, tmp_path, tmp_path / "nowhere", tmp_path))
+    assert result.skipped and "mobile_sam/__init__.py not found" in result.skipped
+
+    def broken(ctx):
+        raise ZeroDivisionError("boom")
+
+    result = bench.run_figure("broken", ctx, builders={"broken": broken})
+    assert result.skipped == "failed: ZeroDivisionError: boom"
+
+
+def test_script_runs_and_reports_skips_without_official_packages(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NAPARI_MEDSAM_OFFICIAL_SRC"}
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--figures", "mobile_sam", "lite_medsam", "box_lite_medsam", "--repeats", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "load average before:" in done.stdout and "load average after:" in done.stdout
+    assert "torch threads" in done.stdout
+    assert done.stdout.count("skipped (") >= 6  # a progress line and a table row per figure
+    data = json.loads(out.read_text())
+    assert [f["figure"] for f in data["figures"]] == ["mobile_sam", "lite_medsam", "box_lite_medsam"]
+    assert all(f["skipped"] for f in data["figures"])
+    assert len(data["load_before"]) == 3 and data["threads"] >= 1
+
+
+def test_random_state_follows_the_golden_rule(bench):
+    class LayerNorm2d(torch.nn.Module):  # the official SAM class name: matched by "Norm"
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm2d(4), LayerNorm2d())
+    state = bench.official_random_state(model, seed=0)
+    torch.manual_seed(0)
+    draws = [torch.randn(v.shape) for v in model.state_dict().values() if v.is_floating_point()]
+    expected = [0.02 * draws[0], 0.02 * draws[1], 1 + 0.02 * draws[2], 0.02 * draws[3], 0.02 * draws[4],
+                (0.02 * draws[5]).abs() + 0.5, 1 + 0.02 * draws[6]]
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    assert floats == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "2.weight"]
+    for key, want in zip(floats, expected):
+        assert torch.equal(state[key], want), key
+    assert state["1.num_batches_tracked"].item() == 0
+    model.load_state_dict(state, strict=True)
+
+
+def test_torchvision_stand_in(bench):
+    if any(name == "torchvision" or name.startswith("torchvision.") for name in sys.modules):
+        pytest.skip("torchvision already imported in this process")
+    finder = bench._TorchvisionStub()
+    sys.meta_path.insert(0, finder)
+    try:
+        from PIL import Image
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        from torchvision.transforms.functional import InterpolationMode, resize, to_pil_image
+        import torchvision.transforms as transforms
+
+        class Sub(transforms.ToTensor):  # timm subclasses torchvision names at import
+            pass
+
+        with pytest.raises(RuntimeError, match="stand-in"):
+            FrozenBatchNorm2d(4)
+        with pytest.raises(RuntimeError, match="stand-in"):
+            Sub()
+        assert InterpolationMode.BILINEAR is not None
+        with pytest.raises(ImportError):
+            import torchvision.models.feature_extraction  # noqa: F401  (timm guards this import)
+        rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+        out = np.asarray(resize(to_pil_image(rgb), (70, 101)))
+        want = np.asarray(Image.fromarray(rgb).resize((101, 70), Image.BILINEAR))
+        assert out.shape == (70, 101, 3) and np.array_equal(out, want)
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
