@@ -469,9 +469,19 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
 
 
-def fig_vit_b(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
+def _encoder_pair(predictor: Any, project: Any, rgb: Any) -> tuple[Callable, Callable, Callable, str]:
+    """An official ``SamPredictor.set_image`` and the project's ``encode`` of the same RGB slice."""
     import torch
 
+    def run_official() -> Any:
+        with torch.no_grad():
+            predictor.set_image(rgb, image_format="RGB")
+        return predictor.features.numpy()
+
+    return run_official, lambda: project.model.encode(rgb), _max_abs, "abs"
+
+
+def fig_vit_b(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
     from napari_medsam.models.networks.sam import load_network
 
     sa = _import("segment_anything", "pip install segment-anything")
@@ -483,13 +493,7 @@ def fig_vit_b(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
     project = project_predictor(load_network("vit_b", state), "sam")
     del state
     rgb = project.model_image(0)
-
-    def run_official() -> Any:
-        with torch.no_grad():
-            predictor.set_image(rgb, image_format="RGB")
-        return predictor.features.numpy()
-
-    return run_official, lambda: project.model.encode(rgb), _max_abs, "abs"
+    return _encoder_pair(predictor, project, rgb)
 
 
 def fig_mobile_sam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
@@ -504,13 +508,7 @@ def fig_mobile_sam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
     predictor = ms.SamPredictor(official)
     project = project_predictor(load_network("tiny_vit", torch.load(checkpoint, map_location="cpu")), "sam")
     rgb = project.model_image(0)
-
-    def run_official() -> Any:
-        with torch.no_grad():
-            predictor.set_image(rgb, image_format="RGB")
-        return predictor.features.numpy()
-
-    return run_official, lambda: project.model.encode(rgb), _max_abs, "abs"
+    return _encoder_pair(predictor, project, rgb)
 
 
 def _lite(ctx: Context) -> tuple[types.ModuleType, Any]:
