@@ -230,3 +230,22 @@ def test_manifest_problems_are_one_line_errors(tmp_path):
     (study,) = load_manifest(tmp_path / "m.csv")
     assert study.id == "a" and study.image == str(tmp_path / "scans/a.nii.gz")
     assert study.labels == str(tmp_path / "a_l.nii.gz") and study.prompts is None
+
+
+def test_a_study_that_finds_nothing_is_complete_and_not_redone(tmp_path, monkeypatch):
+    """No object found: the empty label file still gets its (empty) names file, so resume skips it."""
+    from napari_medsam.segment import batch, headless
+    from napari_medsam.segment.batch import BatchOptions, Study, segment_study
+
+    volume, truth, _ = make_ct_phantom(shape=SHAPE, spacing_mm=SPACING, seed=4)
+    write_nifti_volume(volume, tmp_path / "scan.nii.gz")
+    write_nifti_labels(np.where(truth == 1, 1, 0).astype(np.uint8), volume, tmp_path / "rough.nii.gz")
+    monkeypatch.setattr(batch, "worker_model", lambda options: None)  # no model needed: it finds nothing
+    monkeypatch.setattr(headless, "segment_volume",
+                        lambda vol, objects, model, **kw: (np.zeros(vol.shape, np.uint8), []))
+    study = Study(id="empty", image=str(tmp_path / "scan.nii.gz"), output=str(tmp_path / "out" / "empty.nii.gz"),
+                  labels=str(tmp_path / "rough.nii.gz"))
+    result = segment_study(study, BatchOptions())
+    assert result["status"] == "done", result["error"]
+    assert not read_labels(study.output, load_volume(study.image)).any()
+    assert study_complete(study)  # the next run skips it
