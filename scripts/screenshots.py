@@ -33,6 +33,28 @@ def _settle(app, seconds: float = 0.3) -> None:
         time.sleep(0.01)
 
 
+def _phantom_viewer():
+    """A 1600x1000 napari window with the CT phantom sample and the panel docked at napari's default width."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(title="napari-medsam")
+    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
+    viewer.window._qt_window.resize(1600, 1000)
+    return app, viewer, image, truth, dock, widget
+
+
+def _shoot(app, viewer, widget, visible, path: Path) -> None:
+    """Scroll the panel to ``visible``, save the whole window to ``path`` and close the viewer."""
+    widget.scroll.ensureWidgetVisible(visible)
+    _settle(app)
+    viewer.screenshot(str(path), canvas_only=False)
+    widget.stop_segmentation()
+    viewer.close()
+
+
 def _stand_in(controller, truth) -> None:
     """Answer the controller's predictions from the phantom's ground truth (see the module docstring)."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -67,19 +89,13 @@ def _reduced_medsam2():
 
 def propagate_memory_scene(out: Path) -> None:
     """propagate-memory.png: the Propagate box with the memory engine, after a run over a few slices."""
-    import napari
     import numpy as np
-    from qtpy.QtWidgets import QApplication
 
     model = _reduced_medsam2()
     if model is None:
         print("propagate-memory.png: the reduced SAM 2 checkpoint (shared/golden/sam2) is missing; skipped")
         return
-    app = QApplication.instance() or QApplication([])
-    viewer = napari.Viewer(title="napari-medsam")
-    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
-    viewer.window._qt_window.resize(1600, 1000)
+    app, viewer, image, truth, dock, widget = _phantom_viewer()
     key = 26
     viewer.dims.set_point(0, image.data_to_world([key, 0, 0])[0])
     widget.model_panel.set_model(model, "medsam2")
@@ -120,23 +136,16 @@ def main(out: Path, scenes: list[str] | None = None) -> None:
 
 def finetune_scene(out: Path) -> None:
     """finetune.png: the Fine-tune group after a run on the phantom's kidneys (golden random-weight LiteMedSAM)."""
-    import napari
-    import numpy as np
-    from qtpy.QtWidgets import QApplication
-
     import os
+
+    import numpy as np
 
     from napari_medsam.models.local import ENV_VAR
     from napari_medsam.segment.model import SamModel
 
     os.environ[ENV_VAR] = tempfile.mkdtemp()  # the tuned model is registered there, not in the user's folder
     weights = REPO.parent / "shared" / "golden" / "lite_medsam_random.pth"
-    app = QApplication.instance() or QApplication([])
-    viewer = napari.Viewer(title="napari-medsam")
-    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
-    viewer.window._qt_window.resize(1600, 1000)
-    viewer.dims.set_point(0, image.data_to_world([26, 0, 0])[0])
+    app, viewer, image, truth, dock, widget = _phantom_viewer()
     widget.model_panel.set_local_file("lite_medsam", str(weights))
     widget.model_panel.set_model(SamModel.from_checkpoint("lite_medsam", weights, device="cpu"), "lite_medsam")
     controller = widget.controller
@@ -152,18 +161,12 @@ def finetune_scene(out: Path) -> None:
     panel.run(out=Path(tempfile.mkdtemp()) / "phantom_tuned.pth")
     while panel.worker is not None:
         _settle(app, 0.2)
-    widget.scroll.ensureWidgetVisible(panel)
-    _settle(app)
-    viewer.screenshot(str(out / "finetune.png"), canvas_only=False)
-    widget.stop_segmentation()
-    viewer.close()
+    _shoot(app, viewer, widget, panel, out / "finetune.png")
 
 
 def everything_scene(out: Path) -> None:
     """everything.png: "Segment everything" on an axial slice (stand-in predictor), one candidate accepted."""
-    import napari
     import numpy as np
-    from qtpy.QtWidgets import QApplication
 
     sys.path.insert(0, str(REPO / "tests"))
     from gt_predictor import GroundTruthPredictor
@@ -173,11 +176,7 @@ def everything_scene(out: Path) -> None:
         def to_low_res(self, mask):
             return np.clip(32.0 * super().to_low_res(mask), -32, 32)
 
-    app = QApplication.instance() or QApplication([])
-    viewer = napari.Viewer(title="napari-medsam")
-    image, truth = viewer.open_sample("napari-medsam", "ct_phantom")
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")  # napari's default width
-    viewer.window._qt_window.resize(1600, 1000)
+    app, viewer, image, truth, dock, widget = _phantom_viewer()
     key = 26
     viewer.dims.set_point(0, image.data_to_world([key, 0, 0])[0])
     widget.model_panel.set_model(tiny_model("sam"), "lite_medsam")
@@ -196,11 +195,7 @@ def everything_scene(out: Path) -> None:
     label = int(panel.layer.data[0, int(np.median(rows)), int(np.median(cols))])
     if label:
         panel.accept(label)
-    widget.scroll.ensureWidgetVisible(panel)
-    _settle(app)
-    viewer.screenshot(str(out / "everything.png"), canvas_only=False)
-    widget.stop_segmentation()
-    viewer.close()
+    _shoot(app, viewer, widget, panel, out / "everything.png")
 
 
 def workflow_scene(out: Path) -> None:
