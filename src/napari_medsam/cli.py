@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .cli_options import add_model_options
 from .cli_progress import Progress as _Progress
 from .errors import MedSamError
 
@@ -94,13 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("image", help="NIfTI file, DICOM series folder or file, NRRD or MHA")
     segment.add_argument("--prompts", required=True, help="PROMPTS.json (see docs/cli.md)")
     segment.add_argument("--out", required=True, help="output labels: .nii, .nii.gz, .dcm, .nrrd or .mha")
-    segment.add_argument("--model", default="lite_medsam", help="model name (napari-medsam models); default lite_medsam")
-    segment.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="FILE",
-                         help="a local weight file for --model (otherwise the cache/download)")
-    segment.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    segment.add_argument("--threads", type=int, help="CPU threads for torch")
-    segment.add_argument("--window", help="CT window preset (soft tissue, liver, lung, mediastinum, bone, brain), "
-                         "LEVEL/WIDTH in HU, or 'percentile' (default: soft tissue for CT, percentile for MR)")
+    add_model_options(segment, window_help="CT window preset (soft tissue, liver, lung, mediastinum, bone, brain), "
+                      "LEVEL/WIDTH in HU, or 'percentile' (default: soft tissue for CT, percentile for MR)")
     segment.add_argument("--propagate", action="store_true", help="propagate every object through the volume")
     segment.add_argument("--engine", choices=["auto", "slice", "memory"], default="auto",
                          help="how --propagate finds each next slice: slice (prompted from the previous slice's "

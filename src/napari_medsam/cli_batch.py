@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_options import add_model_options
 from .cli_progress import Progress
 
 
@@ -27,11 +28,9 @@ def add_parser(sub) -> None:
         "not stop the others. Writes REPORT.csv and REPORT.json (one row per study and object).",
     )
     batch.add_argument("manifest", help="CSV or JSON manifest, one study per row")
-    batch.add_argument("--model", default="lite_medsam", help="model name (napari-medsam models); default lite_medsam")
-    batch.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="FILE",
-                       help="weight file (every worker must be able to read it at this path)")
-    batch.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps on each worker (default cpu)")
-    batch.add_argument("--window", help="CT window preset, LEVEL/WIDTH in HU, or percentile (as for segment)")
+    add_model_options(batch, checkpoint_help="weight file (every worker must be able to read it at this path)",
+                      device="cpu", device_help="cpu, cuda, cuda:N or mps on each worker (default cpu)",
+                      threads_help="torch threads per worker (default: cores / workers)")
     batch.add_argument("--propagate", action="store_true", help="propagate every object through the volume")
     batch.add_argument("--engine", choices=["auto", "slice", "memory"], default="auto",
                        help="propagation engine (as for segment)")
@@ -45,7 +44,6 @@ def add_parser(sub) -> None:
     batch.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                        help="run on this running dask scheduler instead of a local cluster")
     batch.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores / 2)")
-    batch.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     batch.add_argument("--report", metavar="CSV",
                        help="report path (default REPORT.csv beside the manifest; REPORT.json beside it)")
     batch.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors are still printed)")

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from .cli_options import add_model_options
 from .errors import MedSamError
 
 AXES = {"0": 0, "1": 1, "2": 2, "axial": 0, "coronal": 1, "sagittal": 2}
@@ -37,12 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="display slice index along --axis (as napari shows the scan)")
     p.add_argument("--axis", default="axial", help="axial (default), coronal, sagittal, or 0/1/2 (display axis)")
     p.add_argument("--out", required=True, help="output label volume: .nii, .nii.gz, .dcm, .nrrd or .mha")
-    p.add_argument("--model", default="lite_medsam", help="model name (napari-medsam models); default lite_medsam")
-    p.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="FILE",
-                   help="a local weight file for --model (otherwise the cache/download)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--window", help="CT window preset, LEVEL/WIDTH in HU, or 'percentile' (as for segment)")
+    add_model_options(p)
     p.add_argument("--points-per-side", type=int, default=d.points_per_side,
                    help=f"grid of N x N point prompts (default {d.points_per_side})")
     p.add_argument("--points-per-batch", type=int, default=d.points_per_batch,

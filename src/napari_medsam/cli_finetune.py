@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from .cli_options import add_model_options
 from .errors import MedSamError
 
 __all__ = ["add_parser", "run"]
@@ -30,9 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "OUT.curve.png beside it, registers it as a local model and prints a JSON summary with the held-out "
         "box-prompt Dice before and after.",
     )
-    p.add_argument("--model", default="lite_medsam", help="base model (napari-medsam models); default lite_medsam")
-    p.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="FILE",
-                   help="a local weight file for --model (otherwise the cache/download)")
+    add_model_options(p, model_help="base model (napari-medsam models); default lite_medsam", device="cpu",
+                      device_help="cpu (default), auto, cuda, cuda:N or mps")
     p.add_argument("--image", action="append", required=True, help="a scan (repeat for several scans)")
     p.add_argument("--labels", action="append", required=True, help="its label volume (one per --image)")
     p.add_argument("--out", required=True, help="the tuned checkpoint to write (.pth)")
@@ -51,9 +51,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="correction clicks on the model's own largest error after each first answer (default 0; "
                    "each costs another decoder pass)")
     p.add_argument("--no-register", action="store_true", help="do not list the result as a local model")
-    p.add_argument("--window", help="CT window preset, LEVEL/WIDTH in HU, or 'percentile' (as for segment)")
-    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
