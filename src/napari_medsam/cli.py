@@ -312,7 +312,8 @@ def _segment(args: argparse.Namespace) -> int:
     finally:
         download.close()
     say.line(f"loading {args.model} from {weights}")
-    model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads)
+    model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads,
+                                     backend=args.backend)
     engine = choose_engine(args.engine, model)
     cache = EmbeddingCache(MemoryCache(), DiskCache(args.cache) if args.cache else None)
     say.line(f"segmenting {len(objects)} object(s) on {model.device}"

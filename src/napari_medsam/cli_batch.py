@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     options = BatchOptions(model=args.model, checkpoint=checkpoint,
                            device=args.device, window=args.window, propagate=args.propagate, engine=args.engine,
                            z_range=z_range, every=args.every, threads=args.threads, modality=args.modality,
-                           force=args.force)
+                           force=args.force, backend=args.backend)
     report = Path(args.report) if args.report else Path(args.manifest).expanduser().parent / "REPORT.csv"
     bar = _StudyBar(say)
     client = None

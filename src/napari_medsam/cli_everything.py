@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     mapping = _mapping(args.window, volume)
     weights = resolve_weights(args.model, args.checkpoint, download=True, own_file_hint=CHECKPOINT_HINT)
     say.line(f"loading {args.model} from {weights}")
-    model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads)
+    model = SamModel.from_checkpoint(args.model, weights, device=args.device, threads=args.threads,
+                                     backend=args.backend)
     predictor = SlicePredictor(model, volume, mapping=mapping, axis=axis)
     say.line(f"{settings.points_per_side}x{settings.points_per_side} points on {AXIS_NAMES[axis]} slice "
              f"{args.slice_index} on {model.device}")

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         config.learning_rate = args.lr
     weights = resolve_weights(spec, args.checkpoint, download=True, own_file_hint=CHECKPOINT_HINT)
     say.line(f"loading {spec.name} from {weights}")
-    model = SamModel.from_checkpoint(spec.name, weights, device=args.device, threads=args.threads)
+    model = SamModel.from_checkpoint(spec.name, weights, device=args.device, threads=args.threads,
+                                     backend=args.backend)
     last = [0.0]
 
     def progress(epoch: int, step: int, loss: float, dice: float | None) -> None:

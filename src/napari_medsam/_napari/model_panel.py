@@ -40,6 +40,19 @@ CHECKPOINT_FILTER = "PyTorch checkpoints (*.pth *.pt *.ckpt *.bin);;All files (*
 _PROGRESS_EVERY_S = 0.1
 
 
+# (setting value, shown text, tooltip) of the encoder backends (models/backends.py; not imported
+# here because it imports torch, which napari's start must not).
+ENCODER_BACKENDS = (
+    ("auto", "float32 (exact)", "The networks in float32: the official results (golden tests)."),
+    ("bf16", "bfloat16 (faster, approximate)",
+     "bfloat16 matrix products: several times faster on CPUs with AMX or AVX512-BF16 and on GPUs; "
+     "the embedding differs by ~1e-3 and a mask edge may move by a pixel (docs/performance.md)."),
+    ("int8", "int8 (faster, approximate)",
+     "Dynamic int8 linear layers on the CPU (SAM 1 family); the embedding differs by ~1e-2 "
+     "(docs/performance.md)."),
+)
+
+
 def _megabytes(size: int) -> str:
     mb = size / 1e6
     return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
@@ -123,6 +136,12 @@ class ModelPanel(QGroupBox):
         self.folder_button = _button("Folder...", self.choose_folder,
                                      "The folder that holds downloaded weights (remembered; empty = the user cache)")
         self.device_combo = DeviceCombo(self.settings.get("device", "auto"))
+        self.backend_combo = QComboBox()
+        for key, text, tip in ENCODER_BACKENDS:
+            self.backend_combo.addItem(text, key)
+            self.backend_combo.setItemData(self.backend_combo.count() - 1, tip, Qt.ToolTipRole)
+        self.backend_combo.setToolTip("How the image encoder runs; takes effect at the next Load model")
+        self.backend_combo.setCurrentIndex(max(0, self.backend_combo.findData(self.settings.get("backend", "auto"))))
         self.load_button = _button("Load model", self.load, "Build the model on the device (in the background)")
         self.status = MessageLabel("no model loaded")  # wraps, elides; the whole text in its tooltip
         self.mapping_combo = MappingCombo(self.settings.get("mapping", DEFAULT_MAPPING))
@@ -139,6 +158,7 @@ class ModelPanel(QGroupBox):
         form.addRow("Weights", self.weights_label)
         form.addRow("", weights_row)
         form.addRow("Device", self.device_combo)
+        form.addRow("Encoder", self.backend_combo)
         form.addRow(self.load_button, self.status)
         form.addRow("Input", self.mapping_combo)
 
@@ -148,6 +168,7 @@ class ModelPanel(QGroupBox):
         self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(saved)))
         self.model_combo.currentIndexChanged.connect(lambda: self._picked("model", self.selected_model))
         self.device_combo.currentIndexChanged.connect(lambda: self._picked("device", self.device))
+        self.backend_combo.currentIndexChanged.connect(lambda: self._picked("backend", self.backend))
         self.mapping_combo.currentIndexChanged.connect(lambda: self._picked("mapping", self.mapping_choice))
         self._progress.connect(self._on_progress)
         self.refresh()
@@ -191,6 +212,11 @@ class ModelPanel(QGroupBox):
     def device(self) -> str:
         """The chosen device: "auto", "cpu", "cuda:N" or "mps" (the loaded model's is ``model.device``)."""
         return self.device_combo.device
+
+    @property
+    def backend(self) -> str:
+        """The chosen encoder backend: "auto", "float32", "bf16" or "int8" (models/backends.py)."""
+        return str(self.backend_combo.currentData())
 
     @property
     def mapping_choice(self) -> str:
@@ -247,7 +273,9 @@ class ModelPanel(QGroupBox):
         """The status of a loaded model: its name, the device it runs on and the torch build."""
         from ..models.device import describe_runtime, torch_build
 
-        return f"ready: {self._display(name)} on {describe_runtime(model.device)}; {torch_build()}"
+        backend = getattr(model, "backend", "float32")
+        approximate = "" if backend == "float32" else f", {backend} encoder"
+        return f"ready: {self._display(name)} on {describe_runtime(model.device)}{approximate}; {torch_build()}"
 
     def _display(self, name: str | None) -> str:
         spec = self._specs.get(name or "")
@@ -362,7 +390,7 @@ class ModelPanel(QGroupBox):
 
         if self._load_worker is not None:
             return None
-        spec, device, cache = self.selected_spec, self.device, self._cache_dir()
+        spec, device, cache, backend = self.selected_spec, self.device, self._cache_dir(), self.backend
         local = self.local_file(spec.name)
         if local is None and not cached_path(spec, cache).is_file():
             # Never download behind the user's back: say what is missing and what to do.
@@ -382,7 +410,7 @@ class ModelPanel(QGroupBox):
 
             resolve_device(device)  # an unusable device fails before a large file is hashed
             path = resolve_weights(spec, local, download=False, cache_dir=cache)  # hashes a new file once
-            return SamModel.from_checkpoint(spec.name, path, device=device, download=False)
+            return SamModel.from_checkpoint(spec.name, path, device=device, download=False, backend=backend)
 
         self._loading = spec
         self._set_status(f"loading {spec.display_name} on {self._device_text(device)}...")

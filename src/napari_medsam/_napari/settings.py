@@ -30,6 +30,7 @@ FILENAME = "settings.json"
 DEFAULTS: dict[str, Any] = {
     "model": "",  # registry name; "" = the recommended model for this machine
     "device": "auto",  # "auto", "cpu", "cuda", "cuda:N" or "mps"
+    "backend": "auto",  # encoder backend: "auto" (float32), "bf16" or "int8" (models/backends.py)
     "cache_dir": "",  # weights folder; "" = the default cache (or $NAPARI_MEDSAM_WEIGHTS_DIR)
     "window": "soft tissue",  # CT window preset name (display)
     "mapping": "",  # model input intensity mapping; "" = the panel's default
@@ -38,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoints": {},  # model name -> local weight file chosen by the user
     "refine_from_logits": False,  # a new click refines the slice's last mask (SAM's low-res logits as mask prompt)
     "keys": {},  # controller action -> key, overriding keys.SHORTCUTS (e.g. {"cycle_mask": "Shift-C"})
+    "prefetch": True,  # embed the neighbours of the slice shown while idle (controller.PREFETCH_RADIUS each side)
 }
 _TYPES: dict[str, type | tuple[type, ...]] = {key: type(value) for key, value in DEFAULTS.items()}
 _MISSING = object()

@@ -92,6 +92,7 @@ class BatchOptions:
     threads: int | None = None
     modality: str | None = None
     force: bool = False
+    backend: str = "auto"
 
 
 @dataclass
@@ -251,12 +252,12 @@ def worker_model(options: BatchOptions):
     """This process's model for ``options``: loaded on first use, then kept (one load per worker)."""
     from .model import SamModel
 
-    key = (options.model, options.checkpoint, options.device)
+    key = (options.model, options.checkpoint, options.device, options.backend)
     with _lock:
         model = _models.get(key)
         if model is None:
             model = SamModel.from_checkpoint(options.model, options.checkpoint, device=options.device,
-                                             download=True)
+                                             download=True, backend=options.backend)
             _models[key] = model
             _loads[key] += 1
     return model
@@ -448,6 +449,12 @@ def run_batch(
     studies = load_manifest(manifest)
     if options.every is not None and options.every < 1:
         raise MedSamError(f"--every {options.every}: give a slice step of 1 or more")
+    if client is None:  # local workers share this machine's hardware: refuse an unusable backend now
+        from ..models.backends import resolve_backend
+        from ..models.device import resolve_device
+        from ..models.registry import get_model
+
+        resolve_backend(options.backend, resolve_device(options.device), get_model(options.model).architecture)
     started = time.perf_counter()
     results: dict[str, dict] = {}
     todo = []

@@ -52,13 +52,18 @@ class SamModel:
     """A network in eval mode with its pipeline ("sam", "medsam", "lite_medsam", "sam2", "medsam2") and device."""
 
     def __init__(self, network: torch.nn.Module, pipeline: str, *, name: str = "", signature: str = "",
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", backend: str = "float32", arch: str = "") -> None:
+        from ..models.backends import make_encoder_runner, resolve_backend, signature_suffix
+
         self.network = network.eval()
         self.pipeline = "sam" if pipeline == "mobile_sam" else pipeline
         self.name = name or pipeline
-        self.signature = signature or f"{self.name}:unsigned:{id(network)}"
         self.device = torch.device(device)
         self.network.to(self.device)
+        # How the encoder runs (models/backends.py); approximate backends cache under their own key.
+        self.backend = resolve_backend(backend, self.device, arch)
+        self.signature = (signature or f"{self.name}:unsigned:{id(network)}") + signature_suffix(self.backend)
+        self._run_encoder = make_encoder_runner(self.network, self.backend, self.device)
         self.image_size = int(network.image_size)
         # Side of the decoder's mask logits: 256 for SAM 1 and 1024-px SAM 2, 128 for MedSAM2.
         self.low_res = int(getattr(network, "low_res_size", LOW_RES))
@@ -72,10 +77,12 @@ class SamModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, name: str, weights: str | Path | None = None, *, device: Any = "auto",
-                        download: bool = True, progress=None, cancel=None, threads: int | None = None) -> "SamModel":
+                        download: bool = True, progress=None, cancel=None, threads: int | None = None,
+                        backend: str | None = "auto") -> "SamModel":
         """Load a registry model (downloading its weights on first use unless ``download=False``).
 
-        ``threads`` sets torch's CPU thread count (default: leave torch's choice).
+        ``threads`` sets torch's CPU thread count (default: leave torch's choice); ``backend`` how the
+        encoder runs (``auto``/``float32``, ``bf16``, ``int8``: models/backends.py).
         """
         from ..models.checkpoint import load_network
         from ..models.device import resolve_device, set_cpu_threads
@@ -91,7 +98,7 @@ class SamModel:
         target = resolve_device(device)
         network = load_network(spec, path, device=target)
         return cls(network, spec.pipeline, name=spec.name, signature=f"{spec.name}:{file_signature(path)}",
-                   device=target)
+                   device=target, backend=backend or "auto", arch=spec.architecture)
 
     # ------------------------------------------------------------------ geometry
     def geometry(self, height: int, width: int) -> ImageGeometry:
@@ -114,7 +121,7 @@ class SamModel:
         # official contiguous layout, which its golden comparison was made with.
         if self.device.type == "cpu" and self.family == "sam":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        return self.network.encode_image(tensor).float().cpu().numpy()
+        return self._run_encoder(tensor).float().cpu().numpy()
 
     def feature_map(self, embedding: np.ndarray | torch.Tensor) -> np.ndarray:
         """The (C, G, G) image features of an :meth:`encode` result, e.g. to pool them over a mask.

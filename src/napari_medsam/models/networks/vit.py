@@ -88,25 +88,54 @@ def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
 _SCORE_BLOCK = 1 << 22
 
 
+def _softmax_has_out() -> bool:
+    """Whether this torch has ``torch.softmax(..., out=)``."""
+    try:
+        torch.softmax(torch.zeros(1, 2), dim=-1, out=torch.empty(1, 2))
+    except TypeError:
+        return False
+    return True
+
+
+_SOFTMAX_OUT = _softmax_has_out()
+
+
 def _attend_blocked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor
 ) -> torch.Tensor:
-    """Exact reference-order attention, a block of query rows at a time.
+    """Exact attention with decomposed relative positions, a block of query rows at a time.
 
     ``q`` (already scaled), ``k``, ``v``: (BH, N, C); ``rel_rows`` (BH, N, H) and ``rel_cols``
     (BH, N, W) with N = H * W. Scores are ``q.k + rel_rows[key row] + rel_cols[key column]``.
+
+    Per block: the two relative terms are summed into a reused score buffer in one pass, the
+    query-key product is accumulated onto it by the matrix kernel itself (``baddbmm_``), and the
+    softmax writes into a second reused buffer: three passes over the scores instead of five,
+    and no fresh 16 MB allocation (page faults) per block. Same sums as the reference up to the
+    order of the additions (float rounding).
     """
     heads_batch, tokens, _ = q.shape
     height, width = rel_rows.shape[-1], rel_cols.shape[-1]
     out = torch.empty_like(v)
     keys_t = k.transpose(1, 2)
     step = max(1, min(tokens, _SCORE_BLOCK // (heads_batch * tokens)))
+    size = heads_batch * step * tokens
+    scores_buf = torch.empty(size, dtype=q.dtype, device=q.device)
+    probs_buf = torch.empty(size, dtype=q.dtype, device=q.device)
     for start in range(0, tokens, step):
         stop = min(start + step, tokens)
-        scores = torch.bmm(q[:, start:stop], keys_t)
-        grid = scores.view(heads_batch, stop - start, height, width)
-        grid.add_(rel_rows[:, start:stop, :, None]).add_(rel_cols[:, start:stop, None, :])
-        torch.bmm(scores.softmax(dim=-1), v, out=out[:, start:stop])
+        rows = stop - start
+        # Contiguous views of the first rows * N entries of the buffers (the last block may be short).
+        scores = scores_buf[: heads_batch * rows * tokens].view(heads_batch, rows, tokens)
+        probs = probs_buf[: heads_batch * rows * tokens].view(heads_batch, rows, tokens)
+        torch.add(rel_rows[:, start:stop, :, None], rel_cols[:, start:stop, None, :],
+                  out=scores.view(heads_batch, rows, height, width))
+        scores.baddbmm_(q[:, start:stop], keys_t)
+        if _SOFTMAX_OUT:
+            torch.softmax(scores, dim=-1, out=probs)
+        else:  # torch builds without softmax's out= overload
+            probs.copy_(scores.softmax(dim=-1))
+        torch.bmm(probs, v, out=out[:, start:stop])
     return out
 
 

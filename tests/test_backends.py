@@ -1,0 +1,162 @@
+"""Encoder backends (models/backends.py): choice, refusal, fidelity, caching apart, CLI and panel."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_medsam.cli import main
+from napari_medsam.errors import DeviceError
+from napari_medsam.models import backends
+from napari_medsam.models import pipelines as P
+from napari_medsam.models.backends import backend_status, make_encoder_runner, resolve_backend
+from napari_medsam.models.checkpoint import load_network
+from napari_medsam.segment.model import SamModel
+from test_cli import scan  # noqa: F401  (fixture: a small CT-like NIfTI)
+from test_cli_small import BOX, _prompts
+
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
+
+EMBED_ATOL = 1e-4  # the golden tests' tolerance for embeddings
+
+
+@pytest.fixture(scope="module")
+def mobile_net(golden_dir):
+    return load_network("mobile_sam", golden_dir / "mobile_sam_random.pt")
+
+
+@pytest.fixture(scope="module")
+def golden_mobile(golden_dir):
+    data = np.load(golden_dir / "mobile_sam_golden.npz")
+    return P.sam_preprocess(data["image"]).tensor, data
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float(np.logical_and(a, b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def test_auto_is_float32_and_names_are_checked():
+    assert resolve_backend("auto", "cpu") == "float32" and resolve_backend(None, "cpu") == "float32"
+    assert resolve_backend("FP32", "cpu") == "float32"
+    with pytest.raises(DeviceError, match="unknown encoder backend 'fast'"):
+        resolve_backend("fast", "cpu")
+    assert "SAM 1 family" in backend_status("int8", "cpu", "hiera_t512")
+    assert backend_status("int8", "cpu", "lite_tiny_vit") is None
+    with pytest.raises(DeviceError, match="'int8' is not available: int8 is offered for the SAM 1 family"):
+        resolve_backend("int8", "cpu", "hiera_t512")
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_bf16_hardware", lambda: False)
+    reason = backend_status("bf16", "cpu")
+    assert "no bfloat16 matrix units" in reason and "slower" in reason
+    with pytest.raises(DeviceError, match="'bf16' is not available: this CPU has no bfloat16"):
+        resolve_backend("bf16", "cpu")
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
+    fake = tmp_path / "cpuinfo"
+    real_path = backends.Path
+
+    def fake_path(text):
+        return fake if text == "/proc/cpuinfo" else real_path(text)
+
+    monkeypatch.setattr(backends, "Path", fake_path)
+    for flags, expected in (("fpu sse avx2 fma", False), ("fpu avx512f amx_bf16 amx_tile", True),
+                            ("avx512_bf16 avx2", True)):
+        fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        backends.cpu_bf16_hardware.cache_clear()
+        assert backends.cpu_bf16_hardware() is expected
+    backends.cpu_bf16_hardware.cache_clear()
+
+
+def test_float32_backend_is_the_network_itself(mobile_net, golden_mobile):
+    tensor, data = golden_mobile
+    model = SamModel(mobile_net, "sam", name="m", signature="sig", backend="auto")
+    assert model.backend == "float32" and model.signature == "sig"
+    with torch.inference_mode():
+        got = make_encoder_runner(mobile_net, "float32", torch.device("cpu"))(tensor)
+    np.testing.assert_allclose(got.numpy(), data["image_embedding"], atol=EMBED_ATOL, rtol=0)
+
+
+def test_int8_is_close_but_not_exact_and_caches_apart(mobile_net, golden_mobile):
+    tensor, data = golden_mobile
+    model = SamModel(mobile_net, "sam", name="m", signature="sig", backend="int8", arch="tiny_vit")
+    assert model.signature == "sig:int8"  # never mixed with float32 embeddings in a cache
+    with torch.inference_mode():
+        got = model._run_encoder(tensor).numpy()
+        exact = mobile_net.encode_image(tensor).numpy()
+    # the network itself is untouched (a quantised copy runs)
+    assert all(type(m) is not torch.nn.Linear or m.weight.dtype == torch.float32 for m in mobile_net.modules())
+    diff = np.abs(got - data["image_embedding"]).max()
+    rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert diff > EMBED_ATOL  # why auto never picks it: it does not pass the golden tests
+    assert 1e-4 < rel < 0.1
+    # the official box's mask from the int8 embedding against the float32 one
+    geometry = model.geometry(*data["image"].shape[:2])
+    box = data["box"].astype(np.float64)
+    a = model.decode(exact, geometry, box_xyxy=box).masks[0]
+    b = model.decode(got, geometry, box_xyxy=box).masks[0]
+    assert a.sum() > 100 and _dice(a, b) > 0.9
+
+
+@pytest.mark.skipif(not backends.cpu_bf16_hardware(), reason="this CPU has no bfloat16 matrix units")
+def test_bf16_embedding_is_close_to_float32(mobile_net, golden_mobile):
+    tensor, data = golden_mobile
+    model = SamModel(mobile_net, "sam", name="m", signature="sig", backend="bf16")
+    assert model.signature == "sig:bf16"
+    with torch.inference_mode():
+        got = model._run_encoder(tensor)
+        exact = mobile_net.encode_image(tensor)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    rel = float((got - exact).norm() / exact.norm())
+    assert 1e-5 < rel < 0.05
+
+
+def test_cli_segment_with_int8_backend_runs_and_refuses_what_cannot_run(scan, golden_dir, tmp_path,  # noqa: F811
+                                                                        monkeypatch, capsys):
+    prompts = _prompts(tmp_path, BOX)
+    outs = {}
+    for backend in ("float32", "int8"):
+        outs[backend] = tmp_path / f"labels-{backend}.nii.gz"
+        code = main(["segment", str(scan), "--prompts", str(prompts), "--out", str(outs[backend]),
+                     "--model", "lite_medsam", "--checkpoint", str(golden_dir / "lite_medsam_random.pth"),
+                     "--device", "cpu", "--backend", backend, "--quiet"])
+        assert code == 0, capsys.readouterr().err
+    a, b = (np.asarray(nib.load(str(outs[k])).dataobj) > 0 for k in ("float32", "int8"))
+    assert a.sum() > 0 and _dice(a, b) > 0.8
+
+    monkeypatch.setattr(backends, "cpu_bf16_hardware", lambda: False)
+    bad = tmp_path / "labels-bf16.nii.gz"
+    code = main(["segment", str(scan), "--prompts", str(prompts), "--out", str(bad), "--model", "lite_medsam",
+                 "--checkpoint", str(golden_dir / "lite_medsam_random.pth"), "--device", "cpu",
+                 "--backend", "bf16", "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "bf16" in err and "no bfloat16 matrix units" in err and not bad.exists()
+
+
+def test_panel_loads_with_the_chosen_backend_and_remembers_it(qtbot, tmp_path, monkeypatch, golden_dir):
+    from napari_medsam._napari.model_panel import ModelPanel
+    from napari_medsam._napari.settings import Settings
+
+    monkeypatch.setenv("NAPARI_MEDSAM_WEIGHTS_DIR", str(tmp_path / "cache"))
+    panel = ModelPanel(Settings())
+    qtbot.addWidget(panel)
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("lite_medsam"))
+    assert panel.set_local_file("lite_medsam", str(golden_dir / "lite_medsam_random.pth"))
+    panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    assert panel.backend == "auto" and panel.backend_combo.currentText() == "float32 (exact)"
+    panel.backend_combo.setCurrentIndex(panel.backend_combo.findData("int8"))
+    with qtbot.waitSignal(panel.model_changed, timeout=60000) as blocker:
+        panel.load()
+    model = blocker.args[0]
+    assert model.backend == "int8" and model.signature.endswith(":int8")
+    assert "int8 encoder" in panel.status.text()
+    assert Settings().get("backend") == "int8"  # the next panel starts with it
+    again = ModelPanel(Settings())
+    qtbot.addWidget(again)
+    assert again.backend == "int8"
+    again.shutdown()
+    panel.shutdown()
