@@ -2,6 +2,7 @@
 
     python benchmarks/compare_official.py [--figures vit_b mobile_sam lite_medsam box_sam box_lite_medsam]
         [--repeats 5] [--threads N] [--official-src DIR] [--rss] [--json OUT.json]
+        [--backend float32|bf16|int8] [--compete N] [--propagation]
 
 Why one run: on a shared machine absolute times drift by 1.5x within an hour, so a speed-up is
 only meaningful as a ratio measured in the same process, on the same input, with the two sides
@@ -35,6 +36,11 @@ Figures (``--figures``):
 The difference column is the max abs difference of the embeddings for encoders and the number of
 mask pixels that differ for prompt figures (random 0.02-scale weights put many logits near 0, so
 a few pixels may flip where |logit| ~ 1e-7; see the golden README).
+
+``--backend`` runs the project's encoder with another backend (models/backends.py: float32 is the
+exact default; bf16 and int8 are approximate, and the difference column then shows by how much).
+``--compete N`` keeps N single-threaded CPU-heavy processes (numpy matrix products) running
+during the figures: the "another program is busy" case, where both sides lose cores.
 
 A figure whose official code cannot be imported is reported as ``skipped (reason)``: the script
 installs nothing and runs in the project's own environment too (then every figure is skipped).
@@ -441,8 +447,31 @@ def project_predictor(network: Any, pipeline: str) -> Any:
     from napari_medsam.segment.predictor import SlicePredictor
 
     volume, mapping = ct_slice()
-    model = SamModel(network, pipeline, name=f"bench-{pipeline}", signature=f"bench-{pipeline}")
+    model = SamModel(network, pipeline, name=f"bench-{pipeline}", signature=f"bench-{pipeline}",
+                     backend=PROJECT_BACKEND)
     return SlicePredictor(model, volume, mapping=mapping, signature="compare-official")
+
+
+PROJECT_BACKEND = "float32"  # the project's encoder backend (--backend; models/backends.py)
+COMPETITOR = ("import numpy as np\n"
+              "a = np.random.default_rng(0).random((1500, 1500))\n"
+              "while True:\n    a = (a @ a) / 1500.0\n")
+
+
+@contextlib.contextmanager
+def competing(n: int) -> Iterator[None]:
+    """``n`` single-threaded CPU-heavy processes (numpy matrix products) running while the block runs."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(2.0)  # let them start and reach their loop
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def _max_abs(a: Any, b: Any) -> float:
@@ -688,6 +717,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS (two ViT-B subprocesses)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures and raw times here")
     parser.add_argument("--rss-child", choices=("official", "project"), help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="float32", choices=("float32", "bf16", "int8"),
+                        help="the project's encoder backend (models/backends.py; default float32, the exact one)")
+    parser.add_argument("--compete", type=int, default=0, metavar="N",
+                        help="run N single-threaded CPU-heavy processes during the measurement")
+    parser.add_argument("--propagation", action="store_true",
+                        help="only the 60-slice LiteMedSAM propagation figure (benchmarks/official_propagation.py)")
     return parser.parse_args(argv)
 
 
@@ -697,17 +732,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    global PROJECT_BACKEND
+    PROJECT_BACKEND = args.backend
     if args.rss_child:
         rss_child(args.rss_child)
         return 0
+    if args.propagation:  # three sides (official, project cold, project warm): a table of its own
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import official_propagation
+
+        return official_propagation.main(args, sys.modules[__name__])
     load_before = os.getloadavg()
     vision = ensure_torchvision()
     print(f"# compare_official: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, torch threads {torch.get_num_threads()}")
     print(f"# torchvision: {vision}")
+    print(f"# project encoder backend: {args.backend}; competing processes: {args.compete}")
     print(f"# load average before: {' '.join(f'{v:.2f}' for v in load_before)}", flush=True)
     results: list[FigureResult] = []
-    with tempfile.TemporaryDirectory(prefix="compare-official-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="compare-official-") as tmp, competing(args.compete):
         ctx = Context(args.repeats, args.golden, args.official_src, Path(tmp))
         for name in args.figures:
             start = time.perf_counter()

@@ -8,8 +8,9 @@ chosen per model and device:
     The networks as written, in float32. Exact: the golden tests (official outputs on seeded
     random weights) pass within their tolerances. The default everywhere.
 ``bf16``
-    The encoder under bfloat16 autocast: matrix products and convolutions in bfloat16 with
-    float32 accumulation, norms and softmax in float32. Only offered where the hardware has
+    The encoder in bfloat16: a converted copy of the SAM 1 family encoders (weights and
+    activations in bfloat16; matrix products accumulate in float32), SAM 2 encoders under
+    bfloat16 autocast. Only offered where the hardware has
     bfloat16 matrix units (CPUs with AMX or AVX512-BF16, CUDA GPUs that support it): elsewhere
     bfloat16 is emulated and many times slower than float32.
 ``int8``
@@ -138,27 +139,39 @@ def make_encoder_runner(network: torch.nn.Module, name: str, device: torch.devic
     if name == "float32":
         return network.encode_image
     if name == "bf16":
-        def run_bf16(image: torch.Tensor) -> torch.Tensor:
+        from .networks.sam import SamNetwork
+
+        if isinstance(network, SamNetwork):
+            # The whole encoder in bfloat16 (a converted copy): no per-call casts of weights and
+            # activations, which under autocast cost more than the products gain on a CPU.
+            return _checked(network, copy.deepcopy(network.image_encoder).to(torch.bfloat16), torch.bfloat16)
+
+        def run_autocast(image: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 out = network.encode_image(image)
             return out.float()
 
-        return run_bf16
+        return run_autocast
     if name == "int8":
         from .networks.sam import SamNetwork
 
         if not isinstance(network, SamNetwork):
             raise DeviceError("int8 is offered for the SAM 1 family encoders (ViT, TinyViT) only")
-        encoder = _quantised_copy(network.image_encoder)
-        size = int(network.image_size)
-
-        def run_int8(image: torch.Tensor) -> torch.Tensor:
-            if image.ndim != 4 or image.shape[1] != 3 or image.shape[-2:] != (size, size):
-                raise ValueError(f"expected a (B, 3, {size}, {size}) tensor, got {tuple(image.shape)}")
-            return encoder(image).float()
-
-        return run_int8
+        return _checked(network, _quantised_copy(network.image_encoder), torch.float32)
     raise DeviceError(f"unknown encoder backend {name!r}")
+
+
+def _checked(network: torch.nn.Module, encoder: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor],
+                                                                                               torch.Tensor]:
+    """``encoder`` (a converted copy of ``network``'s) behind ``encode_image``'s input check, fed ``dtype``."""
+    size = int(network.image_size)
+
+    def run(image: torch.Tensor) -> torch.Tensor:
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[-2:] != (size, size):
+            raise ValueError(f"expected a (B, 3, {size}, {size}) tensor, got {tuple(image.shape)}")
+        return encoder(image.to(dtype)).float()
+
+    return run
 
 
 def _quantised_copy(encoder: torch.nn.Module) -> torch.nn.Module:
