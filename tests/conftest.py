@@ -18,6 +18,11 @@ if "NAPARI_CONFIG" not in os.environ:
 
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="napari-medsam-tests-")) / "settings.yaml")
 
+# Encoders run on a fixed thread count in tests (models/device.py heavy_threads adapts it to other
+# programs' load, which would make float rounding, and so near-zero mask pixels, vary between two
+# runs of one test); tests/test_backends.py checks the adaptation itself.
+os.environ.setdefault("NAPARI_MEDSAM_ADAPTIVE_THREADS", "0")
+
 
 GOLDEN_ENV = "NAPARI_MEDSAM_GOLDEN"
 _golden_missing: list[str] = []  # the message, once, when a test asked for absent golden data

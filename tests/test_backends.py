@@ -160,3 +160,48 @@ def test_panel_loads_with_the_chosen_backend_and_remembers_it(qtbot, tmp_path, m
     assert again.backend == "int8"
     again.shutdown()
     panel.shutdown()
+
+
+# --- threads under contention (models/device.py heavy_threads) ----------------------------------
+
+
+def test_encoder_threads_shrink_to_the_cores_other_programs_leave(monkeypatch):
+    from napari_medsam.models import device
+
+    monkeypatch.delenv(device.ADAPTIVE_ENV, raising=False)
+    monkeypatch.setattr(device, "_threads", None)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 4)
+    for others, expected in ((0, 4), (1, 3), (3, 1), (9, 1)):
+        monkeypatch.setattr(device, "other_runnable", lambda n=others: n)
+        assert device.heavy_threads(4) == expected
+    monkeypatch.setattr(device, "other_runnable", lambda: None)  # not Linux: as asked
+    assert device.heavy_threads(4) == 4
+    monkeypatch.setattr(device, "other_runnable", lambda: 3)
+    monkeypatch.setenv(device.ADAPTIVE_ENV, "0")  # turned off
+    assert device.heavy_threads(4) == 4
+    monkeypatch.delenv(device.ADAPTIVE_ENV)
+    monkeypatch.setattr(device, "_threads", 4)  # the user fixed the count (--threads): kept
+    assert device.heavy_threads(4) == 4
+
+
+def test_an_encode_runs_on_the_free_cores_and_restores_the_count(mobile_net, monkeypatch):
+    from napari_medsam.models import device
+
+    monkeypatch.delenv(device.ADAPTIVE_ENV, raising=False)
+    monkeypatch.setattr(device, "_threads", None)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(device, "other_runnable", lambda: 1)  # another program keeps one core busy
+    seen = []
+    model = SamModel(mobile_net, "sam", name="m", signature="sig")
+    inner = model._run_encoder
+    model._run_encoder = lambda t: (seen.append(torch.get_num_threads()), inner(t))[1]
+    torch.set_num_threads(2)
+    model.encode(np.zeros((64, 64, 3), np.uint8))
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_other_runnable_reads_this_machine():
+    from napari_medsam.models import device
+
+    count = device.other_runnable()
+    assert count is None or count >= 0

@@ -10,12 +10,17 @@ import torch
 from ..errors import DeviceError
 
 __all__ = ["INTERACTIVE_THREADS", "DeviceError", "available_devices", "cpu_threads", "describe_runtime",
-           "resolve_device", "set_cpu_threads", "torch_build"]
+           "heavy_threads", "heavy_work_threads", "other_runnable", "resolve_device", "set_cpu_threads",
+           "torch_build"]
 
 # torch threads of the napari Qt thread, which decodes the clicks while a worker thread encodes
 # slices with cpu_threads(). On a 2-core machine busy with another program, one decode thread
 # kept clicks fastest without slowing the encoder (benchmarks/bench_busy_click.py; figures in
 # docs/performance.md, "Clicks on a busy CPU"): two thread teams on two cores wait on each other.
+# Again with LiteMedSAM (benchmarks/bench_prefetch.py threads, 2 cores, load average 7.6-11, two
+# runs): decode ms with D x E threads, while encoding / encoder stopped: 1x2 500-519 / 251-319,
+# 2x2 150-280 / 2995-3504; with a competing numpy process 1x2 659-941 / 563-578, 2x2 476-630 /
+# 3639-6060; the encoder 1.3-1.8x faster with E=2 than E=1. Kept: D=1 (never 3 s), E=cpu_threads().
 INTERACTIVE_THREADS = 1
 _threads: int | None = None  # the count set with set_cpu_threads (None: torch's default)
 _TORCH_DEFAULT = torch.get_num_threads()  # torch's own choice (physical cores), before anyone changes it
@@ -114,3 +119,70 @@ def set_cpu_threads(n: int | None) -> int:
     _threads = n
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------- threads under contention
+# When other programs keep cores busy, a team of torch threads larger than the free cores runs
+# slower than a smaller one: every parallel operator ends at a barrier that waits for the thread
+# the OS has parked. On the 2-core machine with other jobs runnable, MobileSAM's encoder took
+# 3.5 s on one thread against 6.8 s on two (median of 4 alternating pairs, load ~6); idle, two
+# threads are ~1.8x faster than one. So each heavy call (one encoder run) picks its thread count
+# from the cores free at that moment: see heavy_threads().
+ADAPTIVE_ENV = "NAPARI_MEDSAM_ADAPTIVE_THREADS"  # "0" turns the adaptation off (tests: bit-stable runs)
+
+
+def other_runnable() -> int | None:
+    """Runnable tasks on this machine now, not counting the caller (Linux ``/proc/loadavg``), or None.
+
+    The fourth field of /proc/loadavg is "runnable/total" at this instant (the caller is one of
+    the runnable). The median of three reads 1 ms apart smooths a passing blip.
+    """
+    import time
+
+    counts = []
+    for i in range(3):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                field = handle.read().split()[3]
+            counts.append(int(field.split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        if i < 2:
+            time.sleep(0.001)
+    return sorted(counts)[1]
+
+
+def heavy_threads(upper: int | None = None) -> int:
+    """The torch thread count for one heavy call (an encoder run) now.
+
+    At most ``upper`` (default :func:`cpu_threads`); when the count was not fixed by the user
+    (set_cpu_threads, the CLI's --threads) and other tasks are runnable, no more than the cores
+    they leave free, and at least one.
+    """
+    wanted = max(1, upper or cpu_threads())
+    if _threads is not None or wanted == 1 or os.environ.get(ADAPTIVE_ENV, "").strip() == "0":
+        return wanted
+    others = other_runnable()
+    if others is None:
+        return wanted
+    cores = os.cpu_count() or wanted
+    return max(1, min(wanted, cores - others))
+
+
+class heavy_work_threads:
+    """``with heavy_work_threads(): ...`` runs the block with :func:`heavy_threads` torch threads.
+
+    The caller's current count is the upper bound; the count is set on the calling thread
+    (torch's OpenMP team is per thread) and restored afterwards.
+    """
+
+    def __enter__(self) -> int:
+        self._before = torch.get_num_threads()
+        self.threads = heavy_threads(self._before)
+        if self.threads != self._before:
+            torch.set_num_threads(self.threads)
+        return self.threads
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self._before:
+            torch.set_num_threads(self._before)

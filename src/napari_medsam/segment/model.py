@@ -121,7 +121,12 @@ class SamModel:
         # official contiguous layout, which its golden comparison was made with.
         if self.device.type == "cpu" and self.family == "sam":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        return self._run_encoder(tensor).float().cpu().numpy()
+        if self.device.type != "cpu":
+            return self._run_encoder(tensor).float().cpu().numpy()
+        from ..models.device import heavy_work_threads
+
+        with heavy_work_threads():  # fewer threads while other programs keep cores busy (device.py)
+            return self._run_encoder(tensor).float().cpu().numpy()
 
     def feature_map(self, embedding: np.ndarray | torch.Tensor) -> np.ndarray:
         """The (C, G, G) image features of an :meth:`encode` result, e.g. to pool them over a mask.
