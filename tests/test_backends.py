@@ -162,46 +162,46 @@ def test_panel_loads_with_the_chosen_backend_and_remembers_it(qtbot, tmp_path, m
     panel.shutdown()
 
 
-# --- threads under contention (models/device.py heavy_threads) ----------------------------------
+# --- threads under contention (models/device.py ThreadChooser) -----------------------------------
 
 
-def test_encoder_threads_shrink_to_the_cores_other_programs_leave(monkeypatch):
+def test_thread_chooser_keeps_the_full_count_idle_and_drops_to_one_when_calls_slow_down():
+    from napari_medsam.models.device import ThreadChooser
+
+    chooser = ThreadChooser(slow=1.5, probe=4)
+    for seconds in (1.2, 1.0, 1.05, 1.4):  # idle: the full count every time
+        assert chooser.pick(2) == 2
+        chooser.record(2, 2, seconds)
+    assert chooser.pick(2) == 2
+    chooser.record(2, 2, 2.0)  # 2x the best: another program holds a core
+    picks = []
+    for _ in range(7):
+        n = chooser.pick(2)
+        picks.append(n)
+        chooser.record(n, 2, 1.1 if n == 1 else 2.2)  # one thread wins while the other program runs
+    assert picks == [1, 1, 1, 2, 1, 1, 1]  # every 4th call probes the full count again
+    # the other program ended: the next probe is faster than one thread, and the full count stays
+    assert chooser.pick(2) == 2
+    chooser.record(2, 2, 1.0)
+    assert [chooser.pick(2) for _ in range(5)] == [2] * 5
+    single = ThreadChooser()
+    single.record(1, 1, 9.0)
+    assert single.pick(1) == 1
+
+
+def test_an_encode_reports_to_the_chooser_and_restores_the_count(mobile_net, monkeypatch):
     from napari_medsam.models import device
 
-    monkeypatch.delenv(device.ADAPTIVE_ENV, raising=False)
+    monkeypatch.setenv(device.ADAPTIVE_ENV, "1")
     monkeypatch.setattr(device, "_threads", None)
-    monkeypatch.setattr(device.os, "cpu_count", lambda: 4)
-    for others, expected in ((0, 4), (1, 3), (3, 1), (9, 1)):
-        monkeypatch.setattr(device, "other_runnable", lambda n=others: n)
-        assert device.heavy_threads(4) == expected
-    monkeypatch.setattr(device, "other_runnable", lambda: None)  # not Linux: as asked
-    assert device.heavy_threads(4) == 4
-    monkeypatch.setattr(device, "other_runnable", lambda: 3)
-    monkeypatch.setenv(device.ADAPTIVE_ENV, "0")  # turned off
-    assert device.heavy_threads(4) == 4
-    monkeypatch.delenv(device.ADAPTIVE_ENV)
-    monkeypatch.setattr(device, "_threads", 4)  # the user fixed the count (--threads): kept
-    assert device.heavy_threads(4) == 4
-
-
-def test_an_encode_runs_on_the_free_cores_and_restores_the_count(mobile_net, monkeypatch):
-    from napari_medsam.models import device
-
-    monkeypatch.delenv(device.ADAPTIVE_ENV, raising=False)
-    monkeypatch.setattr(device, "_threads", None)
-    monkeypatch.setattr(device.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(device, "other_runnable", lambda: 1)  # another program keeps one core busy
-    seen = []
     model = SamModel(mobile_net, "sam", name="m", signature="sig")
+    seen = []
     inner = model._run_encoder
     model._run_encoder = lambda t: (seen.append(torch.get_num_threads()), inner(t))[1]
+    model._threads.single = True  # as after a slow call
     torch.set_num_threads(2)
     model.encode(np.zeros((64, 64, 3), np.uint8))
-    assert seen == [1] and torch.get_num_threads() == 2
-
-
-def test_other_runnable_reads_this_machine():
-    from napari_medsam.models import device
-
-    count = device.other_runnable()
-    assert count is None or count >= 0
+    assert seen == [1] and torch.get_num_threads() == 2 and model._threads.last_one is not None
+    monkeypatch.setattr(device, "_threads", 2)  # the user fixed the count (--threads): kept
+    model.encode(np.zeros((64, 64, 3), np.uint8))
+    assert seen == [1, 2]

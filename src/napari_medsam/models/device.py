@@ -10,7 +10,7 @@ import torch
 from ..errors import DeviceError
 
 __all__ = ["INTERACTIVE_THREADS", "DeviceError", "available_devices", "cpu_threads", "describe_runtime",
-           "heavy_threads", "heavy_work_threads", "other_runnable", "resolve_device", "set_cpu_threads",
+           "ThreadChooser", "adaptive_threads", "heavy_work_threads", "resolve_device", "set_cpu_threads",
            "torch_build"]
 
 # torch threads of the napari Qt thread, which decodes the clicks while a worker thread encodes
@@ -124,65 +124,87 @@ def set_cpu_threads(n: int | None) -> int:
 # ---------------------------------------------------------------------- threads under contention
 # When other programs keep cores busy, a team of torch threads larger than the free cores runs
 # slower than a smaller one: every parallel operator ends at a barrier that waits for the thread
-# the OS has parked. On the 2-core machine with other jobs runnable, MobileSAM's encoder took
-# 3.5 s on one thread against 6.8 s on two (median of 4 alternating pairs, load ~6); idle, two
-# threads are ~1.8x faster than one. So each heavy call (one encoder run) picks its thread count
-# from the cores free at that moment: see heavy_threads().
+# the OS has parked. On the 2-core machine with other jobs running (load ~6), MobileSAM's
+# encoder took 3.5 s on one thread against 6.8 s on two (median of 4 alternating pairs); idle,
+# two threads are ~1.8x faster than one. The instantaneous run queue (/proc/loadavg) did not
+# predict which count wins (at a queue of 3 two threads still won 0.89 s to 1.62 s: short-lived
+# tasks), so the choice is made from the encoder's own times: see ThreadChooser.
 ADAPTIVE_ENV = "NAPARI_MEDSAM_ADAPTIVE_THREADS"  # "0" turns the adaptation off (tests: bit-stable runs)
 
 
-def other_runnable() -> int | None:
-    """Runnable tasks on this machine now, not counting the caller (Linux ``/proc/loadavg``), or None.
+class ThreadChooser:
+    """Picks the torch thread count of a repeated heavy call (one model's encoder) from its own times.
 
-    The fourth field of /proc/loadavg is "runnable/total" at this instant (the caller is one of
-    the runnable). The median of three reads 1 ms apart smooths a passing blip.
+    All calls do the same work (one slice at the model's input size), so their times compare.
+    It runs on the full count (``upper``) while calls take about the best time seen; a call that
+    takes ``slow`` times the best means other programs hold cores, and the next calls run on one
+    thread. On one thread, every ``probe``-th call tries the full count again and the faster
+    count stays. Idle, nothing changes: every call runs on the full count.
     """
-    import time
 
-    counts = []
-    for i in range(3):
-        try:
-            with open("/proc/loadavg", encoding="ascii") as handle:
-                field = handle.read().split()[3]
-            counts.append(int(field.split("/")[0]) - 1)
-        except (OSError, IndexError, ValueError):
-            return None
-        if i < 2:
-            time.sleep(0.001)
-    return sorted(counts)[1]
+    def __init__(self, slow: float = 1.5, probe: int = 4) -> None:
+        self.slow, self.probe = slow, probe
+        self.best_full: float | None = None  # fastest call on the full count
+        self.last_one: float | None = None  # the last call on one thread
+        self.single = False  # running on one thread now
+        self._since_probe = 0
+
+    def pick(self, upper: int) -> int:
+        """The thread count for the next call (at most ``upper``)."""
+        if upper <= 1 or not self.single:
+            return max(1, upper)
+        self._since_probe += 1
+        if self._since_probe >= self.probe:  # see whether the cores are free again
+            self._since_probe = 0
+            return upper
+        return 1
+
+    def record(self, threads: int, upper: int, seconds: float) -> None:
+        """The call that ran on ``threads`` (of ``upper``) took ``seconds``."""
+        if upper <= 1:
+            return
+        if threads == 1:
+            self.last_one = seconds
+            return
+        if self.best_full is None or seconds < self.best_full:
+            self.best_full = seconds
+        if self.single:
+            if self.last_one is None or seconds <= self.last_one:
+                self.single = False  # the full count is at least as fast again
+        elif seconds > self.slow * self.best_full:
+            self.single, self._since_probe = True, 0
 
 
-def heavy_threads(upper: int | None = None) -> int:
-    """The torch thread count for one heavy call (an encoder run) now.
-
-    At most ``upper`` (default :func:`cpu_threads`); when the count was not fixed by the user
-    (set_cpu_threads, the CLI's --threads) and other tasks are runnable, no more than the cores
-    they leave free, and at least one.
-    """
-    wanted = max(1, upper or cpu_threads())
-    if _threads is not None or wanted == 1 or os.environ.get(ADAPTIVE_ENV, "").strip() == "0":
-        return wanted
-    others = other_runnable()
-    if others is None:
-        return wanted
-    cores = os.cpu_count() or wanted
-    return max(1, min(wanted, cores - others))
+def adaptive_threads() -> bool:
+    """Whether heavy calls may use fewer threads than asked: not when the user fixed the count."""
+    return _threads is None and os.environ.get(ADAPTIVE_ENV, "").strip() != "0"
 
 
 class heavy_work_threads:
-    """``with heavy_work_threads(): ...`` runs the block with :func:`heavy_threads` torch threads.
+    """``with heavy_work_threads(chooser): ...`` runs one heavy call on the count ``chooser`` picks.
 
-    The caller's current count is the upper bound; the count is set on the calling thread
-    (torch's OpenMP team is per thread) and restored afterwards.
+    The caller's current torch count is the upper bound; the count is set on the calling thread
+    (torch's OpenMP team is per thread) and restored afterwards, and the call's time is reported
+    to the chooser. With the adaptation off (:func:`adaptive_threads`) the count is left alone.
     """
 
+    def __init__(self, chooser: ThreadChooser) -> None:
+        self.chooser = chooser
+
     def __enter__(self) -> int:
+        import time
+
         self._before = torch.get_num_threads()
-        self.threads = heavy_threads(self._before)
+        self.threads = self.chooser.pick(self._before) if adaptive_threads() else self._before
         if self.threads != self._before:
             torch.set_num_threads(self.threads)
+        self._start = time.perf_counter()
         return self.threads
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        import time
+
+        if exc_type is None and adaptive_threads():
+            self.chooser.record(self.threads, self._before, time.perf_counter() - self._start)
         if torch.get_num_threads() != self._before:
             torch.set_num_threads(self._before)

@@ -64,6 +64,9 @@ class SamModel:
         self.backend = resolve_backend(backend, self.device, arch)
         self.signature = (signature or f"{self.name}:unsigned:{id(network)}") + signature_suffix(self.backend)
         self._run_encoder = make_encoder_runner(self.network, self.backend, self.device)
+        from ..models.device import ThreadChooser
+
+        self._threads = ThreadChooser()  # the encoder's thread count under contention
         self.image_size = int(network.image_size)
         # Side of the decoder's mask logits: 256 for SAM 1 and 1024-px SAM 2, 128 for MedSAM2.
         self.low_res = int(getattr(network, "low_res_size", LOW_RES))
@@ -125,7 +128,7 @@ class SamModel:
             return self._run_encoder(tensor).float().cpu().numpy()
         from ..models.device import heavy_work_threads
 
-        with heavy_work_threads():  # fewer threads while other programs keep cores busy (device.py)
+        with heavy_work_threads(self._threads):  # one thread while other programs hold cores (device.py)
             return self._run_encoder(tensor).float().cpu().numpy()
 
     def feature_map(self, embedding: np.ndarray | torch.Tensor) -> np.ndarray:
