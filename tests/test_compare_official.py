@@ -160,3 +160,102 @@ def test_torchvision_stand_in(bench):
         sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
+
+
+# ---------------------------------------------------------------------- benchmarks/official_propagation.py
+PROPAGATION = SCRIPT.parent / "official_propagation.py"
+
+
+@pytest.fixture(scope="module")
+def prop():
+    spec = importlib.util.spec_from_file_location("official_propagation_under_test", PROPAGATION)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_official_loop_covers_every_slice_once_from_the_middle(prop):
+    key, up, down = prop.official_slice_order(60)
+    assert key == 29 and up[0] == 29 and up[-1] == 59 and down == list(range(28, -1, -1))
+    assert sorted(up + down) == list(range(60))
+    key, up, down = prop.official_slice_order(7)
+    assert (key, up, down) == (3, [3, 4, 5, 6], [2, 1, 0])
+
+
+class _NoisyPredictor:
+    """Answers every box with a mask of its own (some slices empty) and a negative IoU estimate, like random weights."""
+
+    axis = 0
+    slice_shape = (32, 32)
+
+    def __init__(self) -> None:
+        self.predicted: list[int] = []
+
+    def embed(self, index):
+        return None
+
+    def predict(self, index, prompts, multimask=False):
+        from napari_medsam.segment.predictor import SliceMasks
+
+        self.predicted.append(int(index))
+        mask = np.zeros((1, 32, 32), bool)
+        if index % 4 != 1:  # an empty answer on every fourth slice
+            r = 2 + (7 * index) % 12
+            mask[0, r:r + 14, 20 - r // 2:30 - r // 2] = True
+        return SliceMasks(mask, np.array([-0.3]), np.zeros((1, 256, 256), np.float32), index=index)
+
+
+def test_accept_all_rule_makes_propagation_visit_every_slice(prop):
+    from napari_medsam.segment.predictor import Prompts
+    from napari_medsam.segment.propagation import StopRule, propagate
+
+    def run(stop):
+        predictor = _NoisyPredictor()
+        labels = np.zeros((20, 32, 32), np.uint8)
+        propagate(predictor, labels, 1, {10: Prompts(box=[4, 4, 20, 20])}, stop=stop,
+                  prompt=prop.project_prompt_settings(), fill_skipped=False)
+        return predictor.predicted, labels
+
+    visited, _ = run(StopRule())  # the default rule rejects a negative score and ends both fronts early
+    assert len(visited) < 20
+    visited, labels = run(prop.accept_all_rule(20))
+    assert sorted(visited) == list(range(20))  # each slice predicted exactly once
+    written = [z for z in range(20) if labels[z].any()]
+    assert written == [z for z in range(20) if z % 4 != 1]  # every non-empty answer kept, nothing interpolated
+
+
+def test_project_box_in_the_256_frame_and_prompt_margin(prop):
+    assert prop.box_256_of_rc([148.0, 80.0, 363.0, 299.0]) == (40, 74, 149, 181)  # (x0, y0, x1, y1), truncated
+    assert prop.box_256_of_rc([0.0, 0.0, 511.0, 511.0]) == (0, 0, 255, 255)
+    settings = prop.project_prompt_settings()
+    assert settings.mode == "box" and settings.box_margin_px == 6.0 and settings.box_margin_fraction == 0.0
+
+
+def test_rounds_alternate_and_ratio_is_median_of_rounds(prop):
+    calls: list[str] = []
+    sides = {name: (lambda n=name: calls.append(n) or n) for name in prop.SIDES}
+    times, outputs = prop.rounds(sides, repeats=3)
+    o, c, w = prop.SIDES
+    assert calls == [o, c, w, w, c, o, o, c, w]
+    assert outputs == {n: n for n in prop.SIDES} and all(len(t) == 3 for t in times.values())
+    figure = prop.PropagationFigure({o: [6.0, 8.0, 30.0], c: [2.0, 8.0, 5.0], w: [1.0, 1.0, 1.0]}, n_slices=2)
+    assert figure.ratio(c) == 3.0  # ratios 3, 1, 6; the ratio of the medians would be 8 / 5
+    assert "| project cold | 5.00 s | 2500.0 ms | 3.00 | 3 |" in figure.table()
+
+
+def test_propagation_flag_skips_without_golden_or_official_code(bench, tmp_path, capsys):
+    assert bench.main(["--propagation", "--golden", str(tmp_path), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "load average before:" in out and "skipped (golden checkpoint" in out
+    (tmp_path / "lite_medsam_random.pth").write_bytes(b"")
+    env_src = os.environ.pop("NAPARI_MEDSAM_OFFICIAL_SRC", None)
+    try:
+        assert bench.main(["--propagation", "--golden", str(tmp_path), "--repeats", "1"]) == 0
+    finally:
+        if env_src is not None:
+            os.environ["NAPARI_MEDSAM_OFFICIAL_SRC"] = env_src
+    assert "skipped (no official sources" in capsys.readouterr().out
