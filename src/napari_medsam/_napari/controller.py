@@ -12,6 +12,13 @@ are rewritten from the session, so markers and masks always agree.
 The encoder never runs on the Qt thread: a slice without a cached embedding is embedded by
 an :class:`~.workers.EmbeddingQueue` worker and predicted when it returns; landing on a slice
 starts embedding it ahead of the first click. The decoder (a few ms) runs on the Qt thread.
+
+Prefetch: once the slice shown is embedded, its neighbours (i+1, i-1, i+2, ... up to
+:data:`PREFETCH_RADIUS` each side) are embedded while the queue is idle, so scrolling one slice
+and clicking gives a mask at once. They go last in the queue, are re-centred whenever the view
+moves, never evict the slice shown from the memory cache, wait while another background job
+(precompute, propagation, a model loading) uses the CPU, and leave the status line alone
+("ready": the slice shown is). The "prefetch" setting switches it off.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ __all__ = ["AXIS_NAMES", "MOUSE_ACTIONS", "NEGATIVE_COLOR", "NEGATIVE_MODIFIERS"
 # Where the canvas text the plugin shows ("object 1: key slice") goes: napari puts it bottom-right
 # by default, under its notification toasts (and beside the scale bar and slice counter there).
 TEXT_OVERLAY_POSITION = "top_left"
+
+# Slices embedded ahead on each side of the one shown (fewer when the memory cache holds fewer).
+PREFETCH_RADIUS = 2
 
 
 def canvas_text_overlay(viewer: Any) -> Any:
@@ -143,8 +153,11 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         self._gestures = 0  # mouse gestures under way on the prompt layers
         self.status = "ready"
         self._closed = False
+        self.prefetch_radius = PREFETCH_RADIUS
+        self._probe_state: tuple | None = None  # what _probe_predictor was made for
+        self._probe_predictor: Any = None
         self.queue = EmbeddingQueue(self._embed_job, on_start=self._on_embed_start, on_done=self._on_embedded,
-                                    on_error=self._on_embed_error)
+                                    on_error=self._on_embed_error, may_prefetch=self._may_prefetch)
         if prompt_layers is None or any(layer not in viewer.layers for layer in prompt_layers):
             prompt_layers = add_prompt_layers(viewer, image_layer)
         self.points_layer, self.boxes_layer = prompt_layers
@@ -255,9 +268,10 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             return
         self.view_changed.emit()
         plane = self.current_plane()
+        self.queue.withdraw_prefetch()  # re-centred below, once the slice shown is embedded
         if plane is None:
             self.queue.withdraw_landing()  # a slice scrolled past: not worth an encoder run now
-            if self.queue.running is None:
+            if self.queue.running is None or self.queue.prefetching:
                 self._set_status("switch to a 2D view of the scan to segment")
             return
         if self.is_embedded(*plane):
@@ -266,6 +280,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
                 self._set_status("ready")
             else:
                 self._on_embed_start(*self.queue.running)
+            self._schedule_prefetch(plane)
         else:
             self.queue.request(*plane)
             if self.queue.running is not None:
@@ -337,12 +352,98 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         return self.scan_signature()
 
     def _on_embed_start(self, axis: int, index: int) -> None:
-        """Name the slice being embedded; when it is not the one shown, say so and what comes next."""
-        text = f"embedding slice {index} ({AXIS_NAMES[axis]})"
+        """Name the slice being embedded; when it is not the one shown, say so and what comes next.
+
+        A prefetch the user is not waiting for leaves the status as it is ("ready" on the slice shown).
+        """
         plane = self.current_plane()
+        if self.queue.prefetching:
+            if plane is not None and not self._probe(plane[0]).is_embedded(plane[1]):
+                self._set_status(f"prefetching slice {index} ({AXIS_NAMES[axis]}); slice {plane[1]} (shown) next...")
+            elif plane is not None and self.status != "ready":
+                self._set_status("ready")
+            return
+        text = f"embedding slice {index} ({AXIS_NAMES[axis]})"
         if plane is not None and plane != (axis, index) and not self.is_embedded(*plane):
             text += f", left earlier; slice {plane[1]} (shown) next"
         self._set_status(text + "...")
+
+    # ------------------------------------------------------------------ prefetch
+    @property
+    def prefetch(self) -> bool:
+        """Whether the neighbours of the slice shown are embedded ahead while idle (kept in the settings file)."""
+        return bool(self.settings.get("prefetch"))
+
+    @prefetch.setter
+    def prefetch(self, value: bool) -> None:
+        self.settings.set("prefetch", bool(value))
+        self.queue.withdraw_prefetch()
+        if value and not self._closed:
+            plane = self.current_plane()
+            if plane is not None and self.is_embedded(*plane):
+                self._schedule_prefetch(plane)
+
+    def prefetch_targets(self, axis: int, index: int) -> list[tuple[int, int]]:
+        """The uncached neighbours of slice ``index`` to embed ahead, nearest first (i+1, i-1, i+2, ...).
+
+        At most :attr:`prefetch_radius` each side, and fewer when the memory cache could not hold
+        them and the slice shown together.
+        """
+        return [item for item in self._neighbours(axis, index) if not self.is_embedded(*item)]
+
+    def _neighbours(self, axis: int, index: int) -> list[tuple[int, int]]:
+        radius = min(int(self.prefetch_radius), self._prefetch_room())
+        count = self._array.shape[axis]
+        order = [index + sign * step for step in range(1, radius + 1) for sign in (1, -1)]
+        return [(axis, i) for i in order if 0 <= i < count]
+
+    def _prefetch_room(self) -> int:
+        """How many slices each side the memory cache holds beside the slice shown (unbounded before the first)."""
+        memory = getattr(self.cache, "memory", None)
+        entries = len(memory) if memory is not None else 0
+        if not entries:
+            return int(self.prefetch_radius)
+        per_slice = max(1, memory.nbytes // entries)
+        return max(0, (memory.max_bytes // per_slice - 1) // 2)
+
+    def _schedule_prefetch(self, plane: tuple[int, int]) -> None:
+        """Queue the neighbours of ``plane`` (embedded, shown) for prefetch, replacing the queued ones."""
+        if self._closed or not self.prefetch or self.flat:
+            return
+        # Cached ones are dropped when their turn comes (_may_prefetch): no cache look-ups while scrolling.
+        targets = self._neighbours(*plane)
+        if targets:
+            self.queue.prefetch(targets)
+
+    def _may_prefetch(self, axis: int, index: int) -> bool | None:
+        """The queue asks before a prefetch starts: True go, False drop it, None not now."""
+        if self._closed or not self.prefetch or self._signature is None or self._probe(axis).is_embedded(index):
+            return False
+        from qtpy.QtCore import QThreadPool
+
+        if QThreadPool.globalInstance().activeThreadCount() > 0:  # precompute, propagation, a model loading...
+            return None
+        plane = self.current_plane()
+        if plane is not None:
+            self._keep_in_memory(plane)
+        return True
+
+    def _probe(self, axis: int) -> SlicePredictor:
+        """A predictor made as the embedding job makes its own (embed_slices), for looking up its cache keys."""
+        with self._state_lock:
+            state = (axis, id(self.model), id(self.mapping), self._signature)
+        if self._probe_state != state:
+            self._probe_state, self._probe_predictor = state, self._make_predictor(axis, str(state[3]))
+        return self._probe_predictor
+
+    def _keep_in_memory(self, plane: tuple[int, int]) -> None:
+        """Make the slice shown the most recently used memory-cache entry, so a prefetch never evicts it."""
+        memory = getattr(self.cache, "memory", None)
+        if memory is None:
+            return
+        key = self._probe(plane[0]).key(plane[1])
+        if memory.peek(key):
+            memory.get(key)
 
     def _on_embedded(self, axis: int, index: int, signature: object) -> None:
         with self._state_lock:
@@ -352,12 +453,15 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             self._waiting.discard(key)
             self._update_slice(key)
             landed.append(key)
-        off_screen = [k for k in landed if k[:2] != self.current_plane() and k[2] in self.session]
+        plane = self.current_plane()
+        if plane == (axis, index) and not self.queue.prefetch_pending:
+            self._schedule_prefetch(plane)  # the slice shown is embedded: its neighbours next, while idle
+        off_screen = [k for k in landed if k[:2] != plane and k[2] in self.session]
         if off_screen:
             # The prompt was made before the user left the slice: say where its mask went.
             names = ", ".join(self.session.object(k[2]).name for k in off_screen)
             self._set_status(f"{names}: slice {index} ({AXIS_NAMES[axis]}) segmented from the prompt made there")
-        elif self.queue.running is None:
+        elif self.queue.running is None and self.status != "ready":  # not again after each prefetch
             self._set_status("ready")
 
     def _on_embed_error(self, axis: int, index: int, error: Exception) -> None:
@@ -402,6 +506,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             self.session.set_prompts(label, axis, index, points, positive, group.box)
             self.session.apply_prediction(label, axis, index, masks)
         self._last_key = key
+        self.queue.postpone_prefetch()  # the user is clicking: keep the CPU free for the next decode
         self.mask_written.emit((axis, index, label))
 
     def _refine_logits(self, key: Key, group: SlicePrompts) -> np.ndarray | None:

@@ -8,6 +8,14 @@ newest ("latest wins"), since embedding a slice the user scrolled past is wasted
 landing request starts only once the view has stayed on that slice for
 :data:`LANDING_DELAY_MS`: a running encoder cannot be interrupted, so a slice merely scrolled
 through must not start one ahead of the slice the user stops on.
+
+*Prefetch* requests (the neighbours of the slice the user is on, nearest first) come last: one
+starts only when no urgent or landing request waits and the queue has been idle for
+:data:`PREFETCH_DELAY_MS` (also since the user's last prompt), and only when the owner's
+``may_prefetch`` check allows it then (that slice still uncached, no other background job using
+the CPU). A new list replaces the queued one, so moving to another slice re-centres it. Still
+one encoder job at a time: a prefetch that has started runs to its end, and whatever the user
+asks meanwhile comes next.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ THREAD_EXPIRY_MS = 250
 # A landing request starts after the view has stayed this long on the slice (wheel and slider
 # steps while scrolling come faster than this).
 LANDING_DELAY_MS = 150
+
+# A queued prefetch starts once the queue has had nothing else to do for this long after the
+# prefetch list was (re)made or the user's last prompt (postpone_prefetch): the first clicks on a
+# slice that has just become ready, and a user still scrolling, find the CPU free of the encoder
+# (a decode beside a running encoder took 1.6-2x longer on 2 cores: bench_prefetch.py threads).
+PREFETCH_DELAY_MS = 1000
 
 
 def short_lived_threads() -> None:
@@ -123,7 +137,12 @@ Slice = tuple[int, int]  # (axis, index)
 
 
 class EmbeddingQueue:
-    """Runs ``job(axis, index)`` in a napari thread worker, one at a time, and reports back on the Qt thread."""
+    """Runs ``job(axis, index)`` in a napari thread worker, one at a time, and reports back on the Qt thread.
+
+    ``may_prefetch(axis, index)``, when set, is asked on the Qt thread before a prefetch starts:
+    True starts it, False drops that slice (cached meanwhile), None means "not now" (tried again
+    after :data:`PREFETCH_DELAY_MS`).
+    """
 
     def __init__(
         self,
@@ -132,17 +151,24 @@ class EmbeddingQueue:
         on_start: Callable[[int, int], None],
         on_done: Callable[[int, int, object], None],
         on_error: Callable[[int, int, Exception], None],
+        may_prefetch: Callable[[int, int], bool | None] | None = None,
     ) -> None:
         self._job = job
         self._on_start = on_start
         self._on_done = on_done
         self._on_error = on_error
+        self.may_prefetch = may_prefetch
         self._urgent: list[Slice] = []
         self._landing: Slice | None = None
         self._landing_ready = False  # the view stayed on the landing slice for landing_delay_ms
         self.landing_delay_ms = LANDING_DELAY_MS
         self._timer: Any = None
+        self._prefetch: list[Slice] = []
+        self._prefetch_ready = False  # the queue stayed idle for prefetch_delay_ms since the list was made
+        self.prefetch_delay_ms = PREFETCH_DELAY_MS
+        self._prefetch_timer: Any = None
         self._running: Slice | None = None
+        self._running_prefetch = False
         self._worker = None
         self._closed = False
         qt_thread_threads()  # made on the Qt thread by the controller, which decodes there
@@ -153,19 +179,32 @@ class EmbeddingQueue:
         return self._running
 
     @property
+    def prefetching(self) -> bool:
+        """True while the running job is a prefetch nobody has asked for since."""
+        return self._running is not None and self._running_prefetch
+
+    @property
     def pending(self) -> list[Slice]:
-        """Slices waiting for their turn, next first."""
+        """Slices waiting for their turn, next first (prefetch requests not included: see :attr:`prefetch_pending`)."""
         waiting = list(self._urgent)
         if self._landing is not None and self._landing not in waiting:
             waiting.append(self._landing)
         return waiting
+
+    @property
+    def prefetch_pending(self) -> list[Slice]:
+        """Prefetch requests not started yet, next first."""
+        return list(self._prefetch)
 
     def request(self, axis: int, index: int, *, urgent: bool = False) -> None:
         """Ask for slice ``index`` along ``axis``; a landing request replaces an older queued one."""
         if self._closed:
             return
         item = (int(axis), int(index))
+        if item in self._prefetch:  # asked for now: no longer a prefetch
+            self._prefetch.remove(item)
         if item == self._running:
+            self._running_prefetch = False  # somebody waits for it now
             if not urgent:  # back on the slice being embedded: the slices scrolled past since then wait
                 self.withdraw_landing()
             return
@@ -190,6 +229,31 @@ class EmbeddingQueue:
         if self._timer is not None:
             self._timer.stop()
 
+    def prefetch(self, items: list[Slice]) -> None:
+        """Embed these slices, in this order, when there is nothing else to do; replaces the queued prefetch list."""
+        if self._closed:
+            return
+        self.withdraw_prefetch()
+        self._prefetch = [(int(a), int(i)) for a, i in items if (int(a), int(i)) != self._running]
+        if not self._prefetch:
+            return
+        if self.prefetch_delay_ms <= 0:
+            self._prefetch_ready = True
+            self._start_next()
+        else:
+            self._restart_prefetch_timer()
+
+    def postpone_prefetch(self) -> None:
+        """Start the queued prefetch only after another :data:`PREFETCH_DELAY_MS` (the user is busy on the slice)."""
+        if self._prefetch and not self._closed and self.prefetch_delay_ms > 0:
+            self._restart_prefetch_timer()
+
+    def withdraw_prefetch(self) -> None:
+        """Forget the queued prefetch requests (one already running ends as it is)."""
+        self._prefetch, self._prefetch_ready = [], False
+        if self._prefetch_timer is not None:
+            self._prefetch_timer.stop()
+
     def _restart_timer(self) -> None:
         from qtpy.QtCore import QTimer
 
@@ -199,9 +263,24 @@ class EmbeddingQueue:
             self._timer.timeout.connect(self._on_landed)
         self._timer.start(int(self.landing_delay_ms))
 
+    def _restart_prefetch_timer(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        if self._prefetch_timer is None:
+            self._prefetch_timer = QTimer()
+            self._prefetch_timer.setSingleShot(True)
+            self._prefetch_timer.timeout.connect(self._on_prefetch_due)
+        self._prefetch_ready = False
+        self._prefetch_timer.start(max(1, int(self.prefetch_delay_ms)))
+
     def _on_landed(self) -> None:
         if self._landing is not None:
             self._landing_ready = True
+            self._start_next()
+
+    def _on_prefetch_due(self) -> None:
+        if self._prefetch:
+            self._prefetch_ready = True
             self._start_next()
 
     def close(self) -> None:
@@ -209,23 +288,43 @@ class EmbeddingQueue:
         self._closed = True
         self._urgent.clear()
         self.withdraw_landing()
+        self.withdraw_prefetch()
+
+    def _next_prefetch(self) -> Slice | None:
+        """The prefetch request to start now, or None (none ready, or the owner says not now)."""
+        while self._prefetch and self._prefetch_ready:
+            item = self._prefetch[0]
+            verdict = True if self.may_prefetch is None else self.may_prefetch(*item)
+            if verdict is None:  # not now: look again a moment later
+                self._restart_prefetch_timer()
+                return None
+            self._prefetch.pop(0)
+            if verdict:
+                return item
+        return None
 
     def _start_next(self) -> None:
         if self._closed or self._running is not None:
             return
+        prefetch = False
         if self._urgent:
             item = self._urgent.pop(0)
-        elif self._landing is not None and self._landing_ready:
+        elif self._landing is not None:
+            if not self._landing_ready:
+                return  # a landing request waits for its delay: no prefetch ahead of it
             item, self._landing, self._landing_ready = self._landing, None, False
         else:
-            return
-        self._running = item
+            found = self._next_prefetch()
+            if found is None:
+                return
+            item, prefetch = found, True
+        self._running, self._running_prefetch = item, prefetch
         self._on_start(*item)
         self._worker = start_worker(self._job, *item, on_done=lambda result, item=item: self._finished(item, result, None),
                                     on_error=lambda exc, item=item: self._finished(item, None, exc))
 
     def _finished(self, item: Slice, result: object, error: Exception | None) -> None:
-        self._running = None
+        self._running, self._running_prefetch = None, False
         self._worker = None
         if not self._closed:
             if error is not None:  # start_worker has logged it
