@@ -118,6 +118,10 @@ def _attend_blocked(
     height, width = rel_rows.shape[-1], rel_cols.shape[-1]
     out = torch.empty_like(v)
     keys_t = k.transpose(1, 2)
+    if q.dtype != torch.float32:
+        # bfloat16 (the bf16 backend): the reduced-precision batched product copies a transposed
+        # or strided operand on every call (48% of the encoder's time); copy it once here instead.
+        keys_t, v = keys_t.contiguous(), v.contiguous()
     step = max(1, min(tokens, _SCORE_BLOCK // (heads_batch * tokens)))
     size = heads_batch * step * tokens
     scores_buf = torch.empty(size, dtype=q.dtype, device=q.device)
