@@ -168,7 +168,7 @@ def test_panel_loads_with_the_chosen_backend_and_remembers_it(qtbot, tmp_path, m
 def test_thread_chooser_keeps_the_full_count_idle_and_drops_to_one_when_calls_slow_down():
     from napari_medsam.models.device import ThreadChooser
 
-    chooser = ThreadChooser(slow=1.5, probe=4)
+    chooser = ThreadChooser(slow=1.5, probe=4, busy=lambda: False)
     for seconds in (1.2, 1.0, 1.05, 1.4):  # idle: the full count every time
         assert chooser.pick(2) == 2
         chooser.record(2, 2, seconds)
@@ -184,9 +184,32 @@ def test_thread_chooser_keeps_the_full_count_idle_and_drops_to_one_when_calls_sl
     assert chooser.pick(2) == 2
     chooser.record(2, 2, 1.0)
     assert [chooser.pick(2) for _ in range(5)] == [2] * 5
-    single = ThreadChooser()
+    single = ThreadChooser(busy=lambda: True)
     single.record(1, 1, 9.0)
     assert single.pick(1) == 1
+
+
+def test_thread_chooser_tries_one_thread_when_other_tasks_run_from_the_start():
+    from napari_medsam.models.device import ThreadChooser
+
+    busy = [True]
+    chooser = ThreadChooser(probe=4, cooldown=8, busy=lambda: busy[0])
+    assert chooser.pick(2) == 2  # nothing to compare with yet
+    chooser.record(2, 2, 2.0)  # contended from the start: never 1.5x its own best
+    assert chooser.pick(2) == 1  # another task is runnable: try one thread once
+    chooser.record(1, 2, 1.2)  # and it wins
+    assert chooser.single and [chooser.pick(2) for _ in range(4)] == [1, 1, 1, 2]
+
+    losing = ThreadChooser(cooldown=3, busy=lambda: busy[0])
+    losing.pick(2)
+    losing.record(2, 2, 1.0)
+    assert losing.pick(2) == 1
+    losing.record(1, 2, 1.8)  # short-lived competition: two threads were better, they stay
+    assert not losing.single and [losing.pick(2) for _ in range(2)] == [2, 2]
+    assert losing.pick(2) == 1  # tried again after the cooldown, while still busy
+    losing.record(1, 2, 1.9)
+    busy[0] = False
+    assert [losing.pick(2) for _ in range(5)] == [2] * 5  # idle: never tried
 
 
 def test_an_encode_reports_to_the_chooser_and_restores_the_count(mobile_net, monkeypatch):

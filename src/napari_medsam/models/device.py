@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -128,7 +129,8 @@ def set_cpu_threads(n: int | None) -> int:
 # encoder took 3.5 s on one thread against 6.8 s on two (median of 4 alternating pairs); idle,
 # two threads are ~1.8x faster than one. The instantaneous run queue (/proc/loadavg) did not
 # predict which count wins (at a queue of 3 two threads still won 0.89 s to 1.62 s: short-lived
-# tasks), so the choice is made from the encoder's own times: see ThreadChooser.
+# tasks), so it only prompts a trial, and the choice is made from the encoder's own times: see
+# ThreadChooser.
 ADAPTIVE_ENV = "NAPARI_MEDSAM_ADAPTIVE_THREADS"  # "0" turns the adaptation off (tests: bit-stable runs)
 
 
@@ -136,28 +138,40 @@ class ThreadChooser:
     """Picks the torch thread count of a repeated heavy call (one model's encoder) from its own times.
 
     All calls do the same work (one slice at the model's input size), so their times compare.
-    It runs on the full count (``upper``) while calls take about the best time seen; a call that
-    takes ``slow`` times the best means other programs hold cores, and the next calls run on one
-    thread. On one thread, every ``probe``-th call tries the full count again and the faster
-    count stays. Idle, nothing changes: every call runs on the full count.
+    It runs on the full count (``upper``) and switches to one thread when one thread proves
+    faster: a call on one thread is tried when another task is runnable right now (``busy``,
+    /proc/loadavg) or when a call took ``slow`` times the best; it stays on one thread if that
+    call beat the last full-count call. On one thread, every ``probe``-th call tries the full
+    count again and the faster count stays. Idle, every call runs on the full count.
     """
 
-    def __init__(self, slow: float = 1.5, probe: int = 4) -> None:
-        self.slow, self.probe = slow, probe
+    def __init__(self, slow: float = 1.5, probe: int = 4, cooldown: int = 8,
+                 busy: Callable[[], bool] | None = None) -> None:
+        self.slow, self.probe, self.cooldown = slow, probe, cooldown
+        self.busy = busy if busy is not None else _others_runnable
         self.best_full: float | None = None  # fastest call on the full count
+        self.last_full: float | None = None  # the last call on the full count
         self.last_one: float | None = None  # the last call on one thread
         self.single = False  # running on one thread now
         self._since_probe = 0
+        self._since_try = cooldown  # calls since one thread was last tried
+        self._trying = False
 
     def pick(self, upper: int) -> int:
         """The thread count for the next call (at most ``upper``)."""
-        if upper <= 1 or not self.single:
-            return max(1, upper)
-        self._since_probe += 1
-        if self._since_probe >= self.probe:  # see whether the cores are free again
-            self._since_probe = 0
-            return upper
-        return 1
+        if upper <= 1:
+            return 1
+        if self.single:
+            self._since_probe += 1
+            if self._since_probe >= self.probe:  # see whether the cores are free again
+                self._since_probe = 0
+                return upper
+            return 1
+        self._since_try += 1
+        if self.last_full is not None and self._since_try >= self.cooldown and self.busy():
+            self._since_try, self._trying = 0, True
+            return 1
+        return upper
 
     def record(self, threads: int, upper: int, seconds: float) -> None:
         """The call that ran on ``threads`` (of ``upper``) took ``seconds``."""
@@ -165,7 +179,12 @@ class ThreadChooser:
             return
         if threads == 1:
             self.last_one = seconds
+            if self._trying:
+                self._trying = False
+                if self.last_full is not None and seconds < self.last_full:
+                    self.single, self._since_probe = True, 0
             return
+        self.last_full = seconds
         if self.best_full is None or seconds < self.best_full:
             self.best_full = seconds
         if self.single:
@@ -173,6 +192,16 @@ class ThreadChooser:
                 self.single = False  # the full count is at least as fast again
         elif seconds > self.slow * self.best_full:
             self.single, self._since_probe = True, 0
+
+
+def _others_runnable() -> bool:
+    """Whether another task is runnable on this machine right now (Linux /proc/loadavg; else False)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            running = int(handle.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return False
+    return running > 1  # the caller is one of them
 
 
 def adaptive_threads() -> bool:
