@@ -132,6 +132,28 @@ def main(out: Path, scenes: list[str] | None = None) -> None:
         everything_scene(out)
     if not scenes or "finetune" in scenes:
         finetune_scene(out)
+    if not scenes or "encoder" in scenes:
+        encoder_scene(out)
+
+
+def encoder_scene(out: Path) -> None:
+    """encoder.png: the Model box with LiteMedSAM loaded on the bfloat16 encoder (golden random weights)."""
+    import os
+
+    from napari_medsam._napari.settings import ENV_VAR
+
+    os.environ[ENV_VAR] = tempfile.mkdtemp()  # the choices below stay out of the user's settings
+    weights = REPO.parent / "shared" / "golden" / "lite_medsam_random.pth"
+    app, viewer, image, truth, dock, widget = _phantom_viewer()
+    panel = widget.model_panel
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("lite_medsam"))
+    panel.set_local_file("lite_medsam", str(weights))
+    panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    panel.backend_combo.setCurrentIndex(panel.backend_combo.findData("bf16"))
+    panel.load()
+    while panel.loading:
+        _settle(app, 0.2)
+    _shoot(app, viewer, widget, panel, out / "encoder.png")
 
 
 def finetune_scene(out: Path) -> None:

@@ -430,4 +430,7 @@ def ready_text(name: str) -> str:
     import torch
 
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-    return f"ready: {name} on cpu, {torch.get_num_threads()} threads; torch {torch.__version__} ({build})"
+    from napari_medsam.models.device import cpu_threads
+
+    n = cpu_threads()  # the encoder's count, whatever the Qt thread decodes with
+    return f"ready: {name} on cpu, {n} thread{'' if n == 1 else 's'}; torch {torch.__version__} ({build})"

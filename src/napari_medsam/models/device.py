@@ -50,7 +50,9 @@ def describe_runtime(device: str | torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     if device.type == "cpu":
-        return f"cpu, {torch.get_num_threads()} threads"
+        # The encoder's count (the napari panel's Qt thread decodes with INTERACTIVE_THREADS).
+        n = cpu_threads()
+        return f"cpu, {n} thread{'' if n == 1 else 's'}"
     return str(device)
 
 
