@@ -24,7 +24,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_official.
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("compare_official_under_test", SCRIPT)
+    yield from _script_module("compare_official_under_test", SCRIPT)
+
+
+def _script_module(name, path):
+    """Import a benchmark script as module ``name`` for the test, then forget it."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     try:
@@ -168,14 +173,7 @@ PROPAGATION = SCRIPT.parent / "official_propagation.py"
 
 @pytest.fixture(scope="module")
 def prop():
-    spec = importlib.util.spec_from_file_location("official_propagation_under_test", PROPAGATION)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from _script_module("official_propagation_under_test", PROPAGATION)
 
 
 def test_official_loop_covers_every_slice_once_from_the_middle(prop):
