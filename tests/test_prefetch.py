@@ -178,3 +178,25 @@ def test_a_new_model_drops_the_old_models_prefetch(scene, qtbot):
     # the new one: then 6 is not prefetched again.
     assert embedded[:3] == [5, 6, 5] and embedded[3:] in ([6, 4, 7, 3], [4, 7, 3])
     assert [i for i in range(SHAPE[0]) if controller.is_embedded(0, i)] == [3, 4, 5, 6, 7]
+
+
+def test_the_segment_panel_checkbox_switches_prefetch(scene, qtbot):
+    from napari_medsam._napari.segment_panel import SegmentPanel
+    from napari_medsam._napari.settings import Settings
+
+    viewer, controller, embedded = scene
+    panel = SegmentPanel()
+    qtbot.addWidget(panel)
+    assert not panel.prefetch.isEnabled()  # no controller yet
+    panel.set_controller(controller)
+    assert panel.prefetch.isEnabled() and panel.prefetch.isChecked()
+    panel.prefetch.setChecked(False)
+    assert controller.prefetch is False and Settings().get("prefetch") is False
+    show(viewer, 5)
+    settle(qtbot, controller)
+    qtbot.wait(2 * controller.queue.prefetch_delay_ms)
+    assert embedded == [5]
+    panel.prefetch.setChecked(True)
+    settle(qtbot, controller)
+    assert controller.prefetch is True and embedded == [5, 6, 4, 7, 3]
+    panel.set_controller(None)

@@ -51,6 +51,9 @@ class SegmentPanel(QGroupBox):
         self.refine = QCheckBox("refine from the last mask")
         self.refine.setToolTip("A new click on a slice sends the mask on show (its low-res logits) with all the "
                                "slice's points, as SAM's interactive loop does (remembered)")
+        self.prefetch = QCheckBox("embed neighbouring slices ahead")
+        self.prefetch.setToolTip("While idle, embed the slices next to the one on show (two each side), so that "
+                                 "scrolling to a neighbour and clicking answers at once (remembered)")
         self.iou = MessageLabel("")
         self.cycle_button = QPushButton("Next mask (C)")
         self.cycle_button.setToolTip("SAM gives several masks for an ambiguous prompt: show the next one")
@@ -99,6 +102,7 @@ class SegmentPanel(QGroupBox):
         layout.addWidget(self.iou)
         layout.addWidget(self.overwrite)
         layout.addWidget(self.refine)
+        layout.addWidget(self.prefetch)
         layout.addLayout(grid)
         layout.addWidget(self.precompute_box)
         layout.addWidget(self.keys_button)
@@ -112,6 +116,7 @@ class SegmentPanel(QGroupBox):
         self.redo_button.clicked.connect(lambda: self._call("redo"))
         self.overwrite.toggled.connect(self._on_overwrite)
         self.refine.toggled.connect(self._on_refine)
+        self.prefetch.toggled.connect(self._on_prefetch)
         self.precompute_button.clicked.connect(self.precompute)
         self.cancel_button.clicked.connect(self.cancel_precompute)
         self.set_controller(None)
@@ -128,7 +133,8 @@ class SegmentPanel(QGroupBox):
         self.cancel_precompute()
         self.controller = controller
         for widget in (self.cycle_button, self.accept_button, self.clear_slice_button, self.clear_object_button,
-                       self.undo_button, self.redo_button, self.precompute_button, self.overwrite, self.refine):
+                       self.undo_button, self.redo_button, self.precompute_button, self.overwrite, self.refine,
+                       self.prefetch):
             widget.setEnabled(controller is not None)
         self.precompute_box.setVisible(controller is not None)
         if controller is None:
@@ -141,6 +147,7 @@ class SegmentPanel(QGroupBox):
         controller.viewer.dims.events.order.connect(self._update_range)
         self.overwrite.setChecked(controller.overwrite)
         self.refine.setChecked(bool(controller.refine_from_logits))
+        self.prefetch.setChecked(bool(controller.prefetch))
         self._on_status(controller.status)
         self._update_range()
         self._refresh()
@@ -164,6 +171,10 @@ class SegmentPanel(QGroupBox):
     def _on_refine(self, checked: bool) -> None:
         if self.controller is not None:
             self.controller.refine_from_logits = checked  # the controller saves the setting
+
+    def _on_prefetch(self, checked: bool) -> None:
+        if self.controller is not None and bool(self.controller.prefetch) != checked:
+            self.controller.prefetch = checked  # the controller saves the setting
 
     def _on_status(self, text: str) -> None:
         if self.worker is not None and text == "ready":
