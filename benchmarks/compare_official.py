@@ -738,8 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rss_child(args.rss_child)
         return 0
     if args.propagation:  # three sides (official, project cold, project warm): a table of its own
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import official_propagation
+        with _on_path(Path(__file__).resolve().parent):  # never left on sys.path (tests run main in-process)
+            import official_propagation
 
         return official_propagation.main(args, sys.modules[__name__])
     load_before = os.getloadavg()

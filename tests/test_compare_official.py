@@ -257,3 +257,9 @@ def test_propagation_flag_skips_without_golden_or_official_code(bench, tmp_path,
         if env_src is not None:
             os.environ["NAPARI_MEDSAM_OFFICIAL_SRC"] = env_src
     assert "skipped (no official sources" in capsys.readouterr().out
+
+
+def test_running_the_script_in_process_leaves_sys_path_alone(bench, tmp_path):
+    before = list(sys.path)
+    bench.main(["--propagation", "--golden", str(tmp_path), "--official-src", str(tmp_path)])
+    assert sys.path == before  # a stray benchmarks/ entry would leak into subprocess environments
