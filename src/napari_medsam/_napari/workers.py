@@ -136,6 +136,18 @@ def start_worker(function: Callable[..., Any], *args: Any, on_done: Callable[[An
 Slice = tuple[int, int]  # (axis, index)
 
 
+def _restart_single_shot(timer: Any, callback: Callable[[], None], ms: float) -> Any:
+    """(Re)start a single-shot QTimer calling ``callback`` after ``ms``; made on first use. Returns it."""
+    if timer is None:
+        from qtpy.QtCore import QTimer
+
+        timer = QTimer()
+        timer.setSingleShot(True)
+        timer.timeout.connect(callback)
+    timer.start(int(ms))
+    return timer
+
+
 class EmbeddingQueue:
     """Runs ``job(axis, index)`` in a napari thread worker, one at a time, and reports back on the Qt thread.
 
@@ -255,23 +267,12 @@ class EmbeddingQueue:
             self._prefetch_timer.stop()
 
     def _restart_timer(self) -> None:
-        from qtpy.QtCore import QTimer
-
-        if self._timer is None:
-            self._timer = QTimer()
-            self._timer.setSingleShot(True)
-            self._timer.timeout.connect(self._on_landed)
-        self._timer.start(int(self.landing_delay_ms))
+        self._timer = _restart_single_shot(self._timer, self._on_landed, self.landing_delay_ms)
 
     def _restart_prefetch_timer(self) -> None:
-        from qtpy.QtCore import QTimer
-
-        if self._prefetch_timer is None:
-            self._prefetch_timer = QTimer()
-            self._prefetch_timer.setSingleShot(True)
-            self._prefetch_timer.timeout.connect(self._on_prefetch_due)
         self._prefetch_ready = False
-        self._prefetch_timer.start(max(1, int(self.prefetch_delay_ms)))
+        self._prefetch_timer = _restart_single_shot(self._prefetch_timer, self._on_prefetch_due,
+                                                    max(1, self.prefetch_delay_ms))
 
     def _on_landed(self) -> None:
         if self._landing is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -211,31 +213,24 @@ def adaptive_threads() -> bool:
     return _threads is None and os.environ.get(ADAPTIVE_ENV, "").strip() != "0"
 
 
-class heavy_work_threads:
-    """``with heavy_work_threads(chooser): ...`` runs one heavy call on the count ``chooser`` picks.
+@contextlib.contextmanager
+def heavy_work_threads(chooser: ThreadChooser) -> Iterator[int]:
+    """``with heavy_work_threads(chooser) as n: ...`` runs one heavy call on the count ``chooser`` picks.
 
     The caller's current torch count is the upper bound; the count is set on the calling thread
     (torch's OpenMP team is per thread) and restored afterwards, and the call's time is reported
     to the chooser. With the adaptation off (:func:`adaptive_threads`) the count is left alone.
     """
-
-    def __init__(self, chooser: ThreadChooser) -> None:
-        self.chooser = chooser
-
-    def __enter__(self) -> int:
-        import time
-
-        self._before = torch.get_num_threads()
-        self.threads = self.chooser.pick(self._before) if adaptive_threads() else self._before
-        if self.threads != self._before:
-            torch.set_num_threads(self.threads)
-        self._start = time.perf_counter()
-        return self.threads
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        import time
-
-        if exc_type is None and adaptive_threads():
-            self.chooser.record(self.threads, self._before, time.perf_counter() - self._start)
-        if torch.get_num_threads() != self._before:
-            torch.set_num_threads(self._before)
+    before = torch.get_num_threads()
+    adaptive = adaptive_threads()
+    threads = chooser.pick(before) if adaptive else before
+    if threads != before:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        yield threads
+        if adaptive:  # a call that raised has no time worth comparing
+            chooser.record(threads, before, time.perf_counter() - start)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

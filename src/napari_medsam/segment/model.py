@@ -15,6 +15,7 @@ and their L x L logits (L = S / 4: 256, or 128 for MedSAM2) are resized straight
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class SamModel:
     def __init__(self, network: torch.nn.Module, pipeline: str, *, name: str = "", signature: str = "",
                  device: torch.device | str = "cpu", backend: str = "float32", arch: str = "") -> None:
         from ..models.backends import make_encoder_runner, resolve_backend, signature_suffix
+        from ..models.device import ThreadChooser
 
         self.network = network.eval()
         self.pipeline = "sam" if pipeline == "mobile_sam" else pipeline
@@ -64,8 +66,6 @@ class SamModel:
         self.backend = resolve_backend(backend, self.device, arch)
         self.signature = (signature or f"{self.name}:unsigned:{id(network)}") + signature_suffix(self.backend)
         self._run_encoder = make_encoder_runner(self.network, self.backend, self.device)
-        from ..models.device import ThreadChooser
-
         self._threads = ThreadChooser()  # the encoder's thread count under contention
         self.image_size = int(network.image_size)
         # Side of the decoder's mask logits: 256 for SAM 1 and 1024-px SAM 2, 128 for MedSAM2.
@@ -124,11 +124,11 @@ class SamModel:
         # official contiguous layout, which its golden comparison was made with.
         if self.device.type == "cpu" and self.family == "sam":
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        if self.device.type != "cpu":
-            return self._run_encoder(tensor).float().cpu().numpy()
         from ..models.device import heavy_work_threads
 
-        with heavy_work_threads(self._threads):  # one thread while other programs hold cores (device.py)
+        # On the CPU: one thread while other programs hold the cores (device.py, ThreadChooser).
+        threads = heavy_work_threads(self._threads) if self.device.type == "cpu" else contextlib.nullcontext()
+        with threads:
             return self._run_encoder(tensor).float().cpu().numpy()
 
     def feature_map(self, embedding: np.ndarray | torch.Tensor) -> np.ndarray:
