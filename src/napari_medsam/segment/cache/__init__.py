@@ -14,6 +14,7 @@ accepted and converted to numpy, and embeddings come back as float32 numpy array
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Callable
 
@@ -88,7 +89,13 @@ class EmbeddingCache:
             try:
                 self.disk.put(key, array)
             except Exception as exc:
-                log.warning("embedding disk cache write failed (the embedding stays in memory): %s", exc)
+                if _interpreter_exiting(exc):
+                    # A background embedding finished while Python was exiting: zarr's thread pool
+                    # takes no more work. Chunks are written whole or not at all, so nothing on
+                    # disk is damaged; only this slice is not cached.
+                    log.debug("embedding disk cache write skipped: the interpreter is exiting")
+                else:
+                    log.warning("embedding disk cache write failed (the embedding stays in memory): %s", exc)
         return array
 
     def get_or_compute(self, key: EmbeddingKey, compute: Callable[[], Any]) -> np.ndarray:
@@ -208,3 +215,10 @@ class EmbeddingCache:
         self.memory.clear()
         if disk and self.disk is not None:
             self.disk.clear()
+
+
+def _interpreter_exiting(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from Python's exit: thread pools refuse new work once it has begun."""
+    if sys.is_finalizing() or not threading.main_thread().is_alive():
+        return True
+    return isinstance(exc, RuntimeError) and "interpreter shutdown" in str(exc)
