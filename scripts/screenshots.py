@@ -134,6 +134,38 @@ def main(out: Path, scenes: list[str] | None = None) -> None:
         finetune_scene(out)
     if not scenes or "encoder" in scenes:
         encoder_scene(out)
+    if not scenes or "concept" in scenes:
+        concept_scene(out)
+
+
+def concept_scene(out: Path) -> None:
+    """concept.png: "Find by name" with the phrase "liver" on an axial slice (golden random-weight EfficientSAM3).
+
+    Random weights give meaningless candidates (a frame along the border, texture): the picture shows the
+    panel, the candidates layer and the scores, not what a trained model finds.
+    """
+    import os
+
+    from napari_medsam._napari.settings import ENV_VAR
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_predictor import tiny_model
+
+    os.environ[ENV_VAR] = tempfile.mkdtemp()  # the choices below stay out of the user's settings
+    golden = REPO.parent / "shared" / "golden" / "efficientsam3"
+    app, viewer, image, truth, dock, widget = _phantom_viewer()
+    key = 26
+    viewer.dims.set_point(0, image.data_to_world([key, 0, 0])[0])
+    widget.model_panel.set_model(tiny_model("sam"), "lite_medsam")  # a scan session needs a point/box model
+    widget.model_panel.status.setText("stand-in point/box model (screenshots)")
+    panel = widget.concept_panel
+    panel.use_local_checkpoint(str(golden / "es3_reduced_random.pt"), str(golden / "bpe_simple_vocab_16e6.txt.gz"))
+    panel.threshold.setValue(0.2552)  # the golden README's threshold for these weights
+    panel.phrase.setText("liver")
+    panel.find()
+    while panel.worker is not None:
+        _settle(app, 0.2)
+    _shoot(app, viewer, widget, panel, out / "concept.png")
 
 
 def encoder_scene(out: Path) -> None:

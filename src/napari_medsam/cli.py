@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a JSON summary to stdout. See docs/cli.md for the prompt file format.",
     )
     segment.add_argument("image", help="NIfTI file, DICOM series folder or file, NRRD or MHA")
-    segment.add_argument("--prompts", required=True, help="PROMPTS.json (see docs/cli.md)")
+    segment.add_argument("--prompts", help="PROMPTS.json (see docs/cli.md); or --text PHRASE")
     segment.add_argument("--out", required=True, help="output labels: .nii, .nii.gz, .dcm, .nrrd or .mha")
     add_model_options(segment, window_help="CT window preset (soft tissue, liver, lung, mediastinum, bone, brain), "
                       "LEVEL/WIDTH in HU, or 'percentile' (default: soft tissue for CT, percentile for MR)")
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet_option(segment)
     _add_source_options(segment)
     _add_modality_option(segment)
+    from .cli_concept import add_text_options  # issue 18: text (concept) prompts
+
+    add_text_options(segment)
 
     from .cli_everything import add_parser as _add_everything_parser  # issue 13: segment everything
 
@@ -280,6 +283,10 @@ def _segment(args: argparse.Namespace) -> int:
     from .segment.model import SamModel
     from .segment.prompt_file import load_prompt_file
 
+    from .cli_concept import run_text, wants_text  # issue 18: text prompts take the concept path
+
+    if wants_text(args):
+        return run_text(args)
     started = time.perf_counter()
     say = _Progress("napari-medsam segment", quiet=args.quiet)
     z_range = tuple(args.zrange) if args.zrange else (None, None)
@@ -384,6 +391,11 @@ def _models(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from .models.weights import resolve_weights
+
+    from .cli_concept import download_concept  # issue 18: concept models and their vocabulary
+
+    if download_concept(args):
+        return 0
 
     progress = _Progress("napari-medsam download", quiet=args.quiet).bytes(args.model)
     try:

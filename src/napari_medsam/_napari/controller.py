@@ -219,6 +219,11 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         return self._spacing  # type: ignore[return-value]
 
     @property
+    def array(self) -> np.ndarray:
+        """The scan's voxels as a 3D array (a 2D image is one slice); do not modify."""
+        return self._array
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """Shape of the scan (slice, row, column)."""
         return tuple(self._array.shape)  # type: ignore[return-value]

@@ -353,7 +353,21 @@ class PropagatePanel(EngineChoiceMixin, QGroupBox):
         return self._start(obj, axis, keys | {int(index)}, call, f"re-propagating from slice {index}"
                            + (" (memory)" if memory else ""), "memory" if memory else "slice")
 
-    def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str, engine: str = "slice") -> bool:
+    def start_run(self, obj: int, axis: int, keys: set[int], call: Callable, what: str, *,
+                  needs_predictor: bool = True) -> bool:
+        """Run ``call(predictor, run, locked=, overwrite=, cancel=, progress=)`` -> PropagationResult as a propagation.
+
+        Other panels use it for runs that end in a PropagationResult (the concept panel's "Find in all
+        slices"): the same live merge, report, Cancel and one-step undo. ``needs_predictor=False`` passes
+        None instead of the scan's SAM predictor (no SAM model or embedding needed). False: a run is already
+        under way (or no scan).
+        """
+        if self.controller is None or self._run is not None:
+            return False
+        return self._start(obj, axis, set(keys), call, what, needs_predictor=needs_predictor)
+
+    def _start(self, obj: int, axis: int, keys: set[int], call: Callable, what: str, engine: str = "slice", *,
+               needs_predictor: bool = True) -> bool:
         from .propagate_run import Recorder, Run
 
         from napari.utils import progress
@@ -372,7 +386,7 @@ class PropagatePanel(EngineChoiceMixin, QGroupBox):
 
         def job() -> PropagationResult:
             c.scan_signature()  # hashes the scan the first time: never on the Qt thread
-            predictor = Recorder(c.predictor(axis), run)
+            predictor = Recorder(c.predictor(axis), run) if needs_predictor else None
             return call(predictor, run, locked=locked, overwrite=overwrite, cancel=run.cancel, progress=report)
 
         run.bar = progress(total=0, desc=f"Object {obj}: {what}")

@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoints": {},  # model name -> local weight file chosen by the user
     "refine_from_logits": False,  # a new click refines the slice's last mask (SAM's low-res logits as mask prompt)
     "keys": {},  # controller action -> key, overriding keys.SHORTCUTS (e.g. {"cycle_mask": "Shift-C"})
+    "concept_model": "",  # concept (text prompt) model: registry name, "local" (concept_checkpoint) or "" (default)
+    "concept_checkpoint": "",  # a local EfficientSAM3 checkpoint chosen by the user
+    "concept_vocabulary": "",  # a local CLIP BPE vocabulary file ("": the cached/downloaded one)
+    "concept_threshold": 0.5,  # detection score threshold of the Find by name box
     "prefetch": True,  # embed the neighbours of the slice shown while idle (controller.PREFETCH_RADIUS each side)
 }
 _TYPES: dict[str, type | tuple[type, ...]] = {key: type(value) for key, value in DEFAULTS.items()}

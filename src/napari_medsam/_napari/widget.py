@@ -28,6 +28,7 @@ from .layers import volume_from_layer_meta
 from .model_panel import ModelPanel
 from .objects_panel import ObjectsPanel
 from .propagate_panel import PropagatePanel
+from .concept_panel import ConceptPanel
 from .everything_panel import EverythingPanel
 from .finetune_panel import FinetunePanel
 from .messages import MessageLabel
@@ -95,6 +96,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         self.propagate_panel = PropagatePanel(settings=self.settings)
         self.everything_panel = EverythingPanel()  # segment everything on the shown slice (issue 13)
         self.finetune_panel = FinetunePanel(self.model_panel)  # fine-tune the decoder (issue 13)
+        self.concept_panel = ConceptPanel(self.settings, self.propagate_panel)  # text prompts (issue 18)
         self.segment_panel.overwrite.setChecked(bool(self.settings.get("overwrite", False)))
 
         labels_box = self._build_labels_box()
@@ -110,7 +112,8 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         for part in (scan_box, self.model_panel, labels_box, self.objects_panel, self.segment_panel,
                      self.propagate_panel, self.status):
             inner.addWidget(part)
-        inner.insertWidget(inner.indexOf(self.propagate_panel) + 1, self.everything_panel)
+        inner.insertWidget(inner.indexOf(self.propagate_panel) + 1, self.concept_panel)
+        inner.insertWidget(inner.indexOf(self.concept_panel) + 1, self.everything_panel)
         inner.insertWidget(inner.indexOf(self.everything_panel) + 1, self.finetune_panel)
         inner.addStretch(1)
         self.scroll = scroll = QScrollArea()
@@ -149,6 +152,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         for panel in (self.objects_panel, self.segment_panel):
             panel.error.connect(self._notify)
         self.everything_panel.error.connect(self._notify)
+        self.concept_panel.error.connect(self._notify)
         self.finetune_panel.error.connect(self._notify)
         self.propagate_panel.report_changed.connect(self._on_report_changed)
         self.propagate_panel.finished.connect(self._update_next_step)
@@ -389,6 +393,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
             panel.set_controller(controller)
         self.propagate_panel.set_controller(controller, scan.report)
         self.everything_panel.set_controller(controller)
+        self.concept_panel.set_controller(controller)
         self.finetune_panel.set_controller(controller)
         controller.changed.connect(self._update_next_step)
         # Back to the scan's own layers: selecting the points layer lets clicks become prompts.
@@ -467,6 +472,7 @@ class MedSamWidget(ScanSwitchMixin, ScanGroupMixin, LabelsGroupMixin, QWidget):
         for panel in (self.objects_panel, self.segment_panel, self.propagate_panel):
             panel.set_controller(None)
         self.everything_panel.set_controller(None)
+        self.concept_panel.set_controller(None)
         self.finetune_panel.set_controller(None)
         controller.close()
         self._update_next_step()

@@ -335,3 +335,119 @@ def recommended_model(has_gpu: bool, medical: bool = True) -> ModelSpec:
     if has_gpu:
         return MODELS["medsam" if medical else "sam_vit_h"]
     return MODELS["lite_medsam" if medical else "mobile_sam"]
+
+
+# --- concept (text-prompt) models: the EfficientSAM3 family, issue 18 ----------------------------
+#
+# A separate table: these models take a phrase (and optional exemplar boxes) and return every
+# matching instance; they cannot answer a point or box prompt the way the point/box chooser expects,
+# so ``MODELS`` / ``list_models()`` never list them. Sizes and SHA-256 of the checkpoints are not
+# published (None: the hash of the downloaded file is recorded, not checked). The CLIP vocabulary
+# that their tokenizer needs is one file with a known size and hash, fetched like weights.
+
+__all__ += ["CLIP_VOCABULARY", "CONCEPT_MODELS", "DEFAULT_CONCEPT_MODEL", "ConceptModelSpec", "FileSpec",
+            "get_concept_model", "list_concept_models"]
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A downloadable file that is not a model of the point/box table (a vocabulary, a concept model).
+
+    It carries the fields the download machinery reads (``models/weights.py``): name, display name, URLs
+    tried in order, file name in the cache, size and SHA-256 where known, and a homepage for the
+    "download it yourself" hint.
+    """
+
+    name: str
+    display_name: str
+    urls: tuple[str, ...]
+    filename: str
+    size_bytes: int | None
+    sha256: str | None
+    license: str
+    homepage: str
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError(f"{self.name}: at least one download URL is needed")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
+            raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
+        if "/" in self.filename or "\\" in self.filename or not self.filename:
+            raise ValueError(f"{self.name}: filename must be a bare file name")
+
+
+@dataclass(frozen=True)
+class ConceptModelSpec(FileSpec):
+    """An EfficientSAM3 image model (family ``"es3"``): student image encoder + MobileCLIP text encoder +
+    SAM 3's detector. ``vision`` / ``text`` name the students (informative: the network reads every size
+    from the checkpoint). ``threshold`` is the detection score threshold its authors use."""
+
+    vision: str = ""
+    text: str = ""
+    citation: str = ""
+    threshold: float = 0.5
+    family: str = "es3"
+
+
+_SAM3_RAW = "https://raw.githubusercontent.com/{}/{}/sam3/assets/bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCABULARY = FileSpec(
+    name="clip_bpe_vocab",
+    display_name="CLIP BPE vocabulary",
+    # SAM 3 at a pinned commit, EfficientSAM3 at a pinned commit (the same git blob 7b5088a5), SAM 3's main.
+    urls=(
+        _SAM3_RAW.format("facebookresearch/sam3", "99d02f28c8d34610ab35559b72642b01f10fdb1e"),
+        _SAM3_RAW.format("SimonZeng7108/efficientsam3", "c1f0b022141a3acb0f70113c113ab172cf27b328"),
+        _SAM3_RAW.format("facebookresearch/sam3", "main"),
+    ),
+    filename="bpe_simple_vocab_16e6.txt.gz",
+    size_bytes=1_356_917,
+    sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+    license="MIT (OpenAI CLIP's byte-pair merges, as shipped in SAM 3's assets)",
+    homepage="https://github.com/facebookresearch/sam3",
+    notes="The merges file of CLIP's byte-level BPE tokenizer; every EfficientSAM3 model needs it to read a phrase.",
+)
+
+_ES3_HF = "https://huggingface.co/Simon7108528/EfficientSAM3/resolve/main/efficientsam3_ft/{}"
+_ES3_CITATION = ("Zeng S. et al. EfficientSAM3: Progressive Hierarchical Distillation for Video Concept "
+                 "Segmentation from SAM1, 2, and 3. arXiv:2511.15833 (2025)")
+_CONCEPT_SPECS: tuple[ConceptModelSpec, ...] = (
+    ConceptModelSpec(
+        name="efficientsam3_efficientvit",
+        display_name="EfficientSAM3 EV-M",
+        urls=(_ES3_HF.format("efficientsam3_efficientvit.pt"),),
+        filename="efficientsam3_efficientvit.pt",
+        size_bytes=None,
+        sha256=None,
+        license="Apache-2.0 (EfficientSAM3 repository); derived from SAM 3 (SAM License)",
+        homepage="https://github.com/SimonZeng7108/efficientsam3",
+        vision="EfficientViT-B1",
+        text="MobileCLIP-S0 (16 tokens)",
+        citation=_ES3_CITATION,
+        notes="SAM 3's concept detector with an EfficientViT-B1 image student and a MobileCLIP-S0 text student "
+        "(89M parameters), fine-tuned on 5 % of SA-1B with SACap labels. Natural-image training: medical "
+        "phrases may work poorly; exemplar boxes help. A medical fine-tune with the same layout loads as a "
+        "local checkpoint.",
+    ),
+)
+CONCEPT_MODELS: dict[str, ConceptModelSpec] = {spec.name: spec for spec in _CONCEPT_SPECS}
+DEFAULT_CONCEPT_MODEL = "efficientsam3_efficientvit"
+
+
+def list_concept_models() -> list[ConceptModelSpec]:
+    """The concept (text-prompt) models, in the order a UI lists them."""
+    return list(CONCEPT_MODELS.values())
+
+
+def get_concept_model(name: str | ConceptModelSpec) -> ConceptModelSpec:
+    """The concept model registered under ``name``; a point/box model's name gets an error saying so."""
+    if isinstance(name, ConceptModelSpec):
+        return name
+    if name in CONCEPT_MODELS:
+        return CONCEPT_MODELS[name]
+    if name in MODELS:
+        raise MedSamError(f"{name} is a point/box model; text prompts need a concept model: "
+                          f"{', '.join(CONCEPT_MODELS)} (or a local EfficientSAM3 checkpoint)")
+    raise MedSamError(f"unknown concept model {name!r}; choose one of: {', '.join(CONCEPT_MODELS)}")

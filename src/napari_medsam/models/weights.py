@@ -40,6 +40,7 @@ __all__ = [
     "cached_path",
     "download_weights",
     "is_cached",
+    "resolve_file",
     "resolve_weights",
     "sha256_file",
     "tqdm_progress",
@@ -254,6 +255,49 @@ def resolve_weights(
             f"the {spec.display_name} weights ({spec.filename}) are not on this computer and "
             f"downloading is switched off. " + _place_hint(spec, target, own_file_hint)
         )
+    return download_weights(spec, target, progress=progress, cancel=cancel, timeout=timeout,
+                            own_file_hint=own_file_hint)
+
+
+def resolve_file(
+    spec,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 30.0,
+    own_file_hint: str | None = None,
+    checkpoint: bool = True,
+) -> Path:
+    """:func:`resolve_weights` for a file outside the point/box table (``registry.FileSpec``: a concept
+    model, the CLIP vocabulary): ``path`` if given, else the cache, downloading if needed.
+
+    ``checkpoint=False`` for files that are not PyTorch checkpoints (the vocabulary): only their size and
+    SHA-256 are checked.
+    """
+    if path is not None:
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise WeightsError(f"the file {local} for {spec.display_name} does not exist or is not a file")
+        problem = describe_non_checkpoint(head_bytes(local)) if checkpoint else None
+        if problem:
+            raise WeightsError(f"{local} cannot be used as {spec.display_name} weights: {problem}.")
+        return local
+    target = weights_dir(cache_dir) / spec.filename
+    if target.is_file():
+        if checkpoint:
+            return _check_cached(spec, target, cancel, own_file_hint)
+        recorded = _read_sidecar(target) or sha256_file(target, cancel)
+        _write_sidecar(target, recorded)
+        if spec.sha256 is not None and recorded != spec.sha256:
+            raise WeightsError(f"the cached file {target} is not the official {spec.display_name} (SHA-256 {recorded}, "
+                               f"expected {spec.sha256}). Delete it to download the right one.")
+        return target
+    if not download:
+        raise WeightsError(f"the {spec.display_name} ({spec.filename}) is not on this computer and downloading is "
+                           "switched off. " + _place_hint(spec, target, own_file_hint))
     return download_weights(spec, target, progress=progress, cancel=cancel, timeout=timeout,
                             own_file_hint=own_file_hint)
 

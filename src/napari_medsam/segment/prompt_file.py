@@ -5,7 +5,9 @@ Format::
     {"coordinates": "voxel" | "world",
      "objects": [{"label": 1, "name": "liver", "prompts": [
          {"type": "box", "corners": [[a, b, c], [a, b, c]]},
-         {"type": "point", "position": [a, b, c], "positive": true}]}]}
+         {"type": "point", "position": [a, b, c], "positive": true}]},
+       {"label": 2, "name": "liver", "prompts": [
+         {"type": "text", "phrase": "liver", "slices": [z0, z1], "threshold": 0.5}]}]}
 
 "voxel" coordinates are indices in the input FILE's own voxel order (NIfTI: nibabel's i, j, k;
 DICOM: column, row, slice index along the sorted series; NRRD/MHA: ITK's i, j, k). "world"
@@ -13,6 +15,11 @@ coordinates are millimetres in RAS+ (the NIfTI convention; for DICOM input the s
 point expressed in RAS). Both corners of a box must lie on one slice; the plane of an object's
 box (axial, or another display plane when the corners share another axis) is the plane all of
 that object's prompts are applied on.
+
+A ``"text"`` prompt (issue 18) asks a concept model for every instance of a phrase and follows the best
+one through the slices: ``"slices"`` is an optional inclusive range of display slice indices along the
+object's plane (default: all), ``"threshold"`` an optional detection score threshold. One text prompt per
+object; its boxes, if any, are exemplar boxes on their slices; points do not go with a text prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ class PromptFileError(MedSamError):
 
 
 @dataclass
+class TextPrompt:
+    """A concept prompt: find ``phrase`` on the slices ``slices`` (inclusive, None = all) of the object's plane."""
+
+    phrase: str
+    slices: tuple[int, int] | None = None
+    threshold: float | None = None
+
+
+@dataclass
 class ObjectPrompts:
     """All prompts of one object, grouped by slice on one plane (display axis)."""
 
@@ -39,6 +55,7 @@ class ObjectPrompts:
     name: str
     axis: int = 0
     slices: dict[int, Prompts] = field(default_factory=dict)
+    text: TextPrompt | None = None  # a concept prompt; ``slices`` then holds its exemplar boxes
 
 
 def load_prompt_file(path: str | Path, volume: Volume) -> list[ObjectPrompts]:
@@ -130,11 +147,14 @@ def _numbers(values: np.ndarray) -> str:
 def _object_prompts(label: int, name: str, prompts: list, volume: Volume, system: str, where: str) -> ObjectPrompts:
     boxes: list[tuple[int, np.ndarray, np.ndarray]] = []
     points: list[tuple[np.ndarray, bool, str]] = []
+    texts: list[tuple[dict, str]] = []
     for k, prompt in enumerate(prompts):
         here = f"{where}.prompts[{k}]"
-        if not isinstance(prompt, dict) or prompt.get("type") not in ("box", "point"):
-            raise PromptFileError(f"{here}: each prompt needs \"type\": \"box\" or \"point\"")
-        if prompt["type"] == "box":
+        if not isinstance(prompt, dict) or prompt.get("type") not in ("box", "point", "text"):
+            raise PromptFileError(f"{here}: each prompt needs \"type\": \"box\", \"point\" or \"text\"")
+        if prompt["type"] == "text":
+            texts.append((prompt, here))
+        elif prompt["type"] == "box":
             corners = prompt.get("corners")
             if not isinstance(corners, list) or len(corners) != 2:
                 raise PromptFileError(f"{here}: a box needs 'corners': two [a, b, c] positions")
@@ -160,6 +180,11 @@ def _object_prompts(label: int, name: str, prompts: list, volume: Volume, system
     axis = axes.pop() if axes else 0
     plane = [a for a in range(3) if a != axis]
     out = ObjectPrompts(label, name, axis)
+    if texts:
+        if len(texts) > 1 or points:
+            raise PromptFileError(f"{where} ({name}): one text prompt per object, with exemplar boxes at most "
+                                  "(no points)")
+        out.text = _text_prompt(*texts[0], volume.shape[axis])
     for _, a, b in boxes:
         index = int(np.rint(a[axis]))
         if index in out.slices and out.slices[index].box is not None:
@@ -174,3 +199,23 @@ def _object_prompts(label: int, name: str, prompts: list, volume: Volume, system
         flags = np.array([positive]) if current.positive is None else np.append(current.positive, positive)
         out.slices[index] = Prompts(points=points_arr, positive=flags, box=current.box)
     return out
+
+
+def _text_prompt(prompt: dict, here: str, depth: int) -> TextPrompt:
+    """A ``{"type": "text", "phrase": ..., "slices": [z0, z1], "threshold": t}`` entry, checked."""
+    phrase = prompt.get("phrase")
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise PromptFileError(f"{here}: a text prompt needs a non-empty 'phrase', e.g. \"liver\"")
+    span = prompt.get("slices")
+    if span is not None:
+        if (not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            raise PromptFileError(f"{here}: 'slices' must be [first, last] slice indices, got {span!r}")
+        if not 0 <= span[0] <= span[1] <= depth - 1:
+            raise PromptFileError(f"{here}: 'slices' {span} must be ordered indices within 0..{depth - 1}")
+        span = (span[0], span[1])
+    threshold = prompt.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold < 1):
+        raise PromptFileError(f"{here}: 'threshold' must be a number between 0 and 1, got {threshold!r}")
+    return TextPrompt(" ".join(phrase.split()), span, None if threshold is None else float(threshold))
