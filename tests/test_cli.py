@@ -128,6 +128,10 @@ def test_models_lists_the_registry(capsys, tmp_path, monkeypatch):
     assert {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam", "mobile_sam", "lite_medsam"} <= set(rows)
     assert rows["mobile_sam"]["cached"] and not rows["medsam"]["cached"]
     assert rows["medsam"]["path"] == str(tmp_path / "medsam_vit_b.pth")
+    # Concept (text-prompt) models are listed too, marked as such.
+    concept = rows["efficientsam3_efficientvit"]
+    assert concept["prompts"] == "text" and not concept["cached"] and rows["medsam"]["prompts"] == "points/boxes"
+    assert concept["path"] == str(tmp_path / "efficientsam3_efficientvit.pt")
     # The table ends with the device and the torch build the models run with.
     import torch
 

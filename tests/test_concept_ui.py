@@ -136,3 +136,38 @@ def test_a_sam_checkpoint_as_concept_model_says_what_is_wrong(scene, qtbot, gold
     _find(qtbot, panel)
     assert messages and "SAM-family" in messages[0] and "EfficientSAM3" in messages[0]
     assert panel.layer is None and not panel.busy and panel.find_button.isEnabled()
+
+
+def test_an_accepted_candidate_exports_with_the_phrase_and_its_codes(scene, qtbot, tmp_path):
+    from napari_medsam._napari.layers import export_naming, export_segments
+    from napari_medsam.io import read_labels_and_segments, save_labels_named
+
+    _, controller, panel, _ = scene
+    _find(qtbot, panel)
+    obj = panel.accept(1)
+    labels = np.asarray(controller.labels_layer.data).copy()
+    like, _, _ = make_ct_phantom(shape=(8, 64, 64), spacing_mm=(4.0, 5.0, 5.0), seed=0)  # the scene's scan
+    np.testing.assert_array_equal(like.array.astype(np.float32), controller.image_layer.data)
+    segments = export_segments(labels, export_naming(controller.labels_layer.metadata,
+                                                     list(controller.session.objects)))
+    written, _, _ = save_labels_named(labels, like, tmp_path / "found.nii.gz", segments)
+    back, named = read_labels_and_segments(written, like)
+    np.testing.assert_array_equal(back, labels)
+    liver = [s for s in named if s.label == obj][0]
+    assert liver.name == "liver" and liver.type.meaning == "Liver" and liver.type.scheme_designator == "SCT"
+
+
+def test_find_in_all_slices_keeps_to_the_propagate_range(scene, qtbot):
+    _, controller, panel, propagate = scene
+    _find(qtbot, panel)
+    obj = panel.accept(1)
+    propagate.limit_check.setChecked(True)
+    propagate.range_slider.setValue((INDEX - 1, INDEX + 1))
+    results = []
+    propagate.finished.connect(results.append)
+    assert panel.find_in_all_slices()
+    qtbot.waitUntil(lambda: bool(results), timeout=180000)
+    reached = {r.index for r in results[0].reports}
+    assert reached and reached <= {INDEX - 1, INDEX, INDEX + 1}, reached
+    outside = [k for k in range(controller.shape[0]) if not INDEX - 1 <= k <= INDEX + 1]
+    assert not any((controller.session.labels[k] == obj).any() for k in outside)

@@ -366,23 +366,31 @@ def _mapping(window: str | None, volume):
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models.registry import list_models
-    from .models.weights import cached_path, is_cached
+    from .models.registry import list_concept_models, list_models
+    from .models.weights import cached_path, is_cached, weights_dir
 
     rows = [
         {"name": spec.name, "display_name": spec.display_name, "architecture": spec.architecture,
          "input_size": spec.input_size, "pipeline": spec.pipeline, "license": spec.license,
          "size_mb": round(spec.size_bytes / 1e6, 1) if spec.size_bytes else None,
-         "cached": is_cached(spec), "path": str(cached_path(spec)), "url": spec.urls[0]}
+         "cached": is_cached(spec), "path": str(cached_path(spec)), "url": spec.urls[0], "prompts": "points/boxes"}
         for spec in list_models()
     ]
+    # Concept (text-prompt) models: a table of their own in the registry (issue 18).
+    for spec in list_concept_models():
+        path = weights_dir() / spec.filename
+        rows.append({"name": spec.name, "display_name": spec.display_name, "architecture": spec.vision,
+                     "input_size": 1008, "pipeline": spec.family, "license": spec.license,
+                     "size_mb": round(spec.size_bytes / 1e6, 1) if spec.size_bytes else None,
+                     "cached": path.is_file(), "path": str(path), "url": spec.urls[0], "prompts": "text"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         state = "cached" if row["cached"] else "not downloaded"
         size = f"{row['size_mb']} MB" if row["size_mb"] else "size unpublished"
-        print(f"{row['name']:<12} {row['display_name']:<28} {row['input_size']:>5}px  {size:<17} {state}")
+        kind = "  text prompts" if row["prompts"] == "text" else ""
+        print(f"{row['name']:<12} {row['display_name']:<28} {row['input_size']:>5}px  {size:<17} {state}{kind}")
     from .models.device import describe_runtime, resolve_device, torch_build
 
     print(f"\nmodels run on {describe_runtime(resolve_device('auto'))} with {torch_build()}")

@@ -442,8 +442,9 @@ class ConceptPanel(QGroupBox):
 
     # ------------------------------------------------------------------ through the slices
     def find_in_all_slices(self) -> bool:
-        """Follow the active object (seeded by its mask on the slice shown) through every slice of the plane.
+        """Follow the active object (seeded by its mask on the slice shown) through the slices of the plane.
 
+        Every slice, or the Propagate group's slice range when its "limit to range" is ticked.
         With no active object holding voxels on the slice shown, a new object named after the phrase is
         made and the best candidate of the whole plane seeds it. Runs as a propagation (report, undo)."""
         from ..segment.propagation.run import slice_index
@@ -467,10 +468,14 @@ class ConceptPanel(QGroupBox):
             obj = c.session.add_object(phrase).value
         threshold = float(self.threshold.value())
         segmenter_of, spacing = self._segmenter, c.spacing_mm
+        # The Propagate group's slice range, when "limit to range" is ticked (the seed slice always counts).
+        lo, hi = panel.stop_rule().z_range
+        count = int(c.shape[axis])
+        first, last = max(0 if lo is None else int(lo), 0), min(count - 1 if hi is None else int(hi), count - 1)
 
         def call(predictor: Any, run: Any, *, locked: Any, overwrite: bool, cancel: Any, progress: Any) -> Any:
             segmenter = segmenter_of(c, axis)
-            track = segmenter.find_in_slices(range(segmenter.n_slices), phrase, seed=seed, threshold=threshold,
+            track = segmenter.find_in_slices(range(first, last + 1), phrase, seed=seed, threshold=threshold,
                                              progress=progress, cancel=cancel)
             return track.write(run.snapshot, obj, locked=locked, overwrite=overwrite, spacing_mm=spacing)
 
