@@ -83,6 +83,10 @@ def test_a_phrase_gives_scored_candidates_on_the_slice_and_leaves_the_labels_alo
     assert set(np.unique(layer.data)) - {0} <= set(range(1, len(found) + 1))
     assert not controller.labels_layer.data.any() and [o.value for o in controller.session.objects] == before
     assert "candidate(s) for 'liver'" in panel.state.text() and f"1: {found.scores[0]:.3f}" in panel.state.text()
+    # The score of the candidate under the mouse is in napari's status bar (the layer's features).
+    rows, cols = np.nonzero(layer.data[0] == 1)
+    status = layer.get_status(layer.data_to_world([0, rows[0], cols[0]]), world=True)
+    assert f"score: {round(float(found.scores[0]), 4)}" in str(status), status
 
 
 def test_click_accepts_a_candidate_as_an_object_named_after_the_phrase(scene, qtbot):

@@ -362,6 +362,9 @@ class ConceptPanel(QGroupBox):
             rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix, opacity=0.6,
             metadata={"napari_medsam": {"concept": {"axis": axis, "index": index, "phrase": found.phrase,
                                                     "scores": [float(s) for s in found.scores]}}})
+        # napari shows a label's row of the features table in the status bar under the mouse.
+        layer.features = {"index": np.arange(len(found) + 1),
+                          "score": np.concatenate([[np.nan], np.round(found.scores, 4)])}
         layer.mouse_drag_callbacks.append(self._on_click)
         self.layer = layer
         controller.viewer.layers.selection.active = layer
