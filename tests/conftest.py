@@ -68,6 +68,18 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 @pytest.fixture(scope="session")
+def es3_dir(golden_dir: Path) -> Path:
+    """The EfficientSAM3 part of the golden data (reduced checkpoint, arrays, CLIP vocabulary)."""
+    folder = golden_dir / "efficientsam3"
+    if not (folder / "es3_golden_image.npz").is_file():
+        message = f"no EfficientSAM3 golden data in {folder}"
+        if _in_ci():
+            pytest.fail(f"{message} [CI=true: missing golden data is an error]", pytrace=False)
+        pytest.skip(message)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The committed sample_data/ folder."""
     return REPO / "sample_data"

@@ -24,12 +24,8 @@ THRESHOLD = 0.25  # random weights score about 0.25 (golden README): keep a few 
 
 
 @pytest.fixture(scope="module")
-def es3_files(golden_dir: Path) -> tuple[Path, Path]:
-    folder = golden_dir / "efficientsam3"
-    checkpoint, vocabulary = folder / "es3_reduced_random.pt", folder / "bpe_simple_vocab_16e6.txt.gz"
-    if not checkpoint.is_file() or not vocabulary.is_file():
-        pytest.skip("the EfficientSAM3 golden data is not here")
-    return checkpoint, vocabulary
+def es3_files(es3_dir: Path) -> tuple[Path, Path]:
+    return es3_dir / "es3_reduced_random.pt", es3_dir / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @pytest.fixture

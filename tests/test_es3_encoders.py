@@ -39,14 +39,6 @@ CROP = slice(18, 30)  # README: crops of the 72 x 72 level are rows/cols [18:30]
 
 
 @pytest.fixture(scope="module")
-def es3_dir(golden_dir: Path) -> Path:
-    folder = golden_dir / "efficientsam3"
-    if not (folder / "es3_golden_image.npz").is_file():
-        pytest.skip(f"no EfficientSAM3 golden data in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def checkpoint(es3_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(es3_dir / "es3_reduced_random.pt", map_location="cpu", weights_only=True)["model"]
 

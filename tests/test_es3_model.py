@@ -39,14 +39,6 @@ PROMPTS = ("text", "box")
 
 
 @pytest.fixture(scope="module")
-def es3_dir(golden_dir: Path) -> Path:
-    folder = golden_dir / "efficientsam3"
-    if not (folder / "es3_golden_image.npz").is_file():
-        pytest.skip(f"no EfficientSAM3 golden data in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def golden(es3_dir: Path):
     with np.load(es3_dir / "es3_golden_image.npz") as data:
         return {k: data[k] for k in data.files}

@@ -35,14 +35,6 @@ LIVER, VISUAL = 12639, 7195  # README: "liver" -> [49406, 12639, 49407, 0...], "
 
 
 @pytest.fixture(scope="module")
-def es3_dir(golden_dir: Path) -> Path:
-    folder = golden_dir / "efficientsam3"
-    if not (folder / "es3_golden_image.npz").is_file():
-        pytest.skip(f"no EfficientSAM3 golden data in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tokenizer(es3_dir: Path) -> ClipTokenizer:
     return ClipTokenizer(es3_dir / "bpe_simple_vocab_16e6.txt.gz", context_length=16)
 

@@ -36,14 +36,6 @@ PREFIX = "backbone.vision_backbone."
 
 
 @pytest.fixture(scope="module")
-def es3_dir(golden_dir: Path) -> Path:
-    folder = golden_dir / "efficientsam3"
-    if not (folder / "es3_golden_image.npz").is_file():
-        pytest.skip(f"no EfficientSAM3 golden data in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def golden(es3_dir: Path):
     return np.load(es3_dir / "es3_golden_image.npz")
 
