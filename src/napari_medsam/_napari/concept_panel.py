@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 
 from ..volume import AXIS_NAMES
 from .messages import MessageLabel
+from .slice_candidates import add_slice_labels, clicked_label, drop_label, remove_slice_labels
 
 LAYER_PREFIX = "found: "
 LOCAL_ITEM = "Local checkpoint..."
@@ -345,29 +346,17 @@ class ConceptPanel(QGroupBox):
                                "box around an example.")
             self._update_buttons()
             return
-        image = controller.image_layer
         labels = np.zeros(found.masks.shape[1:], np.uint8 if len(found) < 255 else np.uint16)
         for k in range(len(found) - 1, -1, -1):  # the best candidate on top where they overlap
             labels[found.masks[k]] = k + 1
-        shape = [int(s) for s in np.shape(image.data)[-3:]] if image.data.ndim >= 3 else [1, *labels.shape]
-        shape[axis] = 1
-        data = np.expand_dims(labels, axis).reshape(shape) if image.data.ndim >= 3 else labels
-        offset = np.zeros(len(image.scale))
-        if image.data.ndim >= 3:
-            offset[len(offset) - 3 + axis] = index
-        linear = image._transforms["data2physical"].linear_matrix  # the slice's place in the scan's world
-        name = LAYER_PREFIX + (found.phrase or "boxed example")
-        layer = controller.viewer.add_labels(
-            data, name=name, scale=image.scale, translate=np.asarray(image.translate) + linear @ offset,
-            rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix, opacity=0.6,
-            metadata={"napari_medsam": {"concept": {"axis": axis, "index": index, "phrase": found.phrase,
-                                                    "scores": [float(s) for s in found.scores]}}})
+        meta = {"concept": {"axis": axis, "index": index, "phrase": found.phrase,
+                            "scores": [float(s) for s in found.scores]}}
+        layer = add_slice_labels(controller, labels, axis, index, LAYER_PREFIX + (found.phrase or "boxed example"),
+                                 meta, self._on_click)
         # napari shows a label's row of the features table in the status bar under the mouse.
         layer.features = {"index": np.arange(len(found) + 1),
                           "score": np.concatenate([[np.nan], np.round(found.scores, 4)])}
-        layer.mouse_drag_callbacks.append(self._on_click)
         self.layer = layer
-        controller.viewer.layers.selection.active = layer
         self.state.setText(self._describe(found, axis, index))
         self._update_buttons()
 
@@ -383,31 +372,22 @@ class ConceptPanel(QGroupBox):
 
     def _on_click(self, layer: Any, event: Any) -> None:
         """A click on the candidates layer accepts the candidate under the mouse."""
-        if event.type != "mouse_press" or layer is not self.layer:
-            return
-        value = layer.get_value(event.position, view_direction=event.view_direction,
-                                dims_displayed=event.dims_displayed, world=True)
+        value = clicked_label(layer, event) if layer is self.layer else 0
         if value:
-            self.accept(int(value))
+            self.accept(value)
 
     def clear(self) -> None:
         """Remove the candidates layer (objects accepted from it stay)."""
         layer, self.layer, self.result, self._where = self.layer, None, None, None
         self.accepted = {}
-        if layer is not None:
-            try:
-                layer.mouse_drag_callbacks.remove(self._on_click)
-            except ValueError:
-                pass
-            viewer = getattr(self.controller, "viewer", None)
-            if viewer is not None and layer in viewer.layers:
-                viewer.layers.remove(layer)
+        remove_slice_labels(self.controller, layer, self._on_click)
         if hasattr(self, "clear_button"):
             self._update_buttons()
 
     # ------------------------------------------------------------------ accepting
     def accept(self, label: int, name: str | None = None) -> int | None:
         """Add candidate ``label`` (1-based) as a new object named after the phrase; returns its value."""
+        from ..segment.everything import sign_logits
         from ..segment.predictor import SliceMasks
 
         c, found = self.controller, self.result
@@ -418,18 +398,14 @@ class ConceptPanel(QGroupBox):
         session = c.session
         with session.group():
             obj = session.add_object(name or found.phrase or None)
-            side = int(getattr(c.model, "low_res", 256) or 256)
             # The session keeps predictions with SAM-style low-res logits; a concept mask has none, so a
             # coarse field with the mask's sign stands in (refining from it behaves like a fresh prompt).
-            logits = _sign_field(mask, side)
+            logits = sign_logits(mask, int(getattr(c.model, "low_res", 256) or 256))
             session.apply_prediction(obj.value, axis, index,
                                      SliceMasks(mask[None].copy(), np.array([found.scores[label - 1]], np.float32),
                                                 logits[None], index=index, axis=axis))
         self.accepted[label] = obj.value
-        if self.layer is not None:
-            data = self.layer.data
-            data[data == label] = 0
-            self.layer.data = data
+        drop_label(self.layer, label)
         c.labels_layer.refresh()
         self.state.setText(f"Candidate {label} (score {found.scores[label - 1]:.3f}) is now {obj.name!r}; "
                            f"{len(found) - len(self.accepted)} candidate(s) left. Find in all slices follows it.")
@@ -489,10 +465,3 @@ class ConceptPanel(QGroupBox):
                                "propagation report shows each slice.")
         return bool(started)
 
-
-def _sign_field(mask: np.ndarray, side: int) -> np.ndarray:
-    """A (side, side) logit field with the mask's sign (+8 inside, -8 outside), resized from the mask."""
-    import cv2
-
-    field_ = cv2.resize(mask.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-    return np.where(field_ > 0.5, 8.0, -8.0).astype(np.float32)

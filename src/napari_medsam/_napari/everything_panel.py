@@ -16,12 +16,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout
 
 from ..volume import AXIS_NAMES
 from .messages import MessageLabel
+from .slice_candidates import add_slice_labels, clicked_label, drop_label, remove_slice_labels
 
 LAYER_NAME = "candidates"
 
@@ -159,20 +159,8 @@ class EverythingPanel(QGroupBox):
             return
         self.clear()
         self.result, self.accepted, self._where = result, {}, (axis, index)
-        image = controller.image_layer
-        shape = [int(s) for s in np.shape(image.data)[-3:]]
-        shape[axis] = 1
-        data = np.expand_dims(result.label_image(), axis).reshape(shape)
-        offset = np.zeros(len(image.scale))
-        offset[len(offset) - 3 + axis] = index
-        linear = image._transforms["data2physical"].linear_matrix  # the slice's place in the scan's world
-        layer = controller.viewer.add_labels(
-            data, name=LAYER_NAME, scale=image.scale, translate=np.asarray(image.translate) + linear @ offset,
-            rotate=image.rotate, shear=image.shear, affine=image.affine.affine_matrix, opacity=0.6,
-            metadata={"napari_medsam": {"candidates": {"axis": axis, "index": index}}})
-        layer.mouse_drag_callbacks.append(self._on_click)
-        self.layer = layer
-        controller.viewer.layers.selection.active = layer
+        self.layer = add_slice_labels(controller, result.label_image(), axis, index, LAYER_NAME,
+                                      {"candidates": {"axis": axis, "index": index}}, self._on_click)
         count = len(result.candidates)
         word = "cancelled, " if result.cancelled else ""
         self.state.setText(f"{word}{count} candidate(s) on {AXIS_NAMES[axis]} slice {index} in "
@@ -182,25 +170,15 @@ class EverythingPanel(QGroupBox):
 
     def _on_click(self, layer: Any, event: Any) -> None:
         """A click on the candidates layer accepts the candidate under the mouse."""
-        if event.type != "mouse_press" or layer is not self.layer:
-            return
-        value = layer.get_value(event.position, view_direction=event.view_direction,
-                                dims_displayed=event.dims_displayed, world=True)
+        value = clicked_label(layer, event) if layer is self.layer else 0
         if value:
-            self.accept(int(value))
+            self.accept(value)
 
     def clear(self) -> None:
         """Remove the candidates layer (objects accepted from it stay)."""
         layer, self.layer, self.result, self._where = self.layer, None, None, None
         self.accepted = {}
-        if layer is not None:
-            try:
-                layer.mouse_drag_callbacks.remove(self._on_click)
-            except ValueError:
-                pass
-            viewer = getattr(self.controller, "viewer", None)
-            if viewer is not None and layer in viewer.layers:
-                viewer.layers.remove(layer)
+        remove_slice_labels(self.controller, layer, self._on_click)
         if hasattr(self, "clear_button"):
             self._update_buttons()
 
@@ -220,10 +198,7 @@ class EverythingPanel(QGroupBox):
             masks = candidate_masks(cand, int(getattr(c.model, "low_res", 256)))
             session.apply_prediction(obj.value, axis, index, masks)
         self.accepted[label] = obj.value
-        if self.layer is not None:
-            data = self.layer.data
-            data[data == label] = 0
-            self.layer.data = data
+        drop_label(self.layer, label)
         c.labels_layer.refresh()
         self.state.setText(f"Candidate {label} ({cand.area_mm2:.0f} mm²) is now {obj.name!r}; "
                            f"{len(result.candidates) - len(self.accepted)} candidate(s) left.")

@@ -589,15 +589,21 @@ def _resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resized.astype(bool)
 
 
-def candidate_masks(candidate: MaskCandidate, low_res: int = 256) -> Any:
-    """A one-mask ``SliceMasks`` of a candidate, as the session keeps predictions (logits made up if missing)."""
+def sign_logits(mask: np.ndarray, side: int = 256) -> np.ndarray:
+    """A (side, side) low-res logit field with the mask's sign (+8 inside, -8 outside), for a mask made
+    without SAM logits (a cleaned-up or concept-model mask) that the session keeps as a prediction."""
     import cv2
 
+    field_ = cv2.resize(np.asarray(mask, np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    return np.where(field_ > 0.5, 8.0, -8.0).astype(np.float32)
+
+
+def candidate_masks(candidate: MaskCandidate, low_res: int = 256) -> Any:
+    """A one-mask ``SliceMasks`` of a candidate, as the session keeps predictions (logits made up if missing)."""
     from .predictor import SliceMasks
 
     logits = candidate.low_res_logits
     if logits is None:  # a crop or cleaned-up candidate: a coarse field with the mask's sign
-        field_ = cv2.resize(candidate.mask.astype(np.float32), (low_res, low_res), interpolation=cv2.INTER_LINEAR)
-        logits = np.where(field_ > 0.5, 8.0, -8.0).astype(np.float32)
+        logits = sign_logits(candidate.mask, low_res)
     return SliceMasks(candidate.mask[None].copy(), np.array([candidate.predicted_iou], np.float32),
                       np.asarray(logits, np.float32)[None])
