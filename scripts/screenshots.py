@@ -53,6 +53,11 @@ def _shoot(app, viewer, widget, visible, path: Path) -> None:
     viewer.screenshot(str(path), canvas_only=False)
     widget.stop_segmentation()
     viewer.close()
+    from qtpy.QtCore import QThreadPool
+
+    # A background embedding still running would finish after its Qt objects are gone (napari's own
+    # quit waits for its workers; a script that only closes the viewer has to).
+    QThreadPool.globalInstance().waitForDone(60000)
 
 
 def _stand_in(controller, truth) -> None:
