@@ -171,3 +171,18 @@ def test_find_in_all_slices_keeps_to_the_propagate_range(scene, qtbot):
     assert reached and reached <= {INDEX - 1, INDEX, INDEX + 1}, reached
     outside = [k for k in range(controller.shape[0]) if not INDEX - 1 <= k <= INDEX + 1]
     assert not any((controller.session.labels[k] == obj).any() for k in outside)
+
+
+def test_cancel_in_the_group_stops_a_find_in_all_slices(scene, qtbot):
+    _, controller, panel, propagate = scene
+    _find(qtbot, panel)
+    panel.accept(1)
+    results = []
+    propagate.finished.connect(results.append)
+    assert panel.find_in_all_slices()
+    assert panel.cancel_button.isEnabled() and not panel.all_button.isEnabled()
+    panel.cancel_button.click()  # stops after the slice under way; what was found stays
+    qtbot.waitUntil(lambda: bool(results), timeout=180000)
+    result = results[0]
+    assert result is not None and result.cancelled
+    assert not panel.cancel_button.isEnabled() and panel.all_button.isEnabled()

@@ -84,6 +84,7 @@ class ConceptPanel(QGroupBox):
         self.accepted: dict[int, int] = {}  # candidate label (1-based) -> object value
         self._where: tuple[int, int] | None = None
         self._cancel = threading.Event()
+        self._following = False  # a "Find in all slices" run of this panel is under way (in the Propagate group)
         self._loading = threading.Lock()  # a find and a find-in-all-slices may both want the model first
         self.local_path: str = str(self._setting("concept_checkpoint", "") or "")
         self.vocabulary_path: str = str(self._setting("concept_vocabulary", "") or "")
@@ -161,6 +162,8 @@ class ConceptPanel(QGroupBox):
         self.clear_button.clicked.connect(self.clear)
         self.threshold.valueChanged.connect(lambda v: self._store("concept_threshold", float(v)))
         self.progressed.connect(self._on_progress)
+        if propagate_panel is not None:
+            propagate_panel.finished.connect(self._on_follow_done)
         self.set_controller(None)
 
     # ------------------------------------------------------------------ settings and model choice
@@ -237,7 +240,7 @@ class ConceptPanel(QGroupBox):
         other_run = self.propagate_panel is not None and getattr(self.propagate_panel, "busy", False)
         self.find_button.setEnabled(on and not busy)
         self.all_button.setEnabled(on and not busy and not other_run)
-        self.cancel_button.setEnabled(busy)
+        self.cancel_button.setEnabled(busy or self._following)
         self.accept_all_button.setEnabled(on and not busy and left)
         self.clear_button.setEnabled(self.layer is not None and not busy)
         self.model_combo.setEnabled(not busy)
@@ -262,10 +265,17 @@ class ConceptPanel(QGroupBox):
         self.finished.emit()
 
     def cancel(self) -> None:
-        """Stop a download or a search after the slice under way (what was found is kept)."""
+        """Stop a download, or a Find in all slices after the slice under way (what was found is kept)."""
         if self.worker is not None:
             self._cancel.set()
             self.progress.setFormat("cancelling...")
+        if self._following and self.propagate_panel is not None:
+            self.propagate_panel.cancel()
+
+    def _on_follow_done(self, result: Any = None) -> None:
+        if self._following:
+            self._following = False
+            self._update_buttons()
 
     # ------------------------------------------------------------------ worker side
     def _load_model(self) -> Any:
@@ -443,6 +453,9 @@ class ConceptPanel(QGroupBox):
         obj = c.session.active
         seed_mask = None if obj is None else c.session.labels[slice_index(axis, index)] == obj
         seed = (index, seed_mask) if seed_mask is not None and seed_mask.any() else None
+        # Boxes drawn on the slice shown go with the phrase there (with no seed, they steer its candidates).
+        shown = exemplar_boxes(c, axis, index) if self.use_boxes.isChecked() else []
+        examples = {index: shown} if shown else None
         if seed is None:
             obj = c.session.add_object(phrase).value
         threshold = float(self.threshold.value())
@@ -454,13 +467,15 @@ class ConceptPanel(QGroupBox):
 
         def call(predictor: Any, run: Any, *, locked: Any, overwrite: bool, cancel: Any, progress: Any) -> Any:
             segmenter = segmenter_of(c, axis)
-            track = segmenter.find_in_slices(range(first, last + 1), phrase, seed=seed, threshold=threshold,
-                                             progress=progress, cancel=cancel)
+            track = segmenter.find_in_slices(range(first, last + 1), phrase, seed=seed, boxes=examples,
+                                             threshold=threshold, progress=progress, cancel=cancel)
             return track.write(run.snapshot, obj, locked=locked, overwrite=overwrite, spacing_mm=spacing)
 
         started = panel.start_run(obj, axis, {index} if seed is not None else set(), call,
                                   f"finding '{phrase}' in all slices", needs_predictor=False)
         if started:
+            self._following = True
+            self._update_buttons()
             self.state.setText(f"Following '{phrase}' (object {obj}) through the {AXIS_NAMES[axis]} slices; the "
                                "propagation report shows each slice.")
         return bool(started)
