@@ -244,7 +244,8 @@ class ConceptModel:
                 flags = np.ones(len(boxes), bool) if box_labels is None else np.asarray(box_labels, bool)
                 label_t = torch.as_tensor(flags.reshape(1, -1), device=self.device)
             with _heavy_threads(self):
-                outputs = self.network.ground(features, text, box_t, label_t)
+                # masks only for the queries postprocess keeps (none found: the pixel decoder is skipped)
+                outputs = self.network.ground(features, text, box_t, label_t, mask_threshold=float(threshold))
             found = self.network.postprocess(outputs, out_hw, float(threshold))
         return Detected(found.scores.float().cpu().numpy(), found.boxes.float().cpu().numpy(),
                         found.masks.cpu().numpy(), found.indices.cpu().numpy())

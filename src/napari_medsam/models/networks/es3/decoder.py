@@ -86,18 +86,24 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
-def sine_embed_boxes(boxes: Tensor, d_model: int) -> Tensor:
-    """Sine code of boxes ``[..., 4]`` (normalised cx, cy, w, h) -> ``[..., 2 * d_model]`` (y, x, w, h codes)."""
+def _box_frequencies(d_model: int, device: torch.device) -> Tensor:
     n = d_model // 2  # channels per coordinate
-    idx = torch.arange(n, dtype=torch.float32, device=boxes.device)
-    freq = 10000 ** (2 * torch.div(idx, 2, rounding_mode="floor") / n)
+    idx = torch.arange(n, dtype=torch.float32, device=device)
+    return 10000 ** (2 * torch.div(idx, 2, rounding_mode="floor") / n)
 
-    def code(t: Tensor) -> Tensor:
-        phase = (t * (2 * math.pi))[..., None] / freq
-        return torch.stack((phase[..., 0::2].sin(), phase[..., 1::2].cos()), dim=-1).flatten(-2)
 
-    x, y, w, h = boxes.unbind(-1)
-    return torch.cat((code(y), code(x), code(w), code(h)), dim=-1)
+def sine_embed_boxes(boxes: Tensor, d_model: int, freq: Tensor | None = None) -> Tensor:
+    """Sine code of boxes ``[..., 4]`` (normalised cx, cy, w, h) -> ``[..., 2 * d_model]`` (y, x, w, h codes).
+
+    The four coordinates are coded in one pass (the same element-wise operations as coding each alone);
+    ``freq`` (the ``d_model / 2`` frequencies) may be passed in to skip recomputing them.
+    """
+    if freq is None:
+        freq = _box_frequencies(d_model, boxes.device)
+    coords = boxes[..., [1, 0, 2, 3]]  # output order: y, x, w, h
+    phase = (coords * (2 * math.pi))[..., None] / freq  # [..., 4, n]
+    code = torch.stack((phase[..., 0::2].sin(), phase[..., 1::2].cos()), dim=-1)  # [..., 4, n/2, 2]
+    return code.flatten(-3)
 
 
 class MLP(nn.Module):
@@ -144,10 +150,13 @@ class Es3DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, queries: Tensor, query_pos: Tensor, presence: Tensor, memory: Tensor, memory_pos: Tensor,
-                prompt: Tensor, prompt_mask: Tensor | None, image_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+                prompt: Tensor, prompt_mask: Tensor | None, image_bias: Tensor | None,
+                memory_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Queries ``[Q, B, d]`` (+ codes), presence ``[1, B, d]``, memory ``[HW, B, d]``, prompt ``[S, B, d]``,
         ``prompt_mask`` ``[B, S]`` (True = padding), ``image_bias`` ``[B * heads, 1 + Q, HW]`` (presence row
         first) or None.
+
+        ``memory_key`` (optional) is ``memory + memory_pos`` computed once by the caller for all layers.
 
         Returns the updated (queries, presence).
         """
@@ -156,8 +165,8 @@ class Es3DecoderLayer(nn.Module):
         q = tgt + pos
         tgt = self.norm2(tgt + self.self_attn(q, q, tgt)[0])
         tgt = self.catext_norm(tgt + self.ca_text(tgt + pos, prompt, prompt, key_padding_mask=prompt_mask)[0])
-        attended = self.cross_attn(tgt + pos, memory + memory_pos, memory, attn_mask=image_bias,
-                                   need_weights=False)[0]
+        key = memory + memory_pos if memory_key is None else memory_key
+        attended = self.cross_attn(tgt + pos, key, memory, attn_mask=image_bias, need_weights=False)[0]
         tgt = self.norm1(tgt + attended)
         tgt = self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
         return tgt[1:], tgt[:1]
@@ -199,11 +208,13 @@ class Es3Decoder(nn.Module):
         scaled = offsets * 8
         return torch.sign(scaled) * torch.log2(torch.abs(scaled) + 1.0) / 3.0
 
-    def box_bias(self, boxes: Tensor, height: int, width: int) -> Tensor:
+    def box_bias(self, boxes: Tensor, height: int, width: int, out: Tensor | None = None) -> Tensor:
         """Attention bias ``[B * heads, 1 + Q, H * W]`` of anchor boxes ``[Q, B, 4]`` (cxcywh) over an H x W grid.
 
         Row 0 (the presence token's) is zero. The sum is written straight into its final layout (one pass
-        over the largest tensor of the decoder: heads x queries x cells).
+        over the largest tensor of the decoder: heads x queries x cells). ``out``: an earlier result of
+        this size to overwrite (the layers reuse one buffer: 33 MB at full size, a fresh one each layer
+        costs page faults).
         """
         xyxy = box_cxcywh_to_xyxy(boxes).transpose(0, 1)  # [B, Q, 4]
         rows = torch.arange(height, dtype=torch.float32, device=boxes.device) / height
@@ -213,7 +224,12 @@ class Es3Decoder(nn.Module):
         by = self.boxRPB_embed_y(self._log_offsets(dy)).permute(0, 3, 1, 2)  # [B, heads, Q, H]
         bx = self.boxRPB_embed_x(self._log_offsets(dx)).permute(0, 3, 1, 2)  # [B, heads, Q, W]
         batch, heads, queries = by.shape[:3]
-        bias = by.new_zeros(batch, heads, 1 + queries, height, width)
+        shape = (batch, heads, 1 + queries, height, width)
+        if out is not None and out.numel() == math.prod(shape) and out.dtype == by.dtype and out.is_contiguous():
+            bias = out.view(shape)  # row 0 is still zero: only rows 1.. are ever written
+        else:
+            bias = by.new_empty(shape)
+            bias[:, :, 0] = 0.0  # only the presence row needs zeroing: the sum overwrites the others
         torch.add(by[..., None], bx[..., None, :], out=bias[:, :, 1:])
         return bias.view(batch * heads, 1 + queries, height * width)
 
@@ -228,11 +244,16 @@ class Es3Decoder(nn.Module):
         queries = self.query_embed.weight[:, None].repeat(1, batch, 1)
         boxes = self.reference_points.weight[:, None].repeat(1, batch, 1).sigmoid()
         presence = self.presence_token.weight[None].expand(1, batch, -1)
+        freq = _box_frequencies(self.config.d_model, memory.device)
+        memory_key = memory + memory_pos  # the image keys of every layer's cross-attention
         hs, refs, refined, presence_logits = [], [], [], []
+        bias = None
         for layer in self.layers:
-            query_pos = self.ref_point_head(sine_embed_boxes(boxes, self.config.d_model))
-            bias = self.box_bias(boxes, height, width)
-            queries, presence = layer(queries, query_pos, presence, memory, memory_pos, prompt, prompt_mask, bias)
+            query_pos = self.ref_point_head(sine_embed_boxes(boxes, self.config.d_model, freq))
+            # reuse the previous layer's bias buffer unless autograd may have saved it for backward
+            bias = self.box_bias(boxes, height, width, out=None if torch.is_grad_enabled() else bias)
+            queries, presence = layer(queries, query_pos, presence, memory, memory_pos, prompt, prompt_mask, bias,
+                                      memory_key=memory_key)
             normed = self.norm(queries)
             new_boxes = (inverse_sigmoid(boxes) + self.bbox_embed(normed)).sigmoid()
             hs.append(normed)

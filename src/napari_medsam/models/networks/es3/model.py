@@ -118,6 +118,9 @@ class GroundingOutput:
     prompt_mask: Tensor  # [B, S] True = padding
     encoder: FusionOutput
     decoder: DecoderOutput
+    # query index of each row of pred_masks when masks were computed for a subset (``mask_threshold``);
+    # None = one row per query
+    mask_indices: Tensor | None = None
 
     @property
     def scores(self) -> Tensor:
@@ -206,23 +209,30 @@ class Es3ImageModel(nn.Module):
         return prompt, prompt_mask
 
     def ground(self, features: VisionOutput, text: TextOutput, boxes: Tensor | None = None,
-               box_labels: Tensor | None = None, masks: bool = True) -> GroundingOutput:
+               box_labels: Tensor | None = None, masks: bool = True,
+               mask_threshold: float | None = None) -> GroundingOutput:
         """Run the detector on encoded image(s) and a prompt (the official ``forward_grounding``).
 
         ``text`` holds one phrase per image, or one for all. ``masks=False`` skips the mask head.
+        ``mask_threshold``: compute masks only for the queries scoring above it in some image (what
+        :meth:`postprocess` keeps at that threshold); ``mask_indices`` of the result names their rows. When
+        no query passes, the pixel decoder is skipped: on a slice without the concept that is most of the
+        mask head's time.
         """
         prompt, prompt_mask = self.encode_prompt(features, text, boxes, box_labels)
         encoded = self.transformer.encoder(features.fpn[-1], features.pos[-1], prompt, prompt_mask)
         decoded = self.transformer.decoder(encoded.memory, encoded.pos_embed, encoded.feat_size, prompt, prompt_mask)
         logits = self.dot_prod_scoring(decoded.hs, prompt, prompt_mask)  # [L, B, Q, 1]
-        pred_masks = None
-        if masks:
-            pred_masks = self.segmentation_head(features.fpn, encoded.memory, decoded.hs, prompt,
-                                                prompt_mask).pred_masks
-        return GroundingOutput(
+        out = GroundingOutput(
             pred_logits=logits[-1, ..., 0], pred_boxes=decoded.boxes[-1],
-            presence_logit=decoded.presence_logits[-1, :, 0], pred_masks=pred_masks, hs=decoded.hs, prompt=prompt,
+            presence_logit=decoded.presence_logits[-1, :, 0], pred_masks=None, hs=decoded.hs, prompt=prompt,
             prompt_mask=prompt_mask, encoder=encoded, decoder=decoded)
+        if masks:
+            if mask_threshold is not None:
+                out.mask_indices = torch.nonzero((out.scores > mask_threshold).any(dim=0)).flatten()
+            out.pred_masks = self.segmentation_head(features.fpn, encoded.memory, decoded.hs, prompt, prompt_mask,
+                                                    query_index=out.mask_indices).pred_masks
+        return out
 
     @staticmethod
     def postprocess(outputs: GroundingOutput, orig_hw: tuple[int, int], threshold: float = 0.5,
@@ -237,7 +247,17 @@ class Es3ImageModel(nn.Module):
         boxes = box_cxcywh_to_xyxy(outputs.pred_boxes[index][keep])
         scale = torch.tensor([width, height, width, height], device=boxes.device)
         boxes = boxes * scale[None, :]
-        logits = outputs.pred_masks[index][keep]
+        logits = outputs.pred_masks[index]
+        if outputs.mask_indices is None:
+            logits = logits[keep]
+        else:  # masks of a subset of the queries: pick the rows of the kept ones
+            subset = outputs.mask_indices.to(logits.device)
+            row = torch.full((scores.shape[0],), -1, dtype=torch.long, device=logits.device)
+            row[subset] = torch.arange(len(subset), device=logits.device)
+            rows = row[idx.to(logits.device)]
+            if bool((rows < 0).any()):
+                raise ValueError("a kept query has no mask: ground(..., mask_threshold=) was above this threshold")
+            logits = logits[rows]
         if logits.shape[0]:
             probs = F.interpolate(logits[:, None], size=(height, width), mode="bilinear",
                                   align_corners=False).sigmoid()[:, 0]
