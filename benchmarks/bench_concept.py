@@ -16,8 +16,9 @@ MobileCLIP-S0 model with random weights: timing does not depend on the values) i
   path the golden tests check), for comparison;
 
 then one ``find_in_slices`` over ``--slices`` consecutive liver slices from an empty cache (search of the
-whole range, seed, both fronts), with seconds per slice. The phantom is 56 x 168 x 168 (any slice size is
-stretched to 1008 x 1008 by the model; only the final mask resize depends on it). The load average is
+whole range, seed, both fronts), with seconds per slice. The phantom is 56 x 168 x 168 (``--depth`` changes
+the slice count; any slice size is stretched to 1008 x 1008 by the model; only the final mask resize depends
+on it); ``--skip-parts`` runs only the find. The load average is
 printed with every figure: on a shared machine compare figures of one run only. Nothing is asserted.
 """
 
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", nargs="*", default=[], choices=["b0", "b1"],
                         help="also time official-size models with random weights")
     parser.add_argument("--slices", type=int, default=6, help="slices of the find-in-slices run")
+    parser.add_argument("--depth", type=int, default=56,
+                        help="slices of the phantom (its default 56; e.g. 64 for a 60-slice run)")
+    parser.add_argument("--skip-parts", action="store_true",
+                        help="only the find-in-slices run (no per-part timings)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NAPARI_MEDSAM_ADAPTIVE_THREADS", "0")
-    volume, truth, _ = make_ct_phantom()
+    volume, truth, _ = make_ct_phantom(shape=(args.depth, 168, 168), spacing_mm=(2.8 * 56 / args.depth, 2.1, 2.1))
     liver = np.flatnonzero((truth == 1).any(axis=(1, 2)))
     middle = int(liver[len(liver) // 2])
     first = max(0, middle - args.slices // 2)
@@ -98,27 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; phantom {volume.shape}; {_load()}")
     for label, threshold, model in _models(args):
         seg = ConceptSegmenter(model, volume, mapping=mapping, threshold=threshold)
-        rgb = seg.slices.model_image(middle)
-        image = _median_time(lambda: model.encode(rgb), args.repeats)
-        print(f"[{label}] image encoder {image:.3f} s/slice; {_load()}")
-        with torch.inference_mode():
-            text = _median_time(lambda: model.network.encode_text(["liver"]), args.repeats)
-        print(f"[{label}] text encoder {text * 1000:.1f} ms/phrase; {_load()}")
-        packed = seg.embed(middle)
-        model.text("liver")
-        detector = _median_time(lambda: model.detect(packed, "liver", None, None, seg.slice_shape, threshold),
-                                args.repeats)
-        print(f"[{label}] detector + masks {detector:.3f} s/slice (features cached; "
-              f"{len(model.detect(packed, 'liver', None, None, seg.slice_shape, threshold).scores)} kept); {_load()}")
-        features, phrase = model.features(packed), model.text("liver")
-
-        def all_queries():
+        if not args.skip_parts:
+            rgb = seg.slices.model_image(middle)
+            image = _median_time(lambda: model.encode(rgb), args.repeats)
+            print(f"[{label}] image encoder {image:.3f} s/slice; {_load()}")
             with torch.inference_mode():
-                outputs = model.network.ground(features, phrase)
-                return model.network.postprocess(outputs, seg.slice_shape, threshold)
+                text = _median_time(lambda: model.network.encode_text(["liver"]), args.repeats)
+            print(f"[{label}] text encoder {text * 1000:.1f} ms/phrase; {_load()}")
+            packed = seg.embed(middle)
+            model.text("liver")
+            detector = _median_time(lambda: model.detect(packed, "liver", None, None, seg.slice_shape, threshold),
+                                    args.repeats)
+            kept = len(model.detect(packed, "liver", None, None, seg.slice_shape, threshold).scores)
+            print(f"[{label}] detector + masks {detector:.3f} s/slice (features cached; {kept} kept); {_load()}")
+            features, phrase = model.features(packed), model.text("liver")
 
-        every = _median_time(all_queries, args.repeats)
-        print(f"[{label}] detector, masks of all queries {every:.3f} s/slice; {_load()}")
+            def all_queries():
+                with torch.inference_mode():
+                    outputs = model.network.ground(features, phrase)
+                    return model.network.postprocess(outputs, seg.slice_shape, threshold)
+
+            every = _median_time(all_queries, args.repeats)
+            print(f"[{label}] detector, masks of all queries {every:.3f} s/slice; {_load()}")
         seg = ConceptSegmenter(model, volume, mapping=mapping, threshold=threshold)  # an empty cache
         start = time.perf_counter()
         track = seg.find_in_slices(span, "liver")
