@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 
 from ..volume import AXIS_NAMES
 from .messages import MessageLabel
-from .slice_candidates import add_slice_labels, clicked_label, drop_label, remove_slice_labels
+from .slice_candidates import CandidatesLayerMixin, add_slice_labels, drop_label
 
 LAYER_PREFIX = "found: "
 LOCAL_ITEM = "Local checkpoint..."
@@ -61,7 +61,7 @@ def exemplar_boxes(controller: Any, axis: int, index: int) -> list[tuple[float, 
     return boxes
 
 
-class ConceptPanel(QGroupBox):
+class ConceptPanel(CandidatesLayerMixin, QGroupBox):
     """Find every instance of a named structure on the slice shown; accept them; follow one through slices."""
 
     error = Signal(str)
@@ -379,20 +379,6 @@ class ConceptPanel(QGroupBox):
         return (f"{len(found)} candidate(s) for '{found.phrase or 'the boxed example'}' on {AXIS_NAMES[axis]} "
                 f"slice {index} (score: {listed}{more}). Click one on the '{self.layer.name}' layer to accept it "
                 "as an object, or Accept all.")
-
-    def _on_click(self, layer: Any, event: Any) -> None:
-        """A click on the candidates layer accepts the candidate under the mouse."""
-        value = clicked_label(layer, event) if layer is self.layer else 0
-        if value:
-            self.accept(value)
-
-    def clear(self) -> None:
-        """Remove the candidates layer (objects accepted from it stay)."""
-        layer, self.layer, self.result, self._where = self.layer, None, None, None
-        self.accepted = {}
-        remove_slice_labels(self.controller, layer, self._on_click)
-        if hasattr(self, "clear_button"):
-            self._update_buttons()
 
     # ------------------------------------------------------------------ accepting
     def accept(self, label: int, name: str | None = None) -> int | None:

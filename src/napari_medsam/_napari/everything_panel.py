@@ -21,12 +21,12 @@ from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushBu
 
 from ..volume import AXIS_NAMES
 from .messages import MessageLabel
-from .slice_candidates import add_slice_labels, clicked_label, drop_label, remove_slice_labels
+from .slice_candidates import CandidatesLayerMixin, add_slice_labels, drop_label
 
 LAYER_NAME = "candidates"
 
 
-class EverythingPanel(QGroupBox):
+class EverythingPanel(CandidatesLayerMixin, QGroupBox):
     """Run the automatic mask generator on the shown slice and accept its candidates as objects."""
 
     error = Signal(str)
@@ -167,20 +167,6 @@ class EverythingPanel(QGroupBox):
                            f"{result.seconds.get('total', 0.0):.1f} s. Click one on the 'candidates' layer to "
                            "accept it as an object, or Accept all.")
         self._update_buttons()
-
-    def _on_click(self, layer: Any, event: Any) -> None:
-        """A click on the candidates layer accepts the candidate under the mouse."""
-        value = clicked_label(layer, event) if layer is self.layer else 0
-        if value:
-            self.accept(value)
-
-    def clear(self) -> None:
-        """Remove the candidates layer (objects accepted from it stay)."""
-        layer, self.layer, self.result, self._where = self.layer, None, None, None
-        self.accepted = {}
-        remove_slice_labels(self.controller, layer, self._on_click)
-        if hasattr(self, "clear_button"):
-            self._update_buttons()
 
     # ------------------------------------------------------------------ accepting
     def accept(self, label: int, name: str | None = None) -> int | None:

@@ -63,3 +63,31 @@ def drop_label(layer: Any, label: int) -> None:
         data = layer.data
         data[data == label] = 0
         layer.data = data
+
+
+class CandidatesLayerMixin:
+    """What a panel showing a candidates layer shares: a click accepts, Clear removes the layer.
+
+    The panel has ``controller``, ``layer``, ``result``, ``accepted``, ``_where``, ``accept(label)`` and
+    ``_update_buttons()``.
+    """
+
+    controller: Any
+    layer: Any
+    result: Any
+    accepted: dict
+    _where: Any
+
+    def _on_click(self, layer: Any, event: Any) -> None:
+        """A click on the candidates layer accepts the candidate under the mouse."""
+        value = clicked_label(layer, event) if layer is self.layer else 0
+        if value:
+            self.accept(value)  # type: ignore[attr-defined]
+
+    def clear(self) -> None:
+        """Remove the candidates layer (objects accepted from it stay)."""
+        layer, self.layer, self.result, self._where = self.layer, None, None, None
+        self.accepted = {}
+        remove_slice_labels(self.controller, layer, self._on_click)
+        if hasattr(self, "clear_button"):
+            self._update_buttons()  # type: ignore[attr-defined]

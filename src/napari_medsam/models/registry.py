@@ -51,6 +51,16 @@ _INPUT_SIZE = {
 }
 
 
+def _check_download_fields(spec: Any) -> None:
+    """The checks every downloadable file's entry passes: URLs given, a well-formed SHA-256, a bare file name."""
+    if not spec.urls:
+        raise ValueError(f"{spec.name}: at least one download URL is needed")
+    if spec.sha256 is not None and (len(spec.sha256) != 64 or any(c not in "0123456789abcdef" for c in spec.sha256)):
+        raise ValueError(f"{spec.name}: sha256 must be 64 lower-case hex digits")
+    if "/" in spec.filename or "\\" in spec.filename or not spec.filename:
+        raise ValueError(f"{spec.name}: filename must be a bare file name")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One downloadable model: its network, its pipeline and its official weight file."""
@@ -89,14 +99,7 @@ class ModelSpec:
                 f"{self.name}: {self.architecture} takes {_INPUT_SIZE[self.architecture]} px input, "
                 f"not {self.input_size}"
             )
-        if not self.urls:
-            raise ValueError(f"{self.name}: at least one download URL is needed")
-        if self.sha256 is not None and (
-            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
-        ):
-            raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
-        if "/" in self.filename or "\\" in self.filename or not self.filename:
-            raise ValueError(f"{self.name}: filename must be a bare file name")
+        _check_download_fields(self)
 
     @property
     def family(self) -> str:
@@ -369,14 +372,7 @@ class FileSpec:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if not self.urls:
-            raise ValueError(f"{self.name}: at least one download URL is needed")
-        if self.sha256 is not None and (
-            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
-        ):
-            raise ValueError(f"{self.name}: sha256 must be 64 lower-case hex digits")
-        if "/" in self.filename or "\\" in self.filename or not self.filename:
-            raise ValueError(f"{self.name}: filename must be a bare file name")
+        _check_download_fields(self)
 
 
 @dataclass(frozen=True)
