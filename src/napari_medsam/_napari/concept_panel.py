@@ -273,9 +273,9 @@ class ConceptPanel(CandidatesLayerMixin, QGroupBox):
             self.propagate_panel.cancel()
 
     def _on_follow_done(self, result: Any = None) -> None:
-        if self._following:
-            self._following = False
-            self._update_buttons()
+        """Any run of the Propagate group ended (this group's Find in all slices among them)."""
+        self._following = False
+        self._update_buttons()
 
     # ------------------------------------------------------------------ worker side
     def _load_model(self) -> Any:
@@ -425,7 +425,10 @@ class ConceptPanel(CandidatesLayerMixin, QGroupBox):
         from ..segment.propagation.run import slice_index
 
         c, panel = self.controller, self.propagate_panel
-        if c is None or self.worker is not None or panel is None or getattr(panel, "busy", False):
+        if c is None or self.worker is not None or panel is None:
+            return False
+        if getattr(panel, "busy", False):
+            self.state.setText("A propagation is running: wait for it, or cancel it in the Propagate group.")
             return False
         plane = c.current_plane()
         if plane is None:
