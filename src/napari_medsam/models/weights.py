@@ -231,32 +231,14 @@ def resolve_weights(
     of the Python API and the panel's "Choose file..." button.
     """
     spec = get_model(name)
-    if path is not None:
-        local = Path(path).expanduser()
-        if not local.is_file():
-            raise WeightsError(
-                f"the weights file {local} for {spec.display_name} does not exist or is not a file"
-            )
-        problem = describe_non_checkpoint(head_bytes(local))
-        if problem:
-            raise WeightsError(f"{local} cannot be used as {spec.display_name} weights: {problem}.")
-        return local  # the user's own file is used where it is; its layout is checked on loading
-    if spec.local_path:  # a registered fine-tuned model: never downloaded, never cached
+    if path is None and spec.local_path:  # a registered fine-tuned model: never downloaded, never cached
         own = Path(spec.local_path)
         if not own.is_file():
             raise WeightsError(f"the checkpoint {own} of {spec.display_name} is missing; save it again or "
                                "remove its registration (napari_medsam.models.local.models_dir())")
         return own
-    target = weights_dir(cache_dir) / spec.filename
-    if target.is_file():
-        return _check_cached(spec, target, cancel, own_file_hint)
-    if not download:
-        raise WeightsError(
-            f"the {spec.display_name} weights ({spec.filename}) are not on this computer and "
-            f"downloading is switched off. " + _place_hint(spec, target, own_file_hint)
-        )
-    return download_weights(spec, target, progress=progress, cancel=cancel, timeout=timeout,
-                            own_file_hint=own_file_hint)
+    return resolve_file(spec, path, download=download, progress=progress, cancel=cancel, cache_dir=cache_dir,
+                        timeout=timeout, own_file_hint=own_file_hint)
 
 
 def resolve_file(
@@ -271,8 +253,9 @@ def resolve_file(
     own_file_hint: str | None = None,
     checkpoint: bool = True,
 ) -> Path:
-    """:func:`resolve_weights` for a file outside the point/box table (``registry.FileSpec``: a concept
-    model, the CLIP vocabulary): ``path`` if given, else the cache, downloading if needed.
+    """The file of a registry entry (a point/box model's ``ModelSpec`` via :func:`resolve_weights`, or a
+    ``registry.FileSpec``: a concept model, the CLIP vocabulary): ``path`` if given, else the cache,
+    downloading if needed.
 
     ``checkpoint=False`` for files that are not PyTorch checkpoints (the vocabulary): only their size and
     SHA-256 are checked.
@@ -284,7 +267,7 @@ def resolve_file(
         problem = describe_non_checkpoint(head_bytes(local)) if checkpoint else None
         if problem:
             raise WeightsError(f"{local} cannot be used as {spec.display_name} weights: {problem}.")
-        return local
+        return local  # the user's own file is used where it is; its layout is checked on loading
     target = weights_dir(cache_dir) / spec.filename
     if target.is_file():
         if checkpoint:
