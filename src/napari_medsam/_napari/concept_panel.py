@@ -34,13 +34,11 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
 )
 
 from ..volume import AXIS_NAMES
-from .messages import MessageLabel
 from .slice_candidates import CandidatesLayerMixin, add_slice_labels, drop_label
 
 LAYER_PREFIX = "found: "
@@ -116,14 +114,7 @@ class ConceptPanel(CandidatesLayerMixin, QGroupBox):
         self.all_button.setToolTip("Follow the active object (an accepted candidate) through the slices: each "
                                    "slice keeps the candidate overlapping its neighbour; report and undo as a "
                                    "propagation")
-        self.cancel_button = QPushButton("Cancel")
-        self.accept_all_button = QPushButton("Accept all")
-        self.accept_all_button.setToolTip("Add every candidate left as a new object (one undo step each)")
-        self.clear_button = QPushButton("Clear")
-        self.clear_button.setToolTip("Remove the candidates layer (accepted objects stay)")
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.state = MessageLabel("")
+        self._make_candidate_controls()
 
         model_row = QHBoxLayout()
         model_row.addWidget(QLabel("Model"))

@@ -17,10 +17,9 @@ import threading
 from typing import Any
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout
 
 from ..volume import AXIS_NAMES
-from .messages import MessageLabel
 from .slice_candidates import CandidatesLayerMixin, add_slice_labels, drop_label
 
 LAYER_NAME = "candidates"
@@ -50,14 +49,7 @@ class EverythingPanel(CandidatesLayerMixin, QGroupBox):
         self.run_button = QPushButton("Segment everything")
         self.run_button.setToolTip("Propose every structure on the slice shown (encoder once, the grid of points "
                                    "decoded in batches); the candidates appear as the 'candidates' layer")
-        self.cancel_button = QPushButton("Cancel")
-        self.accept_all_button = QPushButton("Accept all")
-        self.accept_all_button.setToolTip("Add every candidate left as a new object (one undo step each)")
-        self.clear_button = QPushButton("Clear")
-        self.clear_button.setToolTip("Remove the candidates layer (accepted objects stay)")
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.state = MessageLabel("")
+        self._make_candidate_controls()
 
         row = QHBoxLayout()
         row.addWidget(QLabel("Points per side"))

@@ -78,6 +78,21 @@ class CandidatesLayerMixin:
     accepted: dict
     _where: Any
 
+    def _make_candidate_controls(self) -> None:
+        """Cancel, Accept all, Clear, the progress bar and the status line of a candidates group."""
+        from qtpy.QtWidgets import QProgressBar, QPushButton
+
+        from .messages import MessageLabel
+
+        self.cancel_button = QPushButton("Cancel")
+        self.accept_all_button = QPushButton("Accept all")
+        self.accept_all_button.setToolTip("Add every candidate left as a new object (one undo step each)")
+        self.clear_button = QPushButton("Clear")
+        self.clear_button.setToolTip("Remove the candidates layer (accepted objects stay)")
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.state = MessageLabel("")
+
     def _on_click(self, layer: Any, event: Any) -> None:
         """A click on the candidates layer accepts the candidate under the mouse."""
         value = clicked_label(layer, event) if layer is self.layer else 0
