@@ -27,9 +27,16 @@ Figures (``--figures``):
   ``SamModel.encode``; weights ``lite_medsam_random.pth``.
 * ``box_sam``: prompt -> mask on a cached embedding, one box on a 512x512 CT slice: official
   ``SamPredictor.predict(box=..., multimask_output=False)`` vs ``SlicePredictor.predict``
-  (depth-2 ViT-B golden weights: the encoder does not take part in this figure).
+  (depth-2 ViT-B golden weights: the encoder does not take part in this figure). The project's
+  slice is prepared (``SlicePredictor.prepare``: the decoder's prompt-independent work, done
+  once per slice), as the napari widget does for the slice the user is on.
 * ``box_lite_medsam``: the same with LiteMedSAM: the official script's ``resize_box_to_256`` +
-  ``medsam_inference`` vs ``SlicePredictor.predict``.
+  ``medsam_inference`` vs ``SlicePredictor.predict`` (prepared slice).
+* ``box_sam_unprepared``: ``box_sam`` on a slice that is not prepared (one-shot callers:
+  propagation, the CLI).
+* ``refine_sam``: a correction: the box plus the previous prediction's low-res logits as the mask
+  prompt (official ``mask_input``, project ``Prompts.mask_logits``); a mask prompt makes the
+  image side prompt-dependent, so the prepared work does not apply.
 * ``--rss``: peak resident memory of a ViT-B process that builds the model and encodes one
   image, each side in its own fresh subprocess (``VmHWM``; values do not depend on weights).
 
@@ -111,6 +118,8 @@ FIGURES: dict[str, str] = {
     "lite_medsam": "LiteMedSAM encoder (script preprocessing + image_encoder vs SamModel.encode)",
     "box_sam": "prompt -> mask, box, 512x512 (SamPredictor.predict vs SlicePredictor.predict)",
     "box_lite_medsam": "prompt -> mask, box, 512x512 (LiteMedSAM medsam_inference vs SlicePredictor.predict)",
+    "box_sam_unprepared": "prompt -> mask, box, slice not prepared (SamPredictor.predict vs SlicePredictor.predict)",
+    "refine_sam": "prompt -> mask, box + previous mask (SamPredictor.predict mask_input vs SlicePredictor.predict)",
 }
 RSS_FIGURE = "peak RSS, ViT-B process (build + one encode, own subprocess per side)"
 DEFAULT_GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"  # as tests/conftest.py
@@ -581,7 +590,7 @@ def _box_xyxy() -> Any:
     return np.array([c0, r0, c1, r1])
 
 
-def fig_box_sam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
+def fig_box_sam(ctx: Context, variant: str = "prepared") -> tuple[Callable, Callable, Callable, str]:
     import torch
 
     from napari_medsam.models.networks.sam import load_network
@@ -600,13 +609,28 @@ def fig_box_sam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
     with torch.no_grad():
         predictor.set_image(project.model_image(0), image_format="RGB")
     project.embed(0)  # cached: the figure times prompt -> mask only
+    if variant == "prepared":
+        project.prepare(0)
     box, prompts = _box_xyxy(), Prompts(box=list(BOX_RC))
+    mask_input = None
+    if variant == "refine":
+        _, _, low_res = predictor.predict(box=box, multimask_output=False)
+        mask_input = low_res
+        prompts.mask_logits = project.predict(0, Prompts(box=list(BOX_RC))).low_res_logits[0]
 
     def run_official() -> Any:
-        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        masks, _, _ = predictor.predict(box=box, mask_input=mask_input, multimask_output=False)
         return masks[0]
 
     return run_official, lambda: project.predict(0, prompts).best, _pixels, "px"
+
+
+def fig_box_sam_unprepared(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
+    return fig_box_sam(ctx, variant="unprepared")
+
+
+def fig_refine_sam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
+    return fig_box_sam(ctx, variant="refine")
 
 
 def fig_box_lite_medsam(ctx: Context) -> tuple[Callable, Callable, Callable, str]:
@@ -615,7 +639,7 @@ def fig_box_lite_medsam(ctx: Context) -> tuple[Callable, Callable, Callable, str
     script, project = _lite(ctx)
     rgb = project.model_image(0)
     embedding, new_size = _lite_embed(script, rgb)
-    project.embed(0)
+    project.prepare(0)
     box, prompts, size = _box_xyxy(), Prompts(box=list(BOX_RC)), rgb.shape[:2]
 
     def run_official() -> Any:
@@ -632,6 +656,8 @@ BUILDERS: dict[str, Callable[[Context], tuple[Callable, Callable, Callable, str]
     "lite_medsam": fig_lite_medsam,
     "box_sam": fig_box_sam,
     "box_lite_medsam": fig_box_lite_medsam,
+    "box_sam_unprepared": fig_box_sam_unprepared,
+    "refine_sam": fig_refine_sam,
 }
 
 

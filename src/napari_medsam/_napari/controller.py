@@ -45,7 +45,7 @@ from .controller_input import NEGATIVE_MODIFIERS, PromptInputMixin
 from .controller_session import SessionEditsMixin
 from .keys import AXIS_NAMES, MOUSE_ACTIONS, SHORTCUTS, load_shortcuts
 from .settings import Settings
-from .workers import EmbeddingQueue
+from .workers import EmbeddingQueue, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         self._hash_lock = threading.Lock()
         self._groups: dict[Key, SlicePrompts] = {}
         self._waiting: set[Key] = set()
+        self._preparing: set[tuple[int, int]] = set()  # slices being prepared for prompting (_prepare_shown)
         self._last_key: Key | None = None
         self._own_edit = 0  # >0 while the controller itself edits the session (layers already agree)
         self._syncing = False  # True while prompt layers are rewritten from the session
@@ -286,6 +287,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             else:
                 self._on_embed_start(*self.queue.running)
             self._schedule_prefetch(plane)
+            self._prepare_shown(plane)
         else:
             self.queue.request(*plane)
             if self.queue.running is not None:
@@ -351,10 +353,39 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             yield int(index)
 
     def _embed_job(self, axis: int, index: int) -> str:
-        """Worker thread: one slice's embedding into the cache; returns the scan's signature."""
+        """Worker thread: one slice's embedding into the cache; returns the scan's signature.
+
+        A slice the user asked for (not a prefetch) is also prepared for prompting
+        (``SlicePredictor.prepare``: its point and box prompts then decode faster).
+        """
         for _ in self.embed_slices(axis, [index]):
             pass
         return self.scan_signature()
+
+    def is_prepared(self, axis: int, index: int) -> bool:
+        """True when the slice is embedded and, where the model can, prepared for prompting."""
+        if not self.is_embedded(axis, index):
+            return False
+        model = self.model
+        if not getattr(model, "can_prepare", False):
+            return True
+        return model.prepared(self.predictor(axis).key(index)) is not None
+
+    def _prepare_shown(self, plane: tuple[int, int] | None) -> None:
+        """Prepare the embedded slice shown for prompting, in a short worker of its own.
+
+        ``SlicePredictor.prepare`` (a few tens of milliseconds, about one and a half decodes): the
+        point and box prompts on that slice then decode faster. Not through the embedding queue,
+        whose jobs are encoder runs; a click meanwhile decodes at once without it.
+        """
+        if self._closed or plane is None or plane in self._preparing or self.is_prepared(*plane):
+            return
+        self._preparing.add(plane)
+
+        def finished(_result: object = None) -> None:
+            self._preparing.discard(plane)
+
+        start_worker(self.predictor(plane[0]).prepare, plane[1], on_done=finished, on_error=finished)
 
     def _on_embed_start(self, axis: int, index: int) -> None:
         """Name the slice being embedded; when it is not the one shown, say so and what comes next.
@@ -459,6 +490,8 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             self._update_slice(key)
             landed.append(key)
         plane = self.current_plane()
+        if plane == (axis, index):
+            self._prepare_shown(plane)
         if plane == (axis, index) and not self.queue.prefetch_pending:
             self._schedule_prefetch(plane)  # the slice shown is embedded: its neighbours next, while idle
         off_screen = [k for k in landed if k[:2] != plane and k[2] in self.session]

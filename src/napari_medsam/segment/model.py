@@ -16,6 +16,10 @@ and their L x L logits (L = S / 4: 256, or 128 for MedSAM2) are resized straight
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ import torch
 from ..models import pipelines
 
 LOW_RES = 256
+PREPARED_SLICES = 2  # slices whose prompt-independent decoder work SamModel keeps (~45 MB each)
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,10 @@ class SamModel:
         self.image_size = int(network.image_size)
         # Side of the decoder's mask logits: 256 for SAM 1 and 1024-px SAM 2, 128 for MedSAM2.
         self.low_res = int(getattr(network, "low_res_size", LOW_RES))
-        self._dense_pe: torch.Tensor | None = None
+        # The decoder's prompt-independent work per slice (prepare_prompts), newest last.
+        self._prepared: OrderedDict[Hashable, tuple[tuple, Any]] = OrderedDict()
+        self._prepared_lock = threading.Lock()
+        self._decoder_tensors: tuple | None = None
 
     @property
     def family(self) -> str:
@@ -141,11 +149,70 @@ class SamModel:
         packed = torch.as_tensor(np.asarray(embedding, np.float32))
         return self.network.unpack(packed).top[0].numpy()
 
+    # ------------------------------------------------------------------ prompt-independent decoder work
+    @property
+    def can_prepare(self) -> bool:
+        """Whether :meth:`prepare_prompts` applies: SAM 1 family decoders with the shared-image path."""
+        decoder = getattr(self.network, "mask_decoder", None)
+        return callable(getattr(decoder, "share_image", None)) and hasattr(self.network, "prompt_encoder")
+
+    def _decoder_state(self) -> tuple:
+        """Identity and in-place version of every decoder and prompt-encoder tensor (fine-tuning changes them)."""
+        net = self.network
+        modules = (net.mask_decoder, net.prompt_encoder)
+        listed = self._decoder_tensors
+        if listed is None or listed[0] != tuple(map(id, modules)):
+            tensors = tuple(itertools.chain.from_iterable(
+                itertools.chain(m.parameters(), m.buffers()) for m in modules))
+            listed = self._decoder_tensors = (tuple(map(id, modules)), tensors)
+        return tuple((id(t), t._version) for t in listed[1])
+
+    @torch.inference_mode()
+    def prepare_prompts(self, key: Hashable, embedding: np.ndarray | torch.Tensor) -> bool:
+        """Do the decoder's prompt-independent work for the embedding cached under ``key`` now.
+
+        Points and boxes without a previous mask then decode in about two thirds of the time
+        (:meth:`MaskDecoder.share_image`: the first block's image-side projections and the shared
+        factors of the second are computed once per slice). It costs about one and a half decodes
+        and ~45 MB, so it pays only where several prompts land on one slice: the napari widget
+        prepares the slice the user is on, in its worker thread, right after the embedding; one-shot
+        callers (propagation, the CLI) do not. The last :data:`PREPARED_SLICES` slices are kept.
+        Returns False where the network has no such path (SAM 2 family).
+        """
+        if not self.can_prepare:
+            return False
+        state = self._decoder_state()
+        with self._prepared_lock:
+            found = self._prepared.get(key)
+            if found is not None and found[0] == state:
+                self._prepared.move_to_end(key)
+                return True
+        network = self.network
+        emb = torch.as_tensor(embedding, dtype=torch.float32, device=self.device)
+        dense = network.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        shared = network.mask_decoder.share_image(emb, network.prompt_encoder.get_dense_pe(), dense)
+        with self._prepared_lock:
+            self._prepared[key] = (state, shared)
+            self._prepared.move_to_end(key)
+            while len(self._prepared) > PREPARED_SLICES:
+                self._prepared.popitem(last=False)
+        return True
+
+    def prepared(self, key: Hashable | None) -> Any:
+        """The shared decoder work kept for ``key`` (:meth:`prepare_prompts`), or None (also when stale)."""
+        if key is None:
+            return None
+        with self._prepared_lock:
+            found = self._prepared.get(key)
+        if found is None or found[0] != self._decoder_state():
+            return None
+        return found[1]
+
     # ------------------------------------------------------------------ decoder
     @torch.inference_mode()
     def decode(
         self,
-        embedding: np.ndarray | torch.Tensor,
+        embedding: np.ndarray | torch.Tensor | None,
         geometry: ImageGeometry,
         *,
         points_xy: np.ndarray | None = None,
@@ -156,9 +223,13 @@ class SamModel:
         out_size: tuple[int, int] | None = None,
         exact: bool = False,
         keep_logits: bool = False,
+        prepared: Any = None,
     ) -> Decoded:
-        """Prompts in image pixels (x = column, y = row) -> masks at ``out_size`` (default: image size)."""
-        emb = torch.as_tensor(embedding, dtype=torch.float32, device=self.device)
+        """Prompts in image pixels (x = column, y = row) -> masks at ``out_size`` (default: image size).
+
+        ``prepared``: the slice's :meth:`prepared` work; with it and no mask prompt the decoder
+        takes its shared-image path (same result up to float rounding) and ``embedding`` may be None.
+        """
         coords = labels = boxes = masks_in = None
         if points_xy is not None and len(points_xy):
             scaled = pipelines.scale_points(self.pipeline, np.asarray(points_xy, np.float64), geometry.original_size,
@@ -175,7 +246,16 @@ class SamModel:
             masks_in = masks_in.reshape(1, 1, side, side)
         if coords is None and boxes is None and masks_in is None:
             raise ValueError("give at least one point, a box or a previous mask")
-        low_res, iou = self.network.decode(emb, coords, labels, boxes, masks_in, multimask_output=multimask)
+        if prepared is not None and masks_in is None:
+            sparse, _ = self.network.prompt_encoder(points=None if coords is None else (coords, labels),
+                                                     boxes=boxes, masks=None)
+            decoded = self.network.mask_decoder.decode_points(prepared, sparse, multimask_output=multimask)
+            low_res, iou = decoded.logits.unsqueeze(0), decoded.iou
+        else:
+            if embedding is None:
+                raise ValueError("an embedding is needed unless the slice is prepared and there is no mask prompt")
+            emb = torch.as_tensor(embedding, dtype=torch.float32, device=self.device)
+            low_res, iou = self.network.decode(emb, coords, labels, boxes, masks_in, multimask_output=multimask)
         order = torch.argsort(iou[0], descending=True) if multimask else torch.arange(iou.shape[1])
         low_res, iou = low_res[:, order], iou[:, order]
         target = tuple(out_size or geometry.original_size)

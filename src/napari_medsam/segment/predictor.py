@@ -219,6 +219,16 @@ class SlicePredictor:
         fed = self.model_mapping(model, mapping)
         return self.cache.get_or_compute(key, lambda: model.encode(self.model_image(key.index, fed)))
 
+    def prepare(self, index: int) -> bool:
+        """Embed slice ``index`` and do the decoder's prompt-independent work for it (``SamModel.prepare_prompts``).
+
+        For a slice that will get several prompts (the one the user is on): its point and box
+        prompts then decode faster. False where the model has no such path.
+        """
+        embedding = self.embed(index)
+        prepare = getattr(self.model, "prepare_prompts", None)
+        return bool(prepare(self.key(index), embedding)) if callable(prepare) else False
+
     def pooled_embedding(self, index: int, mask: np.ndarray) -> np.ndarray | None:
         """The slice's image embedding averaged over ``mask`` (a 256-vector), or None for an empty mask.
 
@@ -249,7 +259,9 @@ class SlicePredictor:
         if prompts.empty:
             raise ValueError("no prompt: give points, a box or a previous mask")
         self._check_prompts(prompts)
-        embedding = self.embed(index)
+        # A prepared slice (``prepare``) decodes point/box prompts without reading the embedding.
+        prepared = self.model.prepared(self.key(index)) if getattr(self.model, "can_prepare", False) else None
+        embedding = None if prepared is not None and prompts.mask_logits is None else self.embed(index)
         model_size = self._model_image_size()
         rows, cols = self.slice_shape
         # Slice pixel (row, col) -> model image pixel; pixel centres map to pixel centres.
@@ -265,7 +277,7 @@ class SlicePredictor:
         decoded: Decoded = self.model.decode(
             embedding, geometry, points_xy=points_xy, point_labels=labels, box_xyxy=box,
             mask_logits=prompts.mask_logits, multimask=multimask, out_size=(rows, cols), exact=exact,
-            keep_logits=keep_logits,
+            keep_logits=keep_logits, **({} if prepared is None else {"prepared": prepared}),
         )
         return SliceMasks(decoded.masks, decoded.scores, decoded.low_res_logits, index=index, axis=self.axis,
                           logits=decoded.logits)

@@ -26,6 +26,7 @@ prompt at all (they stay "shared tokens + a rank-56 update" through both LayerNo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -450,7 +451,10 @@ class MaskDecoder(nn.Module):
             "aa": (ac * ac).sum(-1), "ac_w": by_head(ac @ w_prime), "ac_out2": by_head(ac @ i2t.out_proj.weight),
             "ac_c0": ac @ c0, "c0": c0,
             "ak3": by_head(g2ac @ final.k_proj.weight.t()), "bk3": by_head(b2pe @ final.k_proj.weight.t()),
-            "av3": per_head(g2ac @ final.v_proj.weight.t()), "g2ac": g2ac,
+            "av3": per_head(g2ac @ final.v_proj.weight.t()),
+            # The image tokens are only formed to be upscaled, and the first transposed convolution
+            # is linear: its product with the shared part is shared too (see ``_decode_low_rank``).
+            "g2ac_up1": g2ac @ self._upscale_weights()[0],
         }
 
     @torch.no_grad()
@@ -518,7 +522,8 @@ class MaskDecoder(nn.Module):
         2's image-to-token attention the centred pre-norm tokens are r_i Ac_i + [a_i, b_i] Y0 + c0
         (b_i = P2_i, Y0 = [Rc; S2c]). The G prompts share each product with a shared factor (one
         read of it for all). Returns the (G, M, C) outputs of the tokens ``final`` and a function
-        forming prompt j's (1, T, C) image tokens (for upscaling).
+        giving prompt j's image tokens through the first upscaling product, (1, T, 4 * C/4) (``_masks``
+        with ``projected=True``).
         """
         f = shared.factors
         first, second = self.transformer.layers
@@ -631,11 +636,21 @@ class MaskDecoder(nn.Module):
         mixed = mixed + torch.addmv(last.v_proj.bias, last.v_proj.weight, norm.bias).view(heads, 1, -1)
         attn = last.out_proj(mixed.transpose(1, 2).reshape(group, chosen, -1))
 
-        def image_tokens(j: int) -> torch.Tensor:
-            out = torch.addmm(shift, coeffs[j].t(), basis[j]).addcmul_(f["g2ac"], r[j].unsqueeze(1))
-            return out.mul_(s[j].unsqueeze(1)).add_(norm.bias).unsqueeze(0)
+        weight1, bias1 = self._upscale_weights()
+        shift1, bias_up = shift @ weight1, torch.addmv(bias1, weight1.t(), norm.bias)
+        coeffs_t, r_t, s_t = coeffs.transpose(1, 2), r.unsqueeze(-1), s.unsqueeze(-1)
 
-        return self.transformer.norm_final_attn(queries + attn), image_tokens
+        def image_up1(j: int) -> Callable[[slice], torch.Tensor]:
+            """Prompt j's image tokens s (coeffs^T Y + g2 c0 + r g2 Ac) + b2 through the first upscaling product, by rows."""
+            basis1 = basis[j] @ weight1
+
+            def rows(part: slice) -> torch.Tensor:
+                out = torch.addmm(shift1, coeffs_t[j, part], basis1).addcmul_(f["g2ac_up1"][part], r_t[j, part])
+                return out.mul_(s_t[j, part]).add_(bias_up)
+
+            return rows
+
+        return self.transformer.norm_final_attn(queries + attn), image_up1
 
     def _first_block(
         self, shared: SharedImage, tokens: torch.Tensor, work: torch.Tensor
@@ -673,8 +688,17 @@ class MaskDecoder(nn.Module):
             work[0, part] = F.layer_norm(out, (dim,), layer.norm4.weight, layer.norm4.bias, layer.norm4.eps)
         return queries, work
 
-    def _masks(self, keys: torch.Tensor, hyper: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _upscale_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first transposed convolution as a (C, 4 * C/4) matrix and its (4 * C/4,) bias (see ``_masks``)."""
+        up1 = self.output_upscaling[0]
+        return up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * up1.out_channels), up1.bias.repeat(4)
+
+    def _masks(self, keys: torch.Tensor | Callable[[slice], torch.Tensor], hyper: torch.Tensor, height: int,
+               width: int) -> torch.Tensor:
         """(B, h*w, C) image tokens and (B, K, C/8) mask vectors -> (B, K, 4h, 4w) logits.
+
+        ``keys`` may instead be a function giving one image's tokens through the first transposed
+        convolution for a slice of token rows, (n, 4 * C/4) (B = 1; the low-rank path forms them so).
 
         A 2x2 stride-2 transposed convolution turns each input pixel into its own 2x2 block, so
         it is one matrix product per pixel; rows stay pixels (in token order) and the output
@@ -682,16 +706,17 @@ class MaskDecoder(nn.Module):
         contiguous. Only the final logits are rearranged into image order.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
-        batch, count, chans = keys.shape
+        projected = callable(keys)
+        batch, count = (1, height * width) if projected else keys.shape[:2]
         mid, low = up1.out_channels, up2.out_channels
-        weight1, bias1 = up1.weight.permute(0, 2, 3, 1).reshape(chans, 4 * mid), up1.bias.repeat(4)
+        weight1, bias1 = self._upscale_weights()
         weight2, bias2 = up2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * low), up2.bias.repeat(4)
         masks = hyper.shape[1]
-        logits = keys.new_empty((batch, count * 16, masks))
+        logits = hyper.new_empty((batch, count * 16, masks))
         for b in range(batch):
             vectors = hyper[b].t()
-            for part in _blocks(count, keys.device):
-                x = torch.addmm(bias1, keys[b, part], weight1).view(-1, mid)
+            for part in _blocks(count, hyper.device):
+                x = (keys(part) if projected else torch.addmm(bias1, keys[b, part], weight1)).view(-1, mid)
                 x = F.gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps), approximate=act1.approximate)
                 x = F.gelu(torch.addmm(bias2, x, weight2), approximate=act2.approximate)
                 logits[b, 16 * part.start : 16 * part.stop] = x.view(-1, low) @ vectors
