@@ -205,6 +205,17 @@ def vit_b_depth2(golden_dir):
     return load_network("vit_b", _state("sam_vit_b_depth2_random.pth"), **DEPTH2)
 
 
+def _prepared_decode(net, embedding, boxes=None, point_coords=None, point_labels=None, multimask_output=False):
+    """``net.decode`` through the prepared-slice path (``share_image`` once, then ``decode_points``)."""
+    prompts = net.prompt_encoder
+    shared = net.mask_decoder.share_image(embedding, prompts.get_dense_pe(), prompts.no_mask_embed.weight.reshape(1, -1, 1, 1))
+    points = None if point_coords is None else (point_coords, point_labels)
+    sparse, _ = prompts(points=points, boxes=boxes, masks=None)
+    out = net.mask_decoder.decode_points(shared, sparse, multimask_output=multimask_output)
+    assert out.keep.tolist() == list(range(out.iou.numel()))  # no threshold: every mask decoded
+    return out.logits[None], out.iou
+
+
 def _check_sam_predictor_flow(net, golden) -> None:
     """Replay SamPredictor: set_image, then predictions (a) box, (b) points, (c) box + mask."""
     image = golden["image"]
@@ -246,6 +257,11 @@ def _check_sam_predictor_flow(net, golden) -> None:
         if case == "a":
             _close(logits[0], golden["a_upscaled_logits"], **LOGIT_TOL)
         _assert_mask(logits[0].numpy() > 0, golden[f"{case}_masks"], logits[0].numpy(), 0.0)
+        if "mask_input" not in kwargs:  # a prepared slice serves point and box prompts the same
+            with torch.inference_mode():
+                low_res, iou = _prepared_decode(net, embedding, **kwargs)
+            _close(low_res[0], golden[f"{case}_low_res_logits"], **LOGIT_TOL)
+            _close(iou[0], golden[f"{case}_iou_predictions"], **LOGIT_TOL)
 
 
 @needs_golden
@@ -329,6 +345,10 @@ def test_lite_medsam_golden():
         _close(iou[0], golden["iou_predictions"][i], **LOGIT_TOL)
         _close(prob[0, 0], golden["prob_upsampled"][i], **LOGIT_TOL)
         _assert_mask(mask[0, 0].numpy(), golden["masks"][i], prob[0, 0].numpy(), 0.5)
+        with torch.inference_mode():
+            prepared_low_res, prepared_iou = _prepared_decode(net, embedding, boxes=torch.from_numpy(box)[None, None])
+        _close(prepared_low_res[0], golden["low_res_logits"][i], **LOGIT_TOL)
+        _close(prepared_iou[0], golden["iou_predictions"][i], **LOGIT_TOL)
         flipped |= mask[0, 0].numpy() != golden["masks"][i].astype(bool)
         segs[mask[0, 0].numpy()] = i + 1  # later boxes overwrite earlier ones, as in the script
     # The label map may differ only where a per-box mask already differed near the threshold.

@@ -200,3 +200,30 @@ def test_the_segment_panel_checkbox_switches_prefetch(scene, qtbot):
     settle(qtbot, controller)
     assert controller.prefetch is True and embedded == [5, 6, 4, 7, 3]
     panel.set_controller(None)
+
+
+def test_the_slice_shown_is_prepared_for_prompting_not_the_prefetched_ones(scene, qtbot):
+    viewer, controller, embedded = scene
+    model = controller.model
+    qtbot.waitUntil(lambda: controller.is_prepared(0, 0), timeout=10000)  # the first slice, once embedded
+    show(viewer, 5)
+    qtbot.waitUntil(lambda: controller.is_prepared(0, 5), timeout=10000)
+    settle(qtbot, controller)
+    assert embedded == [5, 6, 4, 7, 3]
+    assert [i for i in range(SHAPE[0]) if controller.is_prepared(0, i)] == [0, 5]
+    # Onto an embedded neighbour: prepared in a short worker of its own, no encoder run queued.
+    show(viewer, 6)
+    assert controller.queue.running is None and controller.queue.pending == []
+    qtbot.waitUntil(lambda: controller.is_prepared(0, 6), timeout=10000)
+    assert not controller.is_prepared(0, 0)  # only the last few slices are kept
+    controller.points_layer.add([6, 12, 16])
+    prepared_mask = controller.labels_layer.data[6] == 1
+    # The same click through the plain decoder gives the same mask.
+    from napari_medsam.segment.predictor import Prompts
+
+    key = controller.predictor(0).key(6)
+    with model._prepared_lock:
+        model._prepared.pop(key)
+    plain = controller.predictor(0).predict(6, Prompts(points=np.array([[12.0, 16.0]]), positive=np.array([True])),
+                                            multimask=True)
+    assert prepared_mask.any() and np.array_equal(prepared_mask, plain.best)

@@ -186,3 +186,9 @@ def test_low_res_logits_feed_back_as_a_mask_prompt(key_prediction):
         Prompts(mask_logits=np.zeros((128, 100), np.float32))
     pooled = predictor.pooled_embedding(5, fast.masks[0])
     assert pooled is not None and pooled.shape == (256,) and np.isfinite(pooled).all()
+
+
+def test_sam2_models_have_no_prepared_path(key_prediction):
+    predictor, _, _ = key_prediction
+    assert predictor.model.can_prepare is False and predictor.prepare(5) is False
+    assert predictor.model.prepared(predictor.key(5)) is None
