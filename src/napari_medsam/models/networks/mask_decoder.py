@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vit import LayerNorm2d
+from .vit import _SOFTMAX_OUT, LayerNorm2d
 
 __all__ = ["MaskDecoder", "PointMasks", "SharedImage", "TwoWayTransformer"]
 
@@ -578,10 +578,12 @@ class MaskDecoder(nn.Module):
         s1c = s1c - s1c.mean(-1, keepdim=True)
         # |Xc_i + P1_i S1c|^2 = |Xc_i|^2 + P1_i . (2 S1 Xc_i + (S1c S1c^T) P1_i)
         terms = with_shared(value1, f["xc_out1"]).mul_(2).baddbmm_(s1c @ t(s1c), p1)
-        r = torch.rsqrt((p1 * terms).sum(1).add_(f["xx"]).div_(dim).add_(first.norm4.eps))  # (G, T)
+        r = torch.rsqrt(terms.mul_(p1).sum(1).add_(f["xx"]).div_(dim).add_(first.norm4.eps))  # (G, T)
         r_col = r.unsqueeze(1)
         rows = s1c * first.norm4.weight  # R
-        a = p1 * r_col
+        # The coefficients [a, b] of the updates (G, 2 * pairs, T): a = r P1 now, b = P2 below.
+        coeffs = p1.new_empty((group, 2 * pairs, size))
+        a = torch.mul(p1, r_col, out=coeffs[:, :pairs])
 
         def scores_of(query: torch.Tensor, shared_a: torch.Tensor, shared_b: torch.Tensor, folded: torch.Tensor):
             """query . (W (r (A + a R) + b1 + pe)) for (G, heads, n, d) queries; ``folded`` = W-folded queries."""
@@ -603,7 +605,11 @@ class MaskDecoder(nn.Module):
         # Block 2, image-to-token: P2 (G, pairs, T), softmax over each head's prompt tokens.
         key = split(i2t.k_proj(queries + tokens)) * scale(i2t)
         scores = scores_of(key, f["aq"], f["bq"], fold(key, i2t.q_proj))
-        p2 = torch.softmax(scores.view(group, heads, count, size), dim=2).reshape(group, pairs, size)
+        scores = scores.view(group, heads, count, size)
+        if _SOFTMAX_OUT:
+            torch.softmax(scores, dim=2, out=coeffs[:, pairs:].view(group, heads, count, size))
+        else:  # torch builds without softmax's out= overload
+            coeffs[:, pairs:] = torch.softmax(scores, dim=2).reshape(group, pairs, size)
         value2 = split(i2t.v_proj(queries))
         s2c = spread(value2, i2t.out_proj)
         s2c = s2c - s2c.mean(-1, keepdim=True)
@@ -611,11 +617,10 @@ class MaskDecoder(nn.Module):
         c0, norm = f["c0"], second.norm4
         # |r Ac + [a, b] Y0 + c0|^2 per token, with coefficients [a, b] (G, 2 * pairs, T):
         # r^2 |Ac|^2 + 2 r Ac.c0 + |c0|^2 + [a, b] . (2 r Y0 Ac + Y0 Y0^T [a, b] + 2 Y0 c0).
-        coeffs = torch.cat((a, p2), dim=1)
         basis0 = torch.cat((rows_c, s2c), dim=1)
         terms = torch.cat((with_shared(value1, f["ac_w"]), with_shared(value2, f["ac_out2"])), dim=1)
         terms.mul_(2 * r_col).baddbmm_(basis0 @ t(basis0), coeffs).add_(2 * (basis0 @ c0).unsqueeze(-1))
-        square = (coeffs * terms).sum(1).add_(r * (r * f["aa"] + 2 * f["ac_c0"])).add_((c0 * c0).sum())
+        square = terms.mul_(coeffs).sum(1).add_(r * (r * f["aa"] + 2 * f["ac_c0"])).add_((c0 * c0).sum())
         s = torch.rsqrt(square.div_(dim).add_(norm.eps))  # (G, T)
         s_col = s.unsqueeze(1)
 
