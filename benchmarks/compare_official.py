@@ -681,6 +681,73 @@ def run_figure(name: str, ctx: Context, builders: dict[str, Callable] | None = N
     return result
 
 
+# ---------------------------------------------------------------------- the float32 ceiling
+def vit_flops(dim: int = 768, depth: int = 12, heads: int = 12, global_blocks: Sequence[int] = (2, 5, 8, 11),
+              grid: int = 64, window: int = 14, patch: int = 16, mlp_ratio: int = 4, out: int = 256) -> float:
+    """Floating-point operations (multiply and add counted apart) of one SAM ViT encoder pass, analytically.
+
+    Patch embedding, per block the qkv and output projections (on the zero-padded window grid in
+    windowed blocks, as both codes compute them), the MLP, the attention products and the two
+    relative-position products, then the neck's two convolutions. Norms, GELU and softmax are left
+    out (a few GFLOP, and not matrix work).
+    """
+    tokens = grid * grid
+    padded = -(-grid // window) * window
+    head_dim = dim // heads
+    total = 2.0 * tokens * dim * 3 * patch * patch
+    for block in range(depth):
+        if block in global_blocks:
+            rows, side, count = tokens, grid, 1
+        else:
+            rows, side, count = padded * padded, window, (padded // window) ** 2
+        total += 2.0 * rows * dim * 4 * dim  # qkv (3 dim) and the output projection (dim)
+        total += 2.0 * 2 * tokens * dim * mlp_ratio * dim
+        per_window = side * side
+        total += count * heads * (2.0 * 2 * per_window * per_window * head_dim  # q.k and p.v
+                                  + 2.0 * 2 * per_window * side * head_dim)  # relative rows and columns
+    return total + 2.0 * tokens * dim * out + 2.0 * tokens * out * out * 9
+
+
+def float32_matmul_rate(repeats: int = 5) -> tuple[float, str]:
+    """The best float32 matrix-product rate (FLOP/s) on ViT-B's two largest linear layers, and which one."""
+    import torch
+    import torch.nn.functional as F
+
+    best, where = 0.0, ""
+    generator = torch.Generator().manual_seed(0)
+    for rows, cin, cout in ((4096, 768, 3072), (4096, 3072, 768), (4096, 768, 2304)):
+        x = torch.randn(rows, cin, generator=generator)
+        weight = torch.randn(cout, cin, generator=generator)
+        bias = torch.randn(cout, generator=generator)
+        F.linear(x, weight, bias)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.linear(x, weight, bias)
+            rate = 2.0 * rows * cin * cout / (time.perf_counter() - start)
+            if rate > best:
+                best, where = rate, f"linear {rows}x{cin} -> {cout}"
+    return best, where
+
+
+def ceiling_lines(result: FigureResult) -> list[str]:
+    """What the vit_b figure's official time allows in float32 on this CPU (printed under the table)."""
+    import statistics
+
+    flops = vit_flops()
+    rate, where = float32_matmul_rate()
+    floor = flops / rate
+    official = statistics.median(result.official_s)
+    project = statistics.median(result.project_s)
+    return [
+        f"# float32 ceiling, ViT-B: {flops / 1e12:.3f} TFLOP per slice (analytic: matrix products only); best float32 "
+        f"matrix product here {rate / 1e9:.0f} GFLOP/s ({where}, measured now)",
+        f"#   every operation at that rate: {floor:.2f} s per slice, so official / project can be at most "
+        f"{official / floor:.2f} (official median {official:.2f} s)",
+        f"#   the project's encoder runs at {flops / project / 1e9:.0f} GFLOP/s effective: "
+        f"{100 * flops / project / rate:.0f} % of that rate",
+    ]
+
+
 # ---------------------------------------------------------------------- peak RSS (subprocesses)
 def rss_child(side: str) -> None:
     """In a fresh process: build one side's full ViT-B, encode one slice, print peak RSS in MiB."""
@@ -795,6 +862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in load_after)}; torch threads "
           f"{torch.get_num_threads()}")
+    vit = next((r for r in results if r.name == "vit_b" and not r.skipped and r.official_s), None)
+    if vit is not None and args.backend == "float32":
+        for line in ceiling_lines(vit):
+            print(line)
     if args.json:
         args.json.write_text(json.dumps({
             "torch": torch.__version__, "threads": torch.get_num_threads(), "torchvision": vision,

@@ -263,3 +263,36 @@ def test_running_the_script_in_process_leaves_sys_path_alone(bench, tmp_path):
     before = list(sys.path)
     bench.main(["--propagation", "--golden", str(tmp_path), "--official-src", str(tmp_path)])
     assert sys.path == before  # a stray benchmarks/ entry would leak into subprocess environments
+
+
+def test_vit_flops_counts_what_the_encoder_computes(bench):
+    """The analytic count against torch's own FLOP counter on the project's encoder (a small ViT)."""
+    from napari_medsam.models.networks.vit import ViTImageEncoder
+
+    # Patch embedding and neck only: the convolutions torch counts for ViT-B (11.27 GFLOP).
+    assert bench.vit_flops(depth=0) == 11_274_289_152
+    # A 2-block ViT (one windowed, one global block) on a 32x32-token grid: torch counts the linear
+    # layers, the convolutions and the batched products (p.v and the relative terms); q.k runs as
+    # baddbmm_, which its counter leaves out, so it is added here.
+    dim, heads, grid, window = 64, 2, 32, 14
+    enc = ViTImageEncoder(embed_dim=dim, depth=2, num_heads=heads, global_attn_indexes=(1,), img_size=grid * 16,
+                          window_size=window).eval()
+    with torch.inference_mode(), torch.profiler.profile(with_flops=True) as prof:
+        enc(torch.zeros(1, 3, grid * 16, grid * 16))
+    counted = sum(e.flops for e in prof.key_averages() if e.flops and e.key != "aten::add" and e.key != "aten::mul")
+    padded = 42  # 32 -> 3 windows of 14
+    qk = heads * (9 * 2.0 * (window * window) ** 2 * (dim // heads) + 2.0 * (grid * grid) ** 2 * (dim // heads))
+    expected = bench.vit_flops(dim=dim, depth=2, heads=heads, global_blocks=(1,), grid=grid, window=window)
+    assert padded * padded == 9 * window * window
+    assert counted + qk == pytest.approx(expected, rel=1e-9)
+
+
+def test_ceiling_lines_follow_from_the_measured_rate(bench, monkeypatch):
+    monkeypatch.setattr(bench, "float32_matmul_rate", lambda repeats=5: (324.0e9, "linear 4096x3072 -> 768"))
+    vit = bench.FigureResult("vit_b", "ViT-B", official_s=[9.0, 9.0, 9.0], project_s=[6.0, 6.0, 6.0])
+    lines = bench.ceiling_lines(vit)
+    floor = bench.vit_flops() / 324.0e9  # 3.00 s
+    assert f"{floor:.2f} s per slice" in lines[1] and f"at most {9.0 / floor:.2f}" in lines[1]
+    assert f"{100 * bench.vit_flops() / 6.0 / 324.0e9:.0f} % of that rate" in lines[2]
+    rate, where = bench.float32_matmul_rate(repeats=1)
+    assert rate > 1e9 and where.startswith("linear 4096x")
