@@ -128,3 +128,23 @@ def test_decode_without_an_embedding_needs_a_prepared_slice():
     geometry = model.geometry(64, 64)
     with pytest.raises(ValueError, match="embedding is needed"):
         model.decode(None, geometry, box_xyxy=np.array([5.0, 5.0, 30.0, 30.0]))
+
+
+def test_segment_everything_reuses_the_prepared_work_of_its_slice(pair, monkeypatch):
+    from napari_medsam.segment.everything import EverythingSettings, segment_everything
+
+    prepared, plain = pair
+    settings = EverythingSettings(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    want = segment_everything(plain, 2, settings)
+    prepared.prepare(2)
+    decoder = prepared.model.network.mask_decoder
+    calls = []
+    original = decoder.share_image
+    monkeypatch.setattr(decoder, "share_image", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got = segment_everything(prepared, 2, settings)
+    assert calls == []  # the slice's own shared work came from prepare
+    assert len(got.candidates) == len(want.candidates) > 0
+    for a, b in zip(got.candidates, want.candidates):
+        assert np.count_nonzero(a.mask != b.mask) <= 3
+    segment_everything(prepared, 3, settings)  # another slice, not prepared: computed as before
+    assert calls == [1]

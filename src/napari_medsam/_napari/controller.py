@@ -362,14 +362,22 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             pass
         return self.scan_signature()
 
+    def _preparer(self, axis: int) -> SlicePredictor | None:
+        """The plane's predictor when its model can prepare slices for prompting (SAM 1 family), else None."""
+        if self._signature is None:
+            return None
+        predictor = self.predictor(axis)
+        model = getattr(predictor, "model", None)
+        if not callable(getattr(predictor, "prepare", None)) or not getattr(model, "can_prepare", False):
+            return None
+        return predictor
+
     def is_prepared(self, axis: int, index: int) -> bool:
         """True when the slice is embedded and, where the model can, prepared for prompting."""
         if not self.is_embedded(axis, index):
             return False
-        model = self.model
-        if not getattr(model, "can_prepare", False):
-            return True
-        return model.prepared(self.predictor(axis).key(index)) is not None
+        predictor = self._preparer(axis)
+        return predictor is None or predictor.model.prepared(predictor.key(index)) is not None
 
     def _prepare_shown(self, plane: tuple[int, int] | None) -> None:
         """Prepare the embedded slice shown for prompting, in a short worker of its own.
@@ -378,14 +386,17 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
         point and box prompts on that slice then decode faster. Not through the embedding queue,
         whose jobs are encoder runs; a click meanwhile decodes at once without it.
         """
-        if self._closed or plane is None or plane in self._preparing or self.is_prepared(*plane):
+        if self._closed or plane is None or plane in self._preparing:
+            return
+        predictor = self._preparer(plane[0])
+        if predictor is None or self.is_prepared(*plane):
             return
         self._preparing.add(plane)
 
         def finished(_result: object = None) -> None:
             self._preparing.discard(plane)
 
-        start_worker(self.predictor(plane[0]).prepare, plane[1], on_done=finished, on_error=finished)
+        start_worker(predictor.prepare, plane[1], on_done=finished, on_error=finished)
 
     def _on_embed_start(self, axis: int, index: int) -> None:
         """Name the slice being embedded; when it is not the one shown, say so and what comes next.

@@ -337,7 +337,12 @@ def _run_model(predictor: Any, index: int, settings: EverythingSettings, stop, p
         here = _Kept()
         with torch.inference_mode():
             tick = time.perf_counter()
-            shared = _share_embedding(model, embedding) if fast else None
+            shared = None
+            if fast and layer == 0:  # the slice itself: the work the widget prepared for prompting, if any
+                prepared = getattr(model, "prepared", None)
+                shared = prepared(predictor.key(index)) if callable(prepared) else None
+            if fast and shared is None:
+                shared = _share_embedding(model, embedding)
             clock["decoder"] += time.perf_counter() - tick
             for first in range(0, len(points), settings.points_per_batch):
                 if stop():
