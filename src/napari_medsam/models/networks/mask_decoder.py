@@ -642,16 +642,21 @@ class MaskDecoder(nn.Module):
         attn = last.out_proj(mixed.transpose(1, 2).reshape(group, chosen, -1))
 
         weight1, bias1 = self._upscale_weights()
-        shift1, bias_up = shift @ weight1, torch.addmv(bias1, weight1.t(), norm.bias)
-        coeffs_t, r_t, s_t = coeffs.transpose(1, 2), r.unsqueeze(-1), s.unsqueeze(-1)
+        bias_up = torch.addmv(bias1, weight1.t(), norm.bias)
 
         def image_up1(j: int) -> Callable[[slice], torch.Tensor]:
-            """Prompt j's image tokens s (coeffs^T Y + g2 c0 + r g2 Ac) + b2 through the first upscaling product, by rows."""
-            basis1 = basis[j] @ weight1
+            """Prompt j's image tokens s (coeffs^T Y + g2 c0 + r g2 Ac) + b2 through the first upscaling product, by rows.
+
+            Written (s coeffs, s)^T (Y W1; g2 c0 W1) + (s r) (g2 Ac W1) + (b2 W1 + bias): one product
+            and one scaled sum per block of rows.
+            """
+            scale_s = s[j].unsqueeze(-1)
+            scaled = torch.cat((coeffs[j].t() * scale_s, scale_s), dim=1)  # (T, 2 * pairs + 1)
+            basis1 = torch.cat((basis[j], shift.unsqueeze(0)), dim=0) @ weight1
+            shared_scale = scale_s * r[j].unsqueeze(-1)
 
             def rows(part: slice) -> torch.Tensor:
-                out = torch.addmm(shift1, coeffs_t[j, part], basis1).addcmul_(f["g2ac_up1"][part], r_t[j, part])
-                return out.mul_(s_t[j, part]).add_(bias_up)
+                return torch.addmm(bias_up, scaled[part], basis1).addcmul_(f["g2ac_up1"][part], shared_scale[part])
 
             return rows
 
