@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import conv2d_gelu, linear_gelu
 from .vit import make_neck
 
 __all__ = ["TinyViTImageEncoder"]
@@ -34,17 +35,29 @@ class _ConvBN(nn.Sequential):
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(cout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Conv + BN; in eval mode the BN is folded into the conv weights (one pass, not two)."""
-        if self.training:
-            return super().forward(x)
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight and bias with the (eval-mode) BatchNorm folded in."""
         conv, bn = self.c, self.bn
         # Recomputed per call from the live parameters, so loading new weights can never leave a
         # stale fused copy behind; the cost is negligible next to the convolution.
         gain = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = conv.weight * gain.reshape(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * gain
+        return conv.weight * gain.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv + BN; in eval mode the BN is folded into the conv weights (one pass, not two)."""
+        if self.training:
+            return super().forward(x)
+        conv = self.c
+        weight, bias = self._folded()
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(conv + BN): in eval mode one oneDNN call where torch has it (fused.py)."""
+        if self.training:
+            return F.gelu(super().forward(x))
+        conv = self.c
+        weight, bias = self._folded()
+        return conv2d_gelu(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class _Stem(nn.Module):
@@ -59,7 +72,7 @@ class _Stem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        return self.seq[2](self.seq[0].forward_gelu(x))
 
 
 class _MBConv(nn.Module):
@@ -74,8 +87,7 @@ class _MBConv(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.conv1(x))
-        y = self.act(self.conv2(y))
+        y = self.conv2.forward_gelu(self.conv1.forward_gelu(x))
         return self.act(self.conv3(y) + x)
 
 
@@ -96,9 +108,7 @@ class _PatchMerging(nn.Module):
         if x.ndim == 3:
             side = self.resolution
             x = x.view(x.shape[0], side, side, -1).permute(0, 3, 1, 2)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
-        x = self.conv3(x)
+        x = self.conv3(self.conv2.forward_gelu(self.conv1.forward_gelu(x)))
         return x.flatten(2).transpose(1, 2)
 
 
@@ -168,6 +178,8 @@ class _TokenMLP(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.fc1) is nn.Linear:  # not a quantised copy (int8 backend)
+            return self.fc2(linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import linear_gelu
+
 __all__ = ["LayerNorm2d", "ViTImageEncoder", "VIT_PRESETS", "make_neck"]
 
 # (embed_dim, depth, num_heads, global_attn_indexes) of the published SAM encoders.
@@ -74,6 +76,8 @@ class _MLP(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.lin1) is nn.Linear and self.act.approximate == "none":  # not a quantised copy (int8 backend)
+            return self.lin2(linear_gelu(x, self.lin1.weight, self.lin1.bias))
         return self.lin2(self.act(self.lin1(x)))
 
 
