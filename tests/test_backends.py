@@ -228,3 +228,36 @@ def test_an_encode_reports_to_the_chooser_and_restores_the_count(mobile_net, mon
     monkeypatch.setattr(device, "_threads", 2)  # the user fixed the count (--threads): kept
     model.encode(np.zeros((64, 64, 3), np.uint8))
     assert seen == [1, 2]
+
+
+def test_allocator_tuning_is_applied_once_and_can_be_switched_off():
+    """glibc's thresholds are raised once per process (Linux); NAPARI_MEDSAM_MALLOC_TUNING=0 leaves them.
+
+    And what it is for: 40 MB + 12 MB temporaries made and freed again and again (as an encoder
+    does) are reused instead of being faulted in again page by page (~10,000 faults per step).
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from napari_medsam.models import device\n"
+        "first = device.tune_allocator()\n"
+        "def step():\n"
+        "    a = torch.ones(10 << 20); b = torch.ones(3 << 20); a[:5].sum() + b[:5].sum(); del a, b\n"
+        "for _ in range(3): step()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): step()\n"
+        "faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5\n"
+        "print(first, device.tune_allocator() is first, faults)\n"
+    )
+    results = {}
+    for value in ("1", "0"):
+        env = dict(__import__("os").environ, NAPARI_MEDSAM_MALLOC_TUNING=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        applied, once, faults = out.stdout.split()
+        results[value] = (applied, once, int(faults))
+    assert results["0"][:2] == ("False", "True") and results["1"][1] == "True"
+    if sys.platform.startswith("linux"):
+        assert results["1"][0] == "True"
+        assert results["1"][2] < results["0"][2] / 4, results

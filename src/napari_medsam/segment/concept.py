@@ -121,8 +121,12 @@ class ConceptModel:
                  device: Any = "cpu") -> None:
         import torch
 
+        from ..models.device import tune_allocator
+
         self.network = network.eval()
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            tune_allocator()  # large temporaries reused instead of faulted in again (device.py)
         self.network.to(self.device)
         self.name = name
         self.signature = signature or f"{name}:unsigned:{id(network)}"

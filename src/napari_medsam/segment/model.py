@@ -60,8 +60,10 @@ class SamModel:
     def __init__(self, network: torch.nn.Module, pipeline: str, *, name: str = "", signature: str = "",
                  device: torch.device | str = "cpu", backend: str = "float32", arch: str = "") -> None:
         from ..models.backends import make_encoder_runner, resolve_backend, signature_suffix
-        from ..models.device import ThreadChooser
+        from ..models.device import ThreadChooser, tune_allocator
 
+        if torch.device(device).type == "cpu":
+            tune_allocator()  # large temporaries reused instead of faulted in again (device.py)
         self.network = network.eval()
         self.pipeline = "sam" if pipeline == "mobile_sam" else pipeline
         self.name = name or pipeline
