@@ -21,7 +21,8 @@ embedding, then ``decode_points`` per batch of single-point prompts. The first b
 projections are shared by all prompts; with SAM's two blocks the image tokens are never formed per
 prompt at all (they stay "shared tokens + a rank-56 update" through both LayerNorms, see
 ``_share_factors``), and only the masks whose predicted IoU passes a threshold are upscaled.
-``forward`` (interactive prompts) does not use this path.
+``forward`` does not use this path; interactive prompts take it on a slice the app has prepared
+(``SamModel.prepare_prompts``: ``share_image`` once per slice, then ``decode_points`` per prompt).
 """
 
 from __future__ import annotations
@@ -522,8 +523,8 @@ class MaskDecoder(nn.Module):
         2's image-to-token attention the centred pre-norm tokens are r_i Ac_i + [a_i, b_i] Y0 + c0
         (b_i = P2_i, Y0 = [Rc; S2c]). The G prompts share each product with a shared factor (one
         read of it for all). Returns the (G, M, C) outputs of the tokens ``final`` and a function
-        giving prompt j's image tokens through the first upscaling product, (1, T, 4 * C/4) (``_masks``
-        with ``projected=True``).
+        giving prompt j's image tokens through the first upscaling product for a slice of token rows
+        (what ``_masks`` takes instead of tokens).
         """
         f = shared.factors
         first, second = self.transformer.layers
