@@ -353,11 +353,7 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             yield int(index)
 
     def _embed_job(self, axis: int, index: int) -> str:
-        """Worker thread: one slice's embedding into the cache; returns the scan's signature.
-
-        A slice the user asked for (not a prefetch) is also prepared for prompting
-        (``SlicePredictor.prepare``: its point and box prompts then decode faster).
-        """
+        """Worker thread: one slice's embedding into the cache; returns the scan's signature."""
         for _ in self.embed_slices(axis, [index]):
             pass
         return self.scan_signature()
