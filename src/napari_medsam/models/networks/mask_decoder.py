@@ -646,7 +646,8 @@ class MaskDecoder(nn.Module):
         bias_up = torch.addmv(bias1, weight1.t(), norm.bias)
 
         def image_up1(j: int) -> Callable[[slice], torch.Tensor]:
-            """Prompt j's image tokens s (coeffs^T Y + g2 c0 + r g2 Ac) + b2 through the first upscaling product, by rows.
+            """Prompt j's image tokens s (coeffs^T Y + g2 c0 + r g2 Ac) + b2 through the first upscaling
+            product, by rows.
 
             Written (s coeffs, s)^T (Y W1; g2 c0 W1) + (s r) (g2 Ac W1) + (b2 W1 + bias): one product
             and one scaled sum per block of rows.
