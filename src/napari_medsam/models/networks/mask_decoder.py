@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import linear_gelu
 from .vit import _SOFTMAX_OUT, LayerNorm2d
 
 __all__ = ["MaskDecoder", "PointMasks", "SharedImage", "TwoWayTransformer"]
@@ -723,9 +722,7 @@ class MaskDecoder(nn.Module):
         batch, count = (1, height * width) if projected else keys.shape[:2]
         mid, low = up1.out_channels, up2.out_channels
         weight1, bias1 = self._upscale_weights()
-        # (4 * C/8, C/4): rows are (row offset, column offset, channel), as linear layers hold weights.
-        weight2, bias2 = up2.weight.permute(2, 3, 1, 0).reshape(4 * low, mid), up2.bias.repeat(4)
-        exact_gelu = act2.approximate == "none"
+        weight2, bias2 = up2.weight.permute(0, 2, 3, 1).reshape(mid, 4 * low), up2.bias.repeat(4)
         masks = hyper.shape[1]
         logits = hyper.new_empty((batch, count * 16, masks))
         for b in range(batch):
@@ -733,10 +730,7 @@ class MaskDecoder(nn.Module):
             for part in _blocks(count, hyper.device):
                 x = (keys(part) if projected else torch.addmm(bias1, keys[b, part], weight1)).view(-1, mid)
                 x = F.gelu(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps), approximate=act1.approximate)
-                if exact_gelu:  # one oneDNN call where torch has it (fused.py)
-                    x = linear_gelu(x, weight2, bias2)
-                else:
-                    x = F.gelu(F.linear(x, weight2, bias2), approximate=act2.approximate)
+                x = F.gelu(torch.addmm(bias2, x, weight2), approximate=act2.approximate)
                 logits[b, 16 * part.start : 16 * part.stop] = x.view(-1, low) @ vectors
         # (B, row, col, dy1, dx1, dy2, dx2, K) -> (B, K, row, dy1, dy2, col, dx1, dx2)
         logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
