@@ -170,7 +170,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_SAM_CITATION,
         homepage=_SAM_HOME,
         notes="Meta's general-purpose SAM, smallest ViT (91M parameters). Points and boxes. "
-        "Best on a GPU; on a 2-core CPU this plugin embeds a slice in about 4-5 s (docs/performance.md).",
+        "Best on a GPU; on a 2-core CPU this plugin embeds a slice in about 5 s (docs/performance.md).",
     ),
     ModelSpec(
         name="sam_vit_l",
@@ -221,8 +221,8 @@ _SPECS: tuple[ModelSpec, ...] = (
         citation=_MEDSAM_CITATION,
         homepage="https://github.com/bowang-lab/MedSAM",
         notes="SAM ViT-B fine-tuned on 1.57M medical image-mask pairs (CT, MRI, ultrasound, ...). "
-        "Box prompts. The best choice for CT/MRI on a GPU; on a 2-core CPU about 4-5 s per slice in "
-        "this plugin, like SAM ViT-B (docs/performance.md).",
+        "Box prompts. The best choice for CT/MRI on a GPU; on a 2-core CPU about 5 s per slice in this "
+        "plugin, like SAM ViT-B (docs/performance.md).",
     ),
     ModelSpec(
         name="mobile_sam",
@@ -244,7 +244,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         "Applications. arXiv:2306.14289 (2023)",
         homepage="https://github.com/ChaoningZhang/MobileSAM",
         notes="SAM's decoder with a 5M-parameter TinyViT encoder distilled from SAM ViT-H. "
-        "Points and boxes, natural-image training. About 0.5-0.6 s per slice on a 2-core CPU in this plugin "
+        "Points and boxes, natural-image training. About 0.7 s per slice on a 2-core CPU in this plugin "
         "(docs/performance.md).",
     ),
     ModelSpec(
@@ -265,7 +265,7 @@ _SPECS: tuple[ModelSpec, ...] = (
         "Anything in Medical Images on Laptop. arXiv:2412.16085 (2024)",
         homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
         notes="MedSAM distilled into a TinyViT encoder at 256x256 (about 8x faster than MedSAM in this "
-        "plugin). Box prompts. The recommended model for CT/MRI on a CPU: about 0.5 s per slice on a "
+        "plugin). Box prompts. The recommended model for CT/MRI on a CPU: about 0.6 s per slice on a "
         "2-core CPU (docs/performance.md).",
     ),
     # SAM 2.1 (release 2024-09-28). Sizes and SHA-256: Git LFS pointers (docs/models.md).
