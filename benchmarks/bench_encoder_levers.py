@@ -5,8 +5,6 @@
 
 Levers (all exact: the outputs are compared and printed):
 
-* ``per_head``: ViT global attention head by head (``vit._PER_HEAD_TOKENS``) against all heads
-  batched with few query rows each;
 * ``window_chunks``: ViT windowed attention in chunks of the window batch with whole rows
   (``vit._WINDOW_SCORES``) against a few rows of the whole batch;
 * ``fused_gelu``: convolution/linear + GELU as one oneDNN call (``fused.ENABLED``);
@@ -47,7 +45,6 @@ def _levers():
     from napari_medsam.models.networks import fused, vit
 
     return {
-        "per_head": (vit, "_PER_HEAD_TOKENS", 10**9, vit._PER_HEAD_TOKENS, ("vit_b", "vit_l", "vit_h")),
         "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, ("vit_b", "vit_l", "vit_h")),
         "fused_gelu": (fused, "ENABLED", False, True, None),
     }
@@ -125,7 +122,7 @@ def ab_allocator(arch: str, pairs: int, runs: int = 2) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vit_b", "tiny_vit", "lite_tiny_vit"])
-    parser.add_argument("--levers", nargs="+", default=["per_head", "window_chunks", "fused_gelu"])
+    parser.add_argument("--levers", nargs="+", default=["window_chunks", "fused_gelu"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--allocator", action="store_true", help="only the allocator lever (subprocesses)")
     parser.add_argument("--allocator-child", metavar="ARCH", help=argparse.SUPPRESS)

@@ -123,16 +123,16 @@ def test_tiny_vit_attention_bias_tracks_parameters():
     assert torch.all(attn.bias_matrix() == 0.25)
 
 
-@pytest.mark.parametrize(("grid", "heads_batch", "block", "per_head"),
-                         [(14, 6, 3 * 6 * 196, 10**9), (20, 2, 1 << 22, 10**9), (20, 3, 7 * 400, 400)])
-def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, per_head):
-    # The CPU path (query rows in blocks, here also a ragged last block; head by head for many
-    # tokens) and the fused-kernel path used on GPUs must both give
+@pytest.mark.parametrize(("grid", "heads_batch", "block", "window_scores"),
+                         [(14, 6, 3 * 6 * 196, 1 << 60), (20, 2, 1 << 22, 1 << 21), (14, 7, 1 << 22, 2 * 196 * 196)])
+def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, window_scores):
+    # The CPU path (query rows in blocks, here also a ragged last block; chunks of the batch with
+    # whole rows, a ragged last chunk) and the fused-kernel path used on GPUs must both give
     # softmax(q.k + rel_h[key row] + rel_w[key col]) @ v.
     from napari_medsam.models.networks import vit
 
     monkeypatch.setattr(vit, "_SCORE_BLOCK", block)
-    monkeypatch.setattr(vit, "_PER_HEAD_TOKENS", per_head)
+    monkeypatch.setattr(vit, "_WINDOW_SCORES", window_scores)
     gen = torch.Generator().manual_seed(3)
     tokens = grid * grid
     q, k, v = (torch.randn(heads_batch, tokens, 64, generator=gen) for _ in range(3))

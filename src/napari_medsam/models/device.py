@@ -239,11 +239,12 @@ def heavy_work_threads(chooser: ThreadChooser) -> Iterator[int]:
 
 # The encoders' temporaries are 4-50 MB each (ViT-B: the 64x64x768 token grids, the score blocks of
 # the attention). glibc hands blocks that large out as fresh memory maps and gives them back on
-# free, so every encoder step faults its temporaries in again, page by page: a fifth of a ViT-B
-# pass on this project's 2-core test machine. Raising glibc's mmap and trim thresholds keeps freed
-# blocks of up to ALLOCATOR_KEEP_BYTES in the process for reuse (at most ALLOCATOR_TRIM_BYTES of
-# free memory are kept at the heap's top): ViT-B encodes 5-10 % faster, TinyViT up to 10 %, and
-# peak memory does not grow (benchmarks/bench_models.py; docs/performance.md, "Allocator").
+# free, so every encoder step faults its temporaries in again, page by page (241,693 page faults
+# per ViT-B pass on this project's 2-core test machine). Raising glibc's mmap and trim thresholds
+# keeps freed blocks of up to ALLOCATOR_KEEP_BYTES in the process for reuse (at most
+# ALLOCATOR_TRIM_BYTES of free memory are kept at the heap's top): 10,240 faults per pass, ViT-B
+# 1.04x and TinyViT 1.10-1.13x faster, peak memory within +60 MiB
+# (benchmarks/bench_encoder_levers.py --allocator; docs/performance.md, "Float32 encoders").
 # NAPARI_MEDSAM_MALLOC_TUNING=0 leaves the allocator as it is.
 ALLOCATOR_KEEP_BYTES = 64 << 20
 ALLOCATOR_TRIM_BYTES = 128 << 20

@@ -76,7 +76,7 @@ class _MLP(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.lin1) is nn.Linear and self.act.approximate == "none":  # not a quantised copy (int8 backend)
+        if type(self.lin1) is nn.Linear:  # not a quantised copy (int8 backend)
             return self.lin2(linear_gelu(x, self.lin1.weight, self.lin1.bias))
         return self.lin2(self.act(self.lin1(x)))
 
@@ -121,19 +121,18 @@ def _attend_blocked(
     heads_batch, tokens, _ = q.shape
     out = torch.empty_like(v)
     keys_t = k.transpose(1, 2)
-    if q.dtype == torch.float32 and tokens >= _PER_HEAD_TOKENS and heads_batch > 1:
-        _attend_per_head(q, keys_t, v, rel_rows, rel_cols, out)
-        return out
     if q.dtype != torch.float32:
         # bfloat16 (the bf16 backend): the reduced-precision batched product copies a transposed
         # or strided operand on every call (48% of the encoder's time); copy it once here instead.
         keys_t, v = keys_t.contiguous(), v.contiguous()
-        chunk = heads_batch
+    # Windows (196 tokens, float32): whole rows for a chunk of the (window, head) batch, sized to
+    # stay in cache, instead of a few rows for the whole batch: 20 ms against 33 ms per ViT-B
+    # windowed attention on 2 cores. Global attention (whole rows do not fit): all heads together,
+    # a few query rows per block (a head at a time measured 1.00-1.05x: not kept).
+    if q.dtype == torch.float32 and tokens * tokens <= _WINDOW_SCORES:
+        chunk = min(heads_batch, _WINDOW_SCORES // (tokens * tokens))
     else:
-        # Windows (196 tokens): whole rows for a chunk of the (window, head) batch, sized to stay in
-        # cache, instead of a few rows for the whole batch: 20 ms against 33 ms per ViT-B windowed
-        # attention on 2 cores.
-        chunk = max(1, min(heads_batch, _WINDOW_SCORES // (tokens * tokens)))
+        chunk = heads_batch
     step = max(1, min(tokens, _SCORE_BLOCK // (chunk * tokens)))
     scores_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
     probs_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
@@ -197,37 +196,6 @@ def _attend_rows(
 # Scores of one batch chunk of windowed attention (floats; 8 MB: 54 windows x heads of 196 x 196).
 _WINDOW_SCORES = 1 << 21
 
-# Global attention (64x64 = 4096 tokens in SAM's ViTs) goes head by head: per head, blocks of
-# _SCORE_BLOCK / tokens query rows (1024) make plain matrix products with taller operands than a
-# batch of all heads with few rows each (85 rows per head for 12 heads): 0.27 s against 0.34 s for
-# one ViT-B global block on 2 cores, the same sums. Windowed attention (196 tokens) stays batched.
-_PER_HEAD_TOKENS = 1024
-
-
-def _attend_per_head(
-    q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """:func:`_attend_blocked` one head at a time (float32, many tokens), written into ``out``."""
-    heads_batch, tokens, _ = q.shape
-    height, width = rel_rows.shape[-1], rel_cols.shape[-1]
-    step = max(1, min(tokens, _SCORE_BLOCK // tokens))
-    scores_buf = torch.empty(step * tokens, dtype=q.dtype, device=q.device)
-    probs_buf = torch.empty(step * tokens, dtype=q.dtype, device=q.device)
-    for head in range(heads_batch):
-        for start in range(0, tokens, step):
-            stop = min(start + step, tokens)
-            rows = stop - start
-            scores = scores_buf[: rows * tokens].view(rows, tokens)
-            probs = probs_buf[: rows * tokens].view(rows, tokens)
-            torch.add(rel_rows[head, start:stop, :, None], rel_cols[head, start:stop, None, :],
-                      out=scores.view(rows, height, width))
-            scores.addmm_(q[head, start:stop], keys_t[head])
-            if _SOFTMAX_OUT:
-                torch.softmax(scores, dim=-1, out=probs)
-            else:
-                probs.copy_(scores.softmax(dim=-1))
-            torch.mm(probs, v[head], out=out[head, start:stop])
 
 
 class _RelPosAttention(nn.Module):
