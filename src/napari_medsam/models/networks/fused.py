@@ -50,13 +50,17 @@ def _fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_grad_enabled() and fused_available())
 
 
+def _pair(value) -> list[int]:
+    """A conv2d size argument (int or pair) as the two-element list oneDNN's op takes."""
+    return [int(value)] * 2 if isinstance(value, int) else [int(v) for v in value]
+
+
 def conv2d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
                 groups: int) -> torch.Tensor:
     """``F.gelu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``."""
     if _fusable(x, weight):
-        pair = lambda v: [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]  # noqa: E731
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pair(padding), pair(stride), pair(dilation),
-                                                      int(groups), "gelu", [], "none")
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, _pair(padding), _pair(stride),
+                                                      _pair(dilation), int(groups), "gelu", [], "none")
     return F.gelu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
