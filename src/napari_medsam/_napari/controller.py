@@ -464,7 +464,9 @@ class SegmentationController(PromptInputMixin, SessionEditsMixin):
             return False
         from qtpy.QtCore import QThreadPool
 
-        if QThreadPool.globalInstance().activeThreadCount() > 0:  # precompute, propagation, a model loading...
+        # Other work (precompute, propagation, a model loading...) goes first; this controller's own
+        # short "prepare the slice shown" jobs (_prepare_shown) do not hold a prefetch back.
+        if QThreadPool.globalInstance().activeThreadCount() > len(self._preparing):
             return None
         plane = self.current_plane()
         if plane is not None:
