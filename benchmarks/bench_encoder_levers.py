@@ -1,15 +1,21 @@
 """Same-run A/B of the float32 encoder levers: each one switched off and on, alternating, one process.
 
     python benchmarks/bench_encoder_levers.py [--archs vit_b tiny_vit lite_tiny_vit] [--pairs 4]
-    python benchmarks/bench_encoder_levers.py --allocator [--pairs 2]
+    python benchmarks/bench_encoder_levers.py --allocator [--pairs 2] [--where thread main]
 
 Levers (all exact: the outputs are compared and printed):
 
 * ``window_chunks``: ViT windowed attention in chunks of the window batch with whole rows
   (``vit._WINDOW_SCORES``) against a few rows of the whole batch;
 * ``fused_gelu``: convolution/linear + GELU as one oneDNN call (``fused.ENABLED``);
-* ``--allocator``: glibc's mmap/trim thresholds (``device.tune_allocator``), which cannot be undone
-  inside a process: fresh subprocesses alternate, NAPARI_MEDSAM_MALLOC_TUNING=0 and 1.
+* ``fused_linear``: the linear + GELU op alone, forced on against forced off (``fused.LINEAR``; by
+  default it follows the CPU, see fused.py);
+* ``--allocator``: the memory settings that cannot be undone inside a process, glibc's mmap/trim
+  thresholds (``device.tune_allocator``) and PyTorch's transparent huge pages (requested when
+  ``napari_medsam`` is imported): fresh subprocesses alternate, NAPARI_MEDSAM_MALLOC_TUNING=0
+  and 1. ``--where thread`` runs the passes on a worker thread, as napari's workers do (glibc
+  gives a thread its own arena, where blocks of 64 MB and more are always fresh memory maps);
+  ``main`` on the main thread, as the command line does.
 
 Per lever and network: the median time with the lever off and on, the median of the per-pair
 ratios (off / on) and the largest difference of the embeddings. Random weights (speed does not
@@ -47,6 +53,7 @@ def _levers():
     return {
         "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, ("vit_b", "vit_l", "vit_h")),
         "fused_gelu": (fused, "ENABLED", False, True, None),
+        "fused_linear": (fused, "LINEAR", False, True, None),
     }
 
 
@@ -55,6 +62,7 @@ def ab_lever(name: str, arch: str, pairs: int) -> dict:
     import torch
 
     module, attr, off, on, archs = _levers()[name]
+    restore = getattr(module, attr)
     encoder, image = _encoder(arch)
     times: dict[str, list[float]] = {"off": [], "on": []}
     try:
@@ -72,15 +80,18 @@ def ab_lever(name: str, arch: str, pairs: int) -> dict:
                     encoder(image)
                     times[state].append(time.perf_counter() - start)
     finally:
-        setattr(module, attr, on)
+        setattr(module, attr, restore)
     ratios = [a / b for a, b in zip(times["off"], times["on"])]
     return {"lever": name, "arch": arch, "off_s": statistics.median(times["off"]),
             "on_s": statistics.median(times["on"]), "ratio": statistics.median(ratios),
             "max_abs_diff": float((outputs["off"] - outputs["on"]).abs().max())}
 
 
-def _allocator_child(arch: str, runs: int) -> None:
+def _allocator_child(arch: str, runs: int, where: str) -> None:
+    import napari_medsam  # noqa: F401  (first, as in the plugin: it requests huge pages before torch allocates)
+
     import resource
+    import threading
 
     import torch
 
@@ -88,48 +99,63 @@ def _allocator_child(arch: str, runs: int) -> None:
 
     encoder, image = _encoder(arch)
     applied = tune_allocator()  # as SamModel does: after torch and the network are loaded
-    with torch.inference_mode():
-        encoder(image)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
+    result: dict = {}
+
+    def passes() -> None:
+        with torch.inference_mode():
             encoder(image)
-            times.append(time.perf_counter() - start)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    print(json.dumps({"applied": applied, "s": statistics.median(times), "faults": faults // runs,
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                encoder(image)
+                times.append(time.perf_counter() - start)
+            result.update(s=statistics.median(times),
+                          faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // runs)
+
+    if where == "thread":
+        worker = threading.Thread(target=passes)
+        worker.start()
+        worker.join()
+    else:
+        passes()
+    print(json.dumps({"applied": applied, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", **result,
                       "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def ab_allocator(arch: str, pairs: int, runs: int = 2) -> dict:
+def ab_allocator(arch: str, pairs: int, runs: int = 2, where: str = "thread") -> dict:
     """Fresh subprocesses, tuning off and on alternately: median times, page faults per pass, peak memory."""
     out: dict[str, list[dict]] = {"0": [], "1": []}
     for i in range(pairs):
         for value in ("0", "1") if i % 2 == 0 else ("1", "0"):
             env = dict(os.environ, NAPARI_MEDSAM_MALLOC_TUNING=value)
-            done = subprocess.run([sys.executable, __file__, "--allocator-child", arch, "--runs", str(runs)],
-                                  env=env, capture_output=True, text=True, check=True)
+            env.pop("THP_MEM_ALLOC_ENABLE", None)  # set by this process's own import of napari_medsam
+            done = subprocess.run([sys.executable, __file__, "--allocator-child", arch, "--runs", str(runs),
+                                   "--where", where], env=env, capture_output=True, text=True, check=True)
             out[value].append(json.loads(done.stdout.strip().splitlines()[-1]))
     ratios = [a["s"] / b["s"] for a, b in zip(out["0"], out["1"])]
-    return {"lever": "allocator", "arch": arch, "off_s": statistics.median(r["s"] for r in out["0"]),
+    return {"lever": f"allocator ({where})", "arch": arch, "off_s": statistics.median(r["s"] for r in out["0"]),
             "on_s": statistics.median(r["s"] for r in out["1"]), "ratio": statistics.median(ratios),
             "faults_off": statistics.median(r["faults"] for r in out["0"]),
             "faults_on": statistics.median(r["faults"] for r in out["1"]),
             "peak_mib_off": max(r["peak_mib"] for r in out["0"]), "peak_mib_on": max(r["peak_mib"] for r in out["1"]),
-            "applied": all(r["applied"] for r in out["1"])}
+            "applied": all(r["applied"] and r["huge_pages"] for r in out["1"])
+            and not any(r["applied"] or r["huge_pages"] for r in out["0"])}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vit_b", "tiny_vit", "lite_tiny_vit"])
-    parser.add_argument("--levers", nargs="+", default=["window_chunks", "fused_gelu"])
+    parser.add_argument("--levers", nargs="+", default=["window_chunks", "fused_gelu", "fused_linear"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--allocator", action="store_true", help="only the allocator lever (subprocesses)")
     parser.add_argument("--allocator-child", metavar="ARCH", help=argparse.SUPPRESS)
+    parser.add_argument("--where", nargs="+", choices=("thread", "main"), default=["thread", "main"],
+                        help="allocator lever: encoder passes on a worker thread (napari) and/or the main thread (CLI)")
     parser.add_argument("--runs", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.allocator_child:
-        _allocator_child(args.allocator_child, args.runs)
+        _allocator_child(args.allocator_child, args.runs, args.where[0])
         return 0
     import torch
 
@@ -138,7 +164,7 @@ def main(argv=None) -> int:
     rows = []
     for arch in args.archs:
         if args.allocator:
-            rows.append(ab_allocator(arch, args.pairs))
+            rows.extend(ab_allocator(arch, args.pairs, where=where) for where in args.where)
             continue
         for name in args.levers:
             archs = _levers()[name][4]
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         extra = (f"faults per pass {r['faults_off']:.0f} -> {r['faults_on']:.0f}, peak {r['peak_mib_off']:.0f} -> "
-                 f"{r['peak_mib_on']:.0f} MiB" if r["lever"] == "allocator" else f"{r['max_abs_diff']:.1e}")
+                 f"{r['peak_mib_on']:.0f} MiB" if r["lever"].startswith("allocator") else f"{r['max_abs_diff']:.1e}")
         print(f"| {r['lever']} | {r['arch']} | {r['off_s']:.3f} s | {r['on_s']:.3f} s | {r['ratio']:.3f} | {extra} |")
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0

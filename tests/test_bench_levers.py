@@ -48,3 +48,33 @@ def test_fused_gelu_lever_is_restored_and_close(bench):
     row = bench.ab_lever("fused_gelu", "lite_tiny_vit", pairs=1)
     assert fused.ENABLED is True
     assert row["max_abs_diff"] < 1e-3  # random PyTorch-initialised weights amplify rounding; golden tests pin it
+
+
+def test_fused_linear_lever_restores_the_cpu_choice(bench, monkeypatch):
+    from napari_medsam.models.networks import fused
+
+    def small(arch):  # two TinyViT-style MLP layers are enough to time the op choice
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 16))
+        return (lambda x: mlp[1](fused.linear_gelu(x, mlp[0].weight, mlp[0].bias))), torch.randn(1, 300, 16)
+
+    monkeypatch.setattr(bench, "_encoder", small)
+    row = bench.ab_lever("fused_linear", "tiny_vit", pairs=2)
+    assert fused.LINEAR is None
+    assert row["off_s"] > 0 and row["on_s"] > 0 and row["max_abs_diff"] < 1e-5
+
+
+def test_allocator_child_reports_huge_pages_and_tuning_on_a_worker_thread(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    for value, expect in (("1", True), ("0", False)):
+        env = dict(os.environ, NAPARI_MEDSAM_MALLOC_TUNING=value)
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        done = subprocess.run([sys.executable, str(SCRIPT), "--allocator-child", "lite_tiny_vit", "--runs", "1",
+                               "--where", "thread"], env=env, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        assert row["huge_pages"] is expect and row["s"] > 0 and row["faults"] >= 0
+        if sys.platform.startswith("linux"):
+            assert row["applied"] is expect
