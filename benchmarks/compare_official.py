@@ -49,6 +49,12 @@ exact default; bf16 and int8 are approximate, and the difference column then sho
 ``--compete N`` keeps N single-threaded CPU-heavy processes (numpy matrix products) running
 during the figures: the "another program is busy" case, where both sides lose cores.
 
+After an idle float32 run, each encoder figure gets its float32 ceiling under the table: the
+network's matrix FLOPs (ViT-B analytic, ``vit_flops``; TinyViT by torch's FLOP counter on the
+project's network), the best float32 matrix-product rate measured then, the time per slice if every
+operation ran at that rate, the largest official / project ratio this CPU allows, and the project's
+share of that rate.
+
 A figure whose official code cannot be imported is reported as ``skipped (reason)``: the script
 installs nothing and runs in the project's own environment too (then every figure is skipped).
 
@@ -729,17 +735,49 @@ def float32_matmul_rate(repeats: int = 5) -> tuple[float, str]:
     return best, where
 
 
-def ceiling_lines(result: FigureResult) -> list[str]:
-    """What the vit_b figure's official time allows in float32 on this CPU (printed under the table)."""
+#: Encoder figures with a ceiling line: label and the project network whose FLOPs torch counts (None: analytic).
+CEILING_NETWORKS = {"vit_b": ("ViT-B", None), "mobile_sam": ("MobileSAM", "tiny_vit"),
+                    "lite_medsam": ("LiteMedSAM", "lite_tiny_vit")}
+
+
+def counted_flops(arch: str) -> float:
+    """torch's FLOP counter over one pass of the project's ``arch`` encoder (matrix products and convolutions).
+
+    The network runs unfused (torch's counter does not see oneDNN's fused ops) on zeros; norms,
+    GELU and softmax are not counted, as in :func:`vit_flops`.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from napari_medsam.models.networks import fused
+    from napari_medsam.models.networks.sam import build_network
+
+    net = build_network(arch).eval()
+    size = int(net.image_size)
+    before = fused.ENABLED
+    fused.ENABLED = False
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net.image_encoder(torch.zeros(1, 3, size, size))
+    finally:
+        fused.ENABLED = before
+    return float(counter.get_total_flops())
+
+
+def ceiling_lines(result: FigureResult, rate: tuple[float, str] | None = None) -> list[str]:
+    """What an encoder figure's official time allows in float32 on this CPU (printed under the table)."""
     import statistics
 
-    flops = vit_flops()
-    rate, where = float32_matmul_rate()
+    label, arch = CEILING_NETWORKS[result.name]
+    flops = vit_flops() if arch is None else counted_flops(arch)
+    how = "analytic" if arch is None else "torch's FLOP counter"
+    rate, where = rate or float32_matmul_rate()
     floor = flops / rate
     official = statistics.median(result.official_s)
     project = statistics.median(result.project_s)
+    size = f"{flops / 1e12:.3f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP"
     return [
-        f"# float32 ceiling, ViT-B: {flops / 1e12:.3f} TFLOP per slice (analytic: matrix products only); best float32 "
+        f"# float32 ceiling, {label}: {size} per slice ({how}: matrix products only); best float32 "
         f"matrix product here {rate / 1e9:.0f} GFLOP/s ({where}, measured now)",
         f"#   every operation at that rate: {floor:.2f} s per slice, so official / project can be at most "
         f"{official / floor:.2f} (official median {official:.2f} s)",
@@ -862,11 +900,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"# load average after: {' '.join(f'{v:.2f}' for v in load_after)}; torch threads "
           f"{torch.get_num_threads()}")
-    vit = next((r for r in results if r.name == "vit_b" and not r.skipped and r.official_s), None)
+    encoders = [r for r in results if r.name in CEILING_NETWORKS and not r.skipped and r.official_s]
     # The rate is measured after the run, so only an idle run gives a ceiling that matches its times.
-    if vit is not None and args.backend == "float32" and not args.compete:
-        for line in ceiling_lines(vit):
-            print(line)
+    if encoders and args.backend == "float32" and not args.compete:
+        rate = float32_matmul_rate()
+        for result in encoders:
+            for line in ceiling_lines(result, rate):
+                print(line)
     if args.json:
         args.json.write_text(json.dumps({
             "torch": torch.__version__, "threads": torch.get_num_threads(), "torchvision": vision,
