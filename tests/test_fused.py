@@ -67,3 +67,18 @@ def test_training_keeps_autograd_and_the_plain_gradient():
     w = w.clone().requires_grad_(True)
     out = fused.conv2d_gelu(x, w, b, 1, 1, 1, 1)
     assert out.requires_grad
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_fresh_is_in_place_without_autograd_and_plain_with_it(approximate):
+    y = torch.linspace(-4, 4, 101)
+    expected = F.gelu(y, approximate=approximate)
+    with torch.no_grad():
+        fresh = y.clone()
+        assert fused.gelu_fresh(fresh, approximate) is fresh
+        torch.testing.assert_close(fresh, expected)
+    leaf = y.clone().requires_grad_(True)
+    out = fused.gelu_fresh(leaf * 1.0, approximate)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

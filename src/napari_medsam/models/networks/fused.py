@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENABLED", "LINEAR", "conv2d_gelu", "fused_available", "linear_fusion_pays", "linear_gelu"]
+__all__ = ["ENABLED", "LINEAR", "conv2d_gelu", "fused_available", "gelu_fresh", "linear_fusion_pays", "linear_gelu"]
 
 ENABLED = True
 #: The fused linear + GELU: None follows ``linear_fusion_pays()``; True or False forces it.
@@ -78,14 +78,14 @@ def conv2d_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if _fusable(x, weight):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, _pair(padding), _pair(stride),
                                                       _pair(dilation), int(groups), "gelu", [], "none")
-    return _gelu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+    return gelu_fresh(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
-def _gelu(y: torch.Tensor) -> torch.Tensor:
-    """GELU of a fresh product: in place where nothing records it for a backward pass."""
+def gelu_fresh(y: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU of a tensor nobody else holds (a fresh product): in place where no backward pass records it."""
     if torch.is_grad_enabled() and y.requires_grad:
-        return F.gelu(y)
-    return torch.ops.aten.gelu_(y)
+        return F.gelu(y, approximate=approximate)
+    return torch.ops.aten.gelu_(y, approximate=approximate)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -93,4 +93,4 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     fuse = linear_fusion_pays() if LINEAR is None else LINEAR
     if fuse and _fusable(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return _gelu(F.linear(x, weight, bias))
+    return gelu_fresh(F.linear(x, weight, bias))
