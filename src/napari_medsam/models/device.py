@@ -199,14 +199,93 @@ class ThreadChooser:
             self.single, self._since_probe = True, 0
 
 
-def _others_runnable() -> bool:
-    """Whether another task is runnable on this machine right now (Linux /proc/loadavg; else False)."""
+def _runnable() -> int | None:
+    """Tasks runnable on this machine right now, the caller included (Linux /proc/loadavg; else None)."""
     try:
         with open("/proc/loadavg", encoding="ascii") as handle:
-            running = int(handle.read().split()[3].split("/")[0])
+            return int(handle.read().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
-        return False
-    return running > 1  # the caller is one of them
+        return None
+
+
+def _others_runnable() -> bool:
+    """Whether another task is runnable on this machine right now (Linux /proc/loadavg; else False)."""
+    running = _runnable()
+    return running is not None and running > 1  # the caller is one of them
+
+
+def _own_runnable() -> int | None:
+    """Threads of this process runnable right now (state R in /proc/self/task; Linux; else None).
+
+    Includes the caller and torch's own team threads, which spin for a moment after each parallel
+    step: they must not count as other programs holding cores.
+    """
+    count = 0
+    try:
+        entries = list(os.scandir("/proc/self/task"))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(entry.path, "stat"), "rb") as handle:
+                data = handle.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        end = data.rfind(b")")
+        if end >= 0 and data[end + 2:end + 3] == b"R":
+            count += 1
+    return count
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# A decoder call is a few hundred small parallel steps of 10-500 us each. With the cores taken by
+# other programs, every step's barrier waits for a team thread the OS has parked: on the 2-core
+# machine with two competing processes (benchmarks/compare_official.py --compete 2), a box with a
+# previous mask took 2.8 s on two threads against 70 ms on one (median of 20 alternating pairs;
+# a prepared box 159 ms against 90 ms, worst 1.6 s against 0.12 s). Idle, two threads are only
+# ~1.6x faster than one. So short calls ask the run queue right before they start and take no
+# more threads than there are cores without another program's runnable task: a wrong "busy"
+# reading costs a few milliseconds, a missed one seconds.
+def short_work_thread_count(upper: int, running: int | None = None, own: int | None = None) -> int:
+    """Threads for one short call of many small steps: ``upper`` at most, fewer while others hold cores.
+
+    ``running`` (all runnable tasks) and ``own`` (this process's runnable threads, the caller
+    included) are read from /proc when not given; the threads of this process are not counted
+    as competition (the cheap machine-wide count is read first, the per-thread scan only when
+    something besides the caller runs).
+    """
+    if upper <= 1:
+        return 1
+    running = _runnable() if running is None else running
+    if running is None or running <= 1:
+        return upper
+    own = _own_runnable() if own is None else own
+    others = running - max(1, own or 1)
+    return max(1, min(upper, _usable_cores() - max(0, others)))
+
+
+@contextlib.contextmanager
+def short_work_threads() -> Iterator[int]:
+    """``with short_work_threads() as n: ...``: one short call (a decode) on :func:`short_work_thread_count` threads.
+
+    The caller's torch count is the upper bound and is restored afterwards; with the adaptation
+    off (:func:`adaptive_threads`, e.g. the user fixed ``--threads``) nothing changes.
+    """
+    before = torch.get_num_threads()
+    threads = short_work_thread_count(before) if adaptive_threads() else before
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def adaptive_threads() -> bool:

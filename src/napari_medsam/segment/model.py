@@ -232,6 +232,16 @@ class SamModel:
         ``prepared``: the slice's :meth:`prepared` work; with it and no mask prompt the decoder
         takes its shared-image path (same result up to float rounding) and ``embedding`` may be None.
         """
+        from ..models.device import short_work_threads
+
+        # On the CPU: fewer threads while other programs hold the cores (device.py, short_work_threads).
+        with short_work_threads() if self.device.type == "cpu" else contextlib.nullcontext():
+            return self._decode(embedding, geometry, points_xy=points_xy, point_labels=point_labels,
+                                box_xyxy=box_xyxy, mask_logits=mask_logits, multimask=multimask, out_size=out_size,
+                                exact=exact, keep_logits=keep_logits, prepared=prepared)
+
+    def _decode(self, embedding, geometry: ImageGeometry, *, points_xy, point_labels, box_xyxy, mask_logits,
+                multimask: bool, out_size, exact: bool, keep_logits: bool, prepared) -> Decoded:
         coords = labels = boxes = masks_in = None
         if points_xy is not None and len(points_xy):
             scaled = pipelines.scale_points(self.pipeline, np.asarray(points_xy, np.float64), geometry.original_size,
