@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -299,3 +302,58 @@ def test_importing_the_package_requests_huge_pages_before_torch_allocates():
         thp = "[never]"
     if "[never]" not in thp:  # the kernel may refuse huge pages altogether: then nothing changes
         assert seen["default"][1] < seen["off"][1] / 8, seen
+
+
+def test_short_calls_take_only_the_cores_other_programs_leave(monkeypatch):
+    from napari_medsam.models import device
+
+    monkeypatch.setattr(device, "_usable_cores", lambda: 2)
+    count = device.short_work_thread_count
+    assert count(2, running=1, own=1) == 2  # idle: only the caller runs
+    assert count(2, running=3, own=3) == 2  # this process's own threads (torch's team) are no competition
+    assert count(2, running=2, own=1) == 1  # one other program: one core left
+    assert count(2, running=4, own=2) == 1  # two: none left, still one thread
+    assert count(1, running=1, own=1) == 1
+    monkeypatch.setattr(device, "_usable_cores", lambda: 16)
+    assert count(8, running=3, own=1) == 8 and count(16, running=3, own=1) == 14
+    monkeypatch.setattr(device, "_runnable", lambda: None)  # no /proc: leave the count
+    assert count(2) == 2
+    if sys.platform.startswith("linux"):
+        assert device._own_runnable() >= 1  # the caller itself is running
+
+
+def test_short_calls_on_a_busy_machine_drop_to_one_thread():
+    """Live: as many spinning processes as cores, then the count asked for a decode is one thread."""
+    import subprocess
+
+    from napari_medsam.models import device
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/loadavg is Linux's")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(8, device._usable_cores()))]
+    try:
+        time.sleep(0.5)
+        counts = [device.short_work_thread_count(2) for _ in range(5) if time.sleep(0.05) is None]
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
+    assert counts.count(1) >= 3, counts
+
+
+def test_a_decode_runs_on_the_short_call_count_and_restores_it(mobile_net, monkeypatch):
+    from napari_medsam.models import device
+
+    model = SamModel(mobile_net, "sam", name="m", signature="sig")
+    embedding = model.encode(np.zeros((64, 64, 3), np.uint8))
+    seen = []
+    inner = model.network.decode
+    monkeypatch.setattr(model.network, "decode", lambda *a, **k: (seen.append(torch.get_num_threads()), inner(*a, **k))[1])
+    monkeypatch.setattr(device, "short_work_thread_count", lambda upper, **k: 1)
+    geometry = model.geometry(64, 64)
+    torch.set_num_threads(2)
+    for adaptive, expect in (("1", 1), ("0", 2)):
+        monkeypatch.setenv(device.ADAPTIVE_ENV, adaptive)
+        monkeypatch.setattr(device, "_threads", None)
+        model.decode(embedding, geometry, box_xyxy=np.array([10, 10, 40, 40]))
+        assert seen[-1] == expect and torch.get_num_threads() == 2
