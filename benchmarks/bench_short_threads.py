@@ -26,8 +26,11 @@ from pathlib import Path
 def _competing():
     path = Path(__file__).with_name("compare_official.py")
     spec = importlib.util.spec_from_file_location("compare_official_for_threads", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module.competing
 
 
