@@ -246,9 +246,9 @@ def _usable_cores() -> int:
 
 # A decoder call is a few hundred small parallel steps of 10-500 us each. With the cores taken by
 # other programs, every step's barrier waits for a team thread the OS has parked: on the 2-core
-# machine with two competing processes (benchmarks/compare_official.py --compete 2), a box with a
-# previous mask took 2.8 s on two threads against 70 ms on one (median of 20 alternating pairs;
-# a prepared box 159 ms against 90 ms, worst 1.6 s against 0.12 s). Idle, two threads are only
+# machine with two competing processes, a box on a slice not prepared took 2.5 s on two threads
+# against 97 ms with this rule, a prepared one 883 ms against 78 ms (medians of 20 alternating
+# calls, benchmarks/bench_short_threads.py; docs/performance.md). Idle, two threads are only
 # ~1.6x faster than one. So short calls ask the run queue right before they start and take no
 # more threads than there are cores without another program's runnable task: a wrong "busy"
 # reading costs a few milliseconds, a missed one seconds.
