@@ -317,7 +317,13 @@ def test_short_calls_take_only_the_cores_other_programs_leave(monkeypatch):
     monkeypatch.setattr(device, "_usable_cores", lambda: 16)
     assert count(8, running=3, own=1) == 8 and count(16, running=3, own=1) == 14
     monkeypatch.setattr(device, "_runnable", lambda: None)  # no /proc: leave the count
-    assert count(2) == 2
+    assert count(2) == 2 and device._others_runnable() is False
+    # The encoders' chooser asks the same question: this process's own spinning threads are not "busy".
+    monkeypatch.setattr(device, "_runnable", lambda: 3)
+    monkeypatch.setattr(device, "_own_runnable", lambda: 3)
+    assert device._others_runnable() is False
+    monkeypatch.setattr(device, "_own_runnable", lambda: 1)
+    assert device._others_runnable() is True
     if sys.platform.startswith("linux"):
         assert device._own_runnable() >= 1  # the caller itself is running
 

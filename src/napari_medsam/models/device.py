@@ -144,8 +144,8 @@ class ThreadChooser:
 
     All calls do the same work (one slice at the model's input size), so their times compare.
     It runs on the full count (``upper``) and switches to one thread when one thread proves
-    faster: a call on one thread is tried when another task is runnable right now (``busy``,
-    /proc/loadavg) or when a call took ``slow`` times the best; it stays on one thread if that
+    faster: a call on one thread is tried when another program's task is runnable right now
+    (``busy``: /proc/loadavg less this process's own runnable threads) or when a call took ``slow`` times the best; it stays on one thread if that
     call beat the last full-count call. On one thread, every ``probe``-th call tries the full
     count again and the faster count stays. Idle, every call runs on the full count.
     """
@@ -209,9 +209,8 @@ def _runnable() -> int | None:
 
 
 def _others_runnable() -> bool:
-    """Whether another task is runnable on this machine right now (Linux /proc/loadavg; else False)."""
-    running = _runnable()
-    return running is not None and running > 1  # the caller is one of them
+    """Whether another program's task is runnable on this machine right now (Linux; else False)."""
+    return bool(_others_runnable_count())
 
 
 def _own_runnable() -> int | None:
@@ -237,6 +236,21 @@ def _own_runnable() -> int | None:
     return count
 
 
+def _others_runnable_count(running: int | None = None, own: int | None = None) -> int | None:
+    """Runnable tasks that are not this process's threads (None where /proc cannot tell).
+
+    ``running`` (all runnable tasks, /proc/loadavg) and ``own`` (this process's runnable threads,
+    the caller included) are read when not given: the cheap machine-wide count first, the
+    per-thread scan only when something besides the caller runs. This process's threads (torch's
+    team spinning after its last step, a worker of ours) are no other program holding a core.
+    """
+    running = _runnable() if running is None else running
+    if running is None or running <= 1:
+        return None if running is None else 0
+    own = _own_runnable() if own is None else own
+    return max(0, running - max(1, own or 1))
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -255,19 +269,14 @@ def _usable_cores() -> int:
 def short_work_thread_count(upper: int, running: int | None = None, own: int | None = None) -> int:
     """Threads for one short call of many small steps: ``upper`` at most, fewer while others hold cores.
 
-    ``running`` (all runnable tasks) and ``own`` (this process's runnable threads, the caller
-    included) are read from /proc when not given; the threads of this process are not counted
-    as competition (the cheap machine-wide count is read first, the per-thread scan only when
-    something besides the caller runs).
+    ``running`` and ``own`` as for :func:`_others_runnable_count` (read from /proc when not given).
     """
     if upper <= 1:
         return 1
-    running = _runnable() if running is None else running
-    if running is None or running <= 1:
+    others = _others_runnable_count(running, own)
+    if not others:
         return upper
-    own = _own_runnable() if own is None else own
-    others = running - max(1, own or 1)
-    return max(1, min(upper, _usable_cores() - max(0, others)))
+    return max(1, min(upper, _usable_cores() - others))
 
 
 @contextlib.contextmanager

@@ -197,7 +197,6 @@ def _attend_rows(
 _WINDOW_SCORES = 1 << 21
 
 
-
 class _RelPosAttention(nn.Module):
     """Multi-head self-attention over a (H, W) token grid with decomposed relative positions.
 
