@@ -89,6 +89,29 @@ def test_fast_upsampling_equals_the_official_chain(golden_dir, mobile_sam, case)
     )
 
 
+@pytest.mark.parametrize("pipeline,image_size,input_size,out_size", [
+    ("sam", 1024, (1024, 1024), (512, 512)),
+    ("sam", 1024, (1024, 731), (700, 500)),  # a crop on one axis, downsized unevenly
+    ("sam", 1024, (683, 1024), (2000, 3000)),  # an output larger than the model's grid
+    ("medsam", 1024, (1024, 1024), (37, 257)),
+    ("lite_medsam", 256, (256, 171), (333, 222)),
+])
+def test_resize_chain_equals_the_dense_matrix_products(pipeline, image_size, input_size, out_size):
+    """The banded row step gives the two dense products' result for every pipeline and odd sizes."""
+    from napari_medsam.segment.model import _row_band, chain_matrices, resize_chain
+
+    values = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(1)) * 10
+    rows, cols = chain_matrices(pipeline, image_size, input_size, out_size, torch.device("cpu"), 256)
+    dense = torch.matmul(torch.matmul(rows, values), cols.t())
+    fast = resize_chain(pipeline, image_size, input_size, out_size, values)
+    assert fast.shape == (3, *out_size)
+    torch.testing.assert_close(fast, dense, atol=2e-5, rtol=1e-5)
+    index, weight = _row_band(rows)
+    assert index.shape[1] <= 4  # a bilinear chain mixes a few neighbouring rows only
+    with pytest.raises(ValueError, match="not banded"):
+        _row_band(torch.tensor([[1.0, 0.0, 0.0, 2.0]]).expand(2, 4))
+
+
 @pytest.mark.parametrize("pipeline", ["medsam", "lite_medsam"])
 def test_fast_upsampling_equals_medsam_chains(golden_dir, pipeline):
     golden = np.load(golden_dir / f"{pipeline}_golden.npz")

@@ -410,7 +410,7 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
     import torch
 
     from ..models import pipelines
-    from .model import chain_matrices
+    from .model import resize_chain
 
     x0, y0, x1, y1 = crop
     crop_h, crop_w = y1 - y0, x1 - x0
@@ -438,9 +438,7 @@ def _decode_batch(model: Any, embedding: Any, points: np.ndarray, crop: tuple[in
     if keep.numel():
         # The official resize chain to the crop's size, on the survivors only (raw logits: the
         # stability offsets are in logit units for every pipeline).
-        row_m, col_m = chain_matrices(model.pipeline, model.image_size, geometry.input_size, (crop_h, crop_w),
-                                       low_res.device, int(low_res.shape[-1]))
-        full = torch.matmul(torch.matmul(row_m, low_res), col_m.transpose(0, 1))
+        full = resize_chain(model.pipeline, model.image_size, geometry.input_size, (crop_h, crop_w), low_res)
         stable = torch.as_tensor(stability_score(full, settings.stability_score_offset))
         good = stable >= settings.stability_score_thresh
         keep, full, stable, low_res = keep[good], full[good], stable[good], low_res[good]

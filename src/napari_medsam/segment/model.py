@@ -285,17 +285,15 @@ class SamModel:
         )
 
     def _fast_upsample(self, low_res: torch.Tensor, geometry: ImageGeometry, out_size: tuple[int, int]) -> torch.Tensor:
-        """The official resize chain as two small matrix products: (K, L, L) -> (K, H, W) scores.
+        """The official resize chain as one matrix per axis (``resize_chain``): (K, L, L) -> (K, H, W) scores.
 
         Bilinear resizing is separable and linear, so "to 1024, crop, to (H, W)" is one matrix
         per axis; the result equals the official chain up to float rounding. Scores are
         thresholded at 0 (for MedSAM: sigmoid first, then resize, minus 0.5, as its script does).
         """
-        rows, cols = chain_matrices(self.pipeline, self.image_size, geometry.input_size, out_size, low_res.device,
-                                     int(low_res.shape[-1]))
         values = torch.sigmoid(low_res) if self.pipeline == "medsam" else low_res
-        out = torch.matmul(torch.matmul(rows, values), cols.transpose(0, 1))
-        return out - 0.5 if self.pipeline == "medsam" else out
+        out = resize_chain(self.pipeline, self.image_size, geometry.input_size, out_size, values)
+        return out.sub_(0.5) if self.pipeline == "medsam" else out
 
 
 def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -343,3 +341,50 @@ def chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], 
             _MATRIX_CACHE.clear()
         _MATRIX_CACHE[key] = cached
     return cached
+
+
+def _row_band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A banded (out, in) matrix as (out, w) column indices and their weights, w = its widest row.
+
+    Each row's window starts at its first non-zero column (moved left where it would pass the
+    last column), so the window covers every non-zero of the row and nothing is counted twice.
+    """
+    nonzero = matrix != 0
+    width = max(int(nonzero.sum(1).max()), 1) if matrix.numel() else 1
+    width = min(width, matrix.shape[1])
+    first = nonzero.to(torch.uint8).argmax(1).clamp(max=matrix.shape[1] - width)
+    index = first[:, None] + torch.arange(width, device=matrix.device)[None]
+    weight = torch.gather(matrix, 1, index)
+    if not torch.equal(torch.zeros_like(matrix).scatter_(1, index, weight), matrix):
+        raise ValueError("the resize matrix is not banded")  # a chain of bilinear steps always is
+    return index, weight
+
+
+_BAND_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def resize_chain(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
+                 values: torch.Tensor) -> torch.Tensor:
+    """The pipeline's resize chain (``chain_matrices``) applied to (..., L, L) values -> (..., H, W), a fresh tensor.
+
+    The column matrix is one small product on the low-resolution side, (..., L, L) x (L, W); the
+    row matrix is banded (a bilinear chain mixes at most a few neighbouring rows), so it runs as
+    that many weighted row gathers instead of an (H x L) x (L x W) product: on a 512 x 512 output
+    ~33 M multiply-adds and two passes instead of ~100 M. Equal to the two dense products up to
+    float rounding.
+    """
+    low_res = int(values.shape[-1])
+    rows, cols = chain_matrices(pipeline, image_size, input_size, out_size, values.device, low_res)
+    key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(values.device), low_res)
+    band = _BAND_CACHE.get(key)
+    if band is None:
+        band = _row_band(rows)
+        if len(_BAND_CACHE) > 32:
+            _BAND_CACHE.clear()
+        _BAND_CACHE[key] = band
+    index, weight = band
+    wide = torch.matmul(values, cols.transpose(0, 1))  # (..., L, W)
+    out = wide.index_select(-2, index[:, 0]).mul_(weight[:, :1])
+    for j in range(1, index.shape[1]):
+        out.addcmul_(wide.index_select(-2, index[:, j]), weight[:, j:j + 1])
+    return out
