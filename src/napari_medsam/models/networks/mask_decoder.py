@@ -653,7 +653,9 @@ class MaskDecoder(nn.Module):
             and one scaled sum per block of rows.
             """
             scale_s = s[j].unsqueeze(-1)
-            scaled = torch.cat((coeffs[j].t() * scale_s, scale_s), dim=1)  # (T, 2 * pairs + 1)
+            scaled = coeffs.new_empty((size, coeffs.shape[1] + 1))  # (T, 2 * pairs + 1), filled without a cat
+            torch.mul(coeffs[j].t(), scale_s, out=scaled[:, :-1])
+            scaled[:, -1] = s[j]
             basis1 = torch.cat((basis[j], shift.unsqueeze(0)), dim=0) @ weight1
             shared_scale = scale_s * r[j].unsqueeze(-1)
 
