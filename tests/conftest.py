@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,15 +14,82 @@ REPO = Path(__file__).resolve().parents[1]
 # napari's settings (window geometry, reader preferences the plugin adds on first use) go to a
 # file of this test run, never to the user's: napari reads NAPARI_CONFIG when its settings load,
 # which is after this module (subprocesses of the tests inherit it too).
+# In a parallel run (pytest-xdist) the workers inherit the controller's environment: each one
+# gets a settings file of its own in the controller's folder, so that two napari sessions never
+# write one file at the same time.
+_RUN_SETTINGS = "NAPARI_MEDSAM_TESTS_SETTINGS_DIR"  # the folder this file made for the run
 if "NAPARI_CONFIG" not in os.environ:
     import tempfile
 
-    os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="napari-medsam-tests-")) / "settings.yaml")
+    os.environ[_RUN_SETTINGS] = tempfile.mkdtemp(prefix="napari-medsam-tests-")
+    os.environ["NAPARI_CONFIG"] = str(Path(os.environ[_RUN_SETTINGS]) / "settings.yaml")
+if (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_RUN_SETTINGS)
+        and os.environ["NAPARI_CONFIG"] == str(Path(os.environ[_RUN_SETTINGS]) / "settings.yaml")):
+    _own = Path(os.environ[_RUN_SETTINGS]) / os.environ["PYTEST_XDIST_WORKER"]
+    _own.mkdir(exist_ok=True)
+    os.environ["NAPARI_CONFIG"] = str(_own / "settings.yaml")
 
 # Encoders run on a fixed thread count in tests (models/device.py heavy_threads adapts it to other
 # programs' load, which would make float rounding, and so near-zero mask pixels, vary between two
 # runs of one test); tests/test_backends.py checks the adaptation itself.
 os.environ.setdefault("NAPARI_MEDSAM_ADAPTIVE_THREADS", "0")
+
+
+# ---------------------------------------------------------------- parallel runs (pytest-xdist)
+# pyproject's addopts run the suite with "-n auto": pytest_xdist_auto_num_workers below says how
+# many worker processes. Each worker is a napari + torch process of 1-3 GiB, and torch's OpenMP
+# threads spin while they wait, so more workers than cores (or than memory for them) is slower.
+WORKER_MEMORY = 4 << 30  # bytes of available memory asked per worker
+MAX_WORKERS = 4
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_workers(cores: int, available: int | None) -> int:
+    """Workers for ``-n auto``: one per core, at most MAX_WORKERS and one per WORKER_MEMORY available."""
+    n = min(cores, MAX_WORKERS)
+    if available is not None:
+        n = min(n, available // WORKER_MEMORY)
+    return max(1, n)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: see auto_workers; PYTEST_XDIST_AUTO_NUM_WORKERS=N still sets the count."""
+    text = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except Exception:  # no psutil, or no reading: cores and MAX_WORKERS decide
+        available = None
+    return auto_workers(_usable_cores(), available)
+
+
+def worker_torch_threads(cores: int, workers: int) -> int:
+    """torch's intra-op threads in each of ``workers`` parallel test processes sharing ``cores``."""
+    return max(1, cores // max(1, workers))
+
+
+# In a worker, torch (imported later, by the tests) gets its share of the cores, so that two
+# workers on two cores do not oversubscribe them: OMP_NUM_THREADS sets the count of every thread
+# (napari's worker threads too) and of the subprocesses the tests start. A count set by the user
+# stays; tests that set their own count (the golden tests: two_torch_threads) still do.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    _share = worker_torch_threads(_usable_cores(), int(_count) if _count.isdigit() else 1)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    # Where a test asks for more threads than its share (the golden tests' two), the team's
+    # waiting threads sleep instead of spinning on a core the other worker needs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:  # imported by a plugin before this file: set it there too
+        sys.modules["torch"].set_num_threads(_share)
 
 
 GOLDEN_ENV = "NAPARI_MEDSAM_GOLDEN"

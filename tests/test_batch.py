@@ -27,6 +27,10 @@ from napari_medsam.segment.batch import (
 
 SHAPE, SPACING = (10, 48, 48), (6.0, 7.0, 7.0)
 
+# One pytest-xdist worker runs the whole module: its cluster and first run (module fixtures) are
+# made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_batch")
+
 
 @pytest.fixture(scope="module")
 def client():
