@@ -7,6 +7,10 @@ Levers (all exact: the outputs are compared and printed):
 
 * ``window_chunks``: ViT windowed attention in chunks of the window batch with whole rows
   (``vit._WINDOW_SCORES``) against a few rows of the whole batch;
+* ``global_heads``: ViT global attention one head at a time in 1 MB blocks of scores
+  (``vit._GLOBAL_BLOCK``) against all heads together in 16 MB blocks;
+* ``mbconv_strips``: TinyViT's first-stage inverted residuals in strips of image rows
+  (``tiny_vit._MBCONV_ROWS``) against one pass over the whole maps;
 * ``fused_gelu``: convolution/linear + GELU as one oneDNN call (``fused.ENABLED``);
 * ``fused_linear``: the linear + GELU op alone, forced on against forced off (``fused.LINEAR``; by
   default it follows the CPU, see fused.py);
@@ -48,12 +52,15 @@ def _encoder(arch: str):
 
 
 def _levers():
-    from napari_medsam.models.networks import fused, vit
+    from napari_medsam.models.networks import fused, tiny_vit, vit
 
     return {
         "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, ("vit_b", "vit_l", "vit_h")),
         "fused_gelu": (fused, "ENABLED", False, True, None),
         "fused_linear": (fused, "LINEAR", False, True, None),
+        "global_heads": (vit, "_GLOBAL_BLOCK", (None, vit._SCORE_BLOCK), vit._GLOBAL_BLOCK,
+                         ("vit_b", "vit_l", "vit_h")),
+        "mbconv_strips": (tiny_vit, "_MBCONV_ROWS", None, tiny_vit._MBCONV_ROWS, ("tiny_vit", "lite_tiny_vit")),
     }
 
 
@@ -146,7 +153,8 @@ def ab_allocator(arch: str, pairs: int, runs: int = 2, where: str = "thread") ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vit_b", "tiny_vit", "lite_tiny_vit"])
-    parser.add_argument("--levers", nargs="+", default=["window_chunks", "fused_gelu", "fused_linear"])
+    parser.add_argument("--levers", nargs="+",
+                        default=["window_chunks", "global_heads", "mbconv_strips", "fused_gelu", "fused_linear"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--allocator", action="store_true", help="only the allocator lever (subprocesses)")
     parser.add_argument("--allocator-child", metavar="ARCH", help=argparse.SUPPRESS)

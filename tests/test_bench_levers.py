@@ -35,11 +35,12 @@ def test_attention_levers_are_exact_and_restored(bench, monkeypatch):
     monkeypatch.setattr(bench, "_encoder", small)
     monkeypatch.setattr(vit, "_WINDOW_SCORES", 8 * 196 * 196)  # ragged chunks of the 36 windows x heads
     before = vit._WINDOW_SCORES
-    for lever in ("window_chunks",):
+    before_global = vit._GLOBAL_BLOCK
+    for lever in ("window_chunks", "global_heads"):
         row = bench.ab_lever(lever, "vit_b", pairs=2)
         assert row["lever"] == lever and row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] > 0
         assert row["max_abs_diff"] == 0.0  # the same sums in another grouping of the loops
-    assert vit._WINDOW_SCORES == before
+    assert vit._WINDOW_SCORES == before and vit._GLOBAL_BLOCK == before_global
 
 
 def test_fused_gelu_lever_is_restored_and_close(bench):

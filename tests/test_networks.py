@@ -123,16 +123,26 @@ def test_tiny_vit_attention_bias_tracks_parameters():
     assert torch.all(attn.bias_matrix() == 0.25)
 
 
-@pytest.mark.parametrize(("grid", "heads_batch", "block", "window_scores"),
-                         [(14, 6, 3 * 6 * 196, 1 << 60), (20, 2, 1 << 22, 1 << 21), (14, 7, 1 << 22, 2 * 196 * 196)])
-def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, window_scores):
+@pytest.mark.parametrize(("grid", "heads_batch", "block", "window_scores", "global_block"), [
+    (14, 6, 3 * 6 * 196, 1 << 60, (1, 1 << 18)),
+    (20, 2, 1 << 22, 1 << 21, (1, 1 << 18)),
+    (14, 7, 1 << 22, 2 * 196 * 196, (1, 1 << 18)),
+    # Global attention (whole rows over the batch exceed _WINDOW_SCORES): all heads in ragged row
+    # blocks, one head in ragged row blocks, and ragged chunks of three heads.
+    (20, 5, 3 * 5 * 400 + 11, 1000, (None, 0)),
+    (20, 5, 1 << 22, 1000, (1, 7 * 400 + 3)),
+    (20, 5, 1 << 22, 1000, (3, 3 * 9 * 400)),
+])
+def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, window_scores,
+                                                     global_block):
     # The CPU path (query rows in blocks, here also a ragged last block; chunks of the batch with
-    # whole rows, a ragged last chunk) and the fused-kernel path used on GPUs must both give
-    # softmax(q.k + rel_h[key row] + rel_w[key col]) @ v.
+    # whole rows, a ragged last chunk; global attention by head chunks) and the fused-kernel path
+    # used on GPUs must both give softmax(q.k + rel_h[key row] + rel_w[key col]) @ v.
     from napari_medsam.models.networks import vit
 
     monkeypatch.setattr(vit, "_SCORE_BLOCK", block)
     monkeypatch.setattr(vit, "_WINDOW_SCORES", window_scores)
+    monkeypatch.setattr(vit, "_GLOBAL_BLOCK", global_block)
     gen = torch.Generator().manual_seed(3)
     tokens = grid * grid
     q, k, v = (torch.randn(heads_batch, tokens, 64, generator=gen) for _ in range(3))
@@ -365,3 +375,35 @@ def test_pipeline_names_and_inputs_are_checked():
         P.sam_preprocess(np.zeros((8, 8), np.uint8))
     assert P.resized_shape(437, 583, 1024) == (768, 1024)
     assert np.array_equal(P.scale_points("mobile_sam", [[583, 437]], (437, 583)), [[1024.0, 768.0]])
+
+
+@pytest.mark.parametrize("rows", [16, 7])
+def test_tiny_vit_inverted_residuals_in_strips_equal_one_pass(monkeypatch, rows):
+    """The first stage's blocks run in strips of rows (with one row of context for the 3x3
+    depthwise convolution): every output is the same sum as in one pass, ragged last strip included."""
+    from napari_medsam.models.networks import tiny_vit
+
+    torch.manual_seed(0)
+    enc = TinyViTImageEncoder(img_size=256, stem_downsample=False, with_head=False,
+                              embed_dims=(16, 32, 40, 64), depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4)).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the folding is exercised too
+        for module in enc.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    calls = []
+    strips = tiny_vit._MBConv._forward_in_strips
+    monkeypatch.setattr(tiny_vit._MBConv, "_forward_in_strips",
+                        lambda self, x, n: calls.append(n) or strips(self, x, n))
+    with torch.no_grad():  # (not inference mode: the autograd pass below reuses cached index tensors)
+        monkeypatch.setattr(tiny_vit, "_MBCONV_ROWS", None)
+        whole = enc(image)
+        assert not calls
+        monkeypatch.setattr(tiny_vit, "_MBCONV_ROWS", rows)
+        in_strips = enc(image)
+    assert calls == [rows, rows]  # both blocks of the 256 x 256 first stage
+    assert torch.equal(in_strips, whole)
+    with torch.enable_grad():  # under autograd (fine-tuning) the one-pass path
+        enc(image)
+    assert len(calls) == 2

@@ -75,6 +75,11 @@ class _Stem(nn.Module):
         return self.seq[2](self.seq[0].forward_gelu(x))
 
 
+# Image rows per strip of an inverted-residual block on the CPU (``_MBConv._forward_in_strips``);
+# None: the whole map in one pass.
+_MBCONV_ROWS: int | None = 16
+
+
 class _MBConv(nn.Module):
     """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual, GELU."""
 
@@ -87,8 +92,39 @@ class _MBConv(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv2.forward_gelu(self.conv1.forward_gelu(x))
-        return self.act(self.conv3(y) + x)
+        rows = _MBCONV_ROWS
+        if (rows is None or self.training or torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.shape[2] < 2 * rows or not x.is_contiguous(memory_format=torch.channels_last)):
+            y = self.conv2.forward_gelu(self.conv1.forward_gelu(x))
+            return self.act(self.conv3(y) + x)
+        return self._forward_in_strips(x, rows)
+
+    def _forward_in_strips(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``forward`` a strip of ``rows`` image rows at a time (CPU inference, NHWC input).
+
+        On MobileSAM's and LiteMedSAM's first stage each step reads and writes 16-64 MB maps (256 x
+        256 pixels x 64-256 channels), far more than the caches hold. A strip's expanded maps stay
+        in cache through all three convolutions; the depthwise 3x3 convolution takes one row of
+        context above and below (its outputs on those rows are dropped). Every output pixel is the
+        same sum as in one pass (tests compare both); in NHWC a strip of rows is one contiguous
+        block, so no input is copied.
+        """
+        height = x.shape[2]
+        expand, depthwise, project = self.conv1, self.conv2, self.conv3
+        w1, b1 = expand._folded()
+        w2, b2 = depthwise._folded()
+        w3, b3 = project._folded()
+        dw = depthwise.c
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            above, below = max(top - 1, 0), min(bottom + 1, height)
+            y = conv2d_gelu(x[:, :, above:below], w1, b1, 1, 0, 1, 1)
+            y = conv2d_gelu(y, w2, b2, dw.stride, dw.padding, dw.dilation, dw.groups)
+            y = F.conv2d(y[:, :, top - above:bottom - above], w3, b3)
+            y += x[:, :, top:bottom]
+            out[:, :, top:bottom] = F.gelu(y, approximate=self.act.approximate)
+        return out
 
 
 class _PatchMerging(nn.Module):

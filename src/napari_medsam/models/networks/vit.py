@@ -90,6 +90,9 @@ def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
 # Floats in one block of attention scores on the CPU path (16 MB): small enough to stay in
 # cache while the relative-position terms are added and the softmax runs.
 _SCORE_BLOCK = 1 << 22
+# Global attention in float32: (heads per block, floats per block of scores). None heads = all
+# heads together, with _SCORE_BLOCK floats (see ``_attend_blocked``).
+_GLOBAL_BLOCK: tuple[int | None, int] = (1, 1 << 18)
 
 
 def _softmax_has_out() -> bool:
@@ -130,10 +133,12 @@ def _attend_blocked(
     # windowed attention on 2 cores. Global attention (whole rows do not fit): all heads together,
     # a few query rows per block (a head at a time measured 1.00-1.05x: not kept).
     if q.dtype == torch.float32 and tokens * tokens <= _WINDOW_SCORES:
-        chunk = min(heads_batch, _WINDOW_SCORES // (tokens * tokens))
+        chunk, floats = min(heads_batch, _WINDOW_SCORES // (tokens * tokens)), _SCORE_BLOCK
+    elif q.dtype == torch.float32 and _GLOBAL_BLOCK[0] is not None:
+        chunk, floats = min(heads_batch, _GLOBAL_BLOCK[0]), _GLOBAL_BLOCK[1]
     else:
-        chunk = heads_batch
-    step = max(1, min(tokens, _SCORE_BLOCK // (chunk * tokens)))
+        chunk, floats = heads_batch, _SCORE_BLOCK
+    step = max(1, min(tokens, floats // (chunk * tokens)))
     scores_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
     probs_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
     for first in range(0, heads_batch, chunk):
@@ -276,8 +281,19 @@ class _Block(nn.Module):
             y = _from_windows(self.attn(win), rows, cols, height, width)
         else:
             y = self.attn(y)
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = x + y
+            return x + self.mlp(self.norm2(x))
+        # Without autograd both residual sums go into the block's own fresh outputs (a 12 MB
+        # buffer fewer each for ViT-B); x + y and y + x are the same float sums.
+        x = y.add_(x) if _owns_sum(y, x) else x + y
+        out = self.mlp(self.norm2(x))
+        return out.add_(x) if _owns_sum(out, x) else x + out
+
+
+def _owns_sum(fresh: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``fresh.add_(other)`` gives ``other + fresh`` exactly, laid out as that sum would be."""
+    return fresh.dtype == other.dtype and fresh.shape == other.shape and fresh.is_contiguous()
 
 
 class ViTImageEncoder(nn.Module):
