@@ -58,6 +58,7 @@ def auto_workers(cores: int, available: int | None) -> int:
     return max(1, n)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown when xdist is off (-p no:xdist)
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: see auto_workers; PYTEST_XDIST_AUTO_NUM_WORKERS=N still sets the count."""
     text = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip()
