@@ -7,8 +7,8 @@ Levers (all exact: the outputs are compared and printed):
 
 * ``window_chunks``: ViT windowed attention in chunks of the window batch with whole rows
   (``vit._WINDOW_SCORES``) against a few rows of the whole batch;
-* ``global_heads``: ViT global attention one head at a time in 1 MB blocks of scores
-  (``vit._GLOBAL_BLOCK``) against all heads together in 16 MB blocks;
+* ``global_heads``: ViT global attention one head at a time in 1 MB blocks of scores against all
+  heads together in 16 MB blocks (``vit._GLOBAL_BLOCK``; the default is all heads);
 * ``mbconv_strips``: TinyViT's first-stage inverted residuals in strips of image rows
   (``tiny_vit._MBCONV_ROWS``) against one pass over the whole maps;
 * ``fused_gelu``: convolution/linear + GELU as one oneDNN call (``fused.ENABLED``);
@@ -58,8 +58,7 @@ def _levers():
         "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, ("vit_b", "vit_l", "vit_h")),
         "fused_gelu": (fused, "ENABLED", False, True, None),
         "fused_linear": (fused, "LINEAR", False, True, None),
-        "global_heads": (vit, "_GLOBAL_BLOCK", (None, vit._SCORE_BLOCK), vit._GLOBAL_BLOCK,
-                         ("vit_b", "vit_l", "vit_h")),
+        "global_heads": (vit, "_GLOBAL_BLOCK", (None, vit._SCORE_BLOCK), (1, 1 << 18), ("vit_b", "vit_l", "vit_h")),
         "mbconv_strips": (tiny_vit, "_MBCONV_ROWS", None, tiny_vit._MBCONV_ROWS, ("tiny_vit", "lite_tiny_vit")),
     }
 

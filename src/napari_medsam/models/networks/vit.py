@@ -91,8 +91,11 @@ def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
 # cache while the relative-position terms are added and the softmax runs.
 _SCORE_BLOCK = 1 << 22
 # Global attention in float32: (heads per block, floats per block of scores). None heads = all
-# heads together, with _SCORE_BLOCK floats (see ``_attend_blocked``).
-_GLOBAL_BLOCK: tuple[int | None, int] = (1, 1 << 18)
+# heads together, with _SCORE_BLOCK floats (see ``_attend_blocked``). One head in 1 MB blocks,
+# (1, 1 << 18), took 0.71x the time of the attention alone on the AVX2 machine (2 threads, 4096
+# tokens x 12 heads) but not in the whole ViT-B (0.95-0.96x, bench_encoder_levers global_heads,
+# 2026-12-07): not kept.
+_GLOBAL_BLOCK: tuple[int | None, int] = (None, _SCORE_BLOCK)
 
 
 def _softmax_has_out() -> bool:
