@@ -743,24 +743,25 @@ CEILING_NETWORKS = {"vit_b": ("ViT-B", None), "mobile_sam": ("MobileSAM", "tiny_
 def counted_flops(arch: str) -> float:
     """torch's FLOP counter over one pass of the project's ``arch`` encoder (matrix products and convolutions).
 
-    The network runs unfused (torch's counter does not see oneDNN's fused ops) on zeros; norms,
-    GELU and softmax are not counted, as in :func:`vit_flops`.
+    The network runs unfused (torch's counter does not see oneDNN's fused ops) and in one pass
+    (TinyViT's strips recompute a row of context per strip: work the network itself does not need)
+    on zeros; norms, GELU and softmax are not counted, as in :func:`vit_flops`.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from napari_medsam.models.networks import fused
+    from napari_medsam.models.networks import fused, tiny_vit
     from napari_medsam.models.networks.sam import build_network
 
     net = build_network(arch).eval()
     size = int(net.image_size)
-    before = fused.ENABLED
-    fused.ENABLED = False
+    before, rows = fused.ENABLED, tiny_vit._MBCONV_ROWS
+    fused.ENABLED, tiny_vit._MBCONV_ROWS = False, None
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             net.image_encoder(torch.zeros(1, 3, size, size))
     finally:
-        fused.ENABLED = before
+        fused.ENABLED, tiny_vit._MBCONV_ROWS = before, rows
     return float(counter.get_total_flops())
 
 
