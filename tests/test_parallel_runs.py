@@ -18,4 +18,3 @@ def test_each_worker_takes_its_share_of_the_cores():
     assert worker_torch_threads(2, 2) == 1
     assert worker_torch_threads(16, 4) == 4
     assert worker_torch_threads(2, 4) == 1 and worker_torch_threads(4, 0) == 4
-

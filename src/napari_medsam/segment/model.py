@@ -316,12 +316,19 @@ def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-_MATRIX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_MATRIX_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
                     device: torch.device, low_res: int = LOW_RES) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-axis matrices taking the L x L low-res logits to the output size via the pipeline's steps."""
+    rows, cols, _, _ = _chain(pipeline, image_size, input_size, out_size, device, low_res)
+    return rows, cols
+
+
+def _chain(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
+           device: torch.device, low_res: int) -> tuple[torch.Tensor, ...]:
+    """(rows, cols, band index, band weights): ``chain_matrices`` and the row matrix as a band (``_row_band``), cached."""
     key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device), low_res)
     cached = _MATRIX_CACHE.get(key)
     if cached is None:
@@ -336,7 +343,8 @@ def chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], 
                 full = np.zeros((out, low_res))
                 full[:, :extent] = _resize_matrix(extent, out)
                 mats.append(full)
-        cached = tuple(torch.as_tensor(m, dtype=torch.float32, device=device) for m in mats)
+        rows, cols = (torch.as_tensor(m, dtype=torch.float32, device=device) for m in mats)
+        cached = (rows, cols, *_row_band(rows))
         if len(_MATRIX_CACHE) > 32:
             _MATRIX_CACHE.clear()
         _MATRIX_CACHE[key] = cached
@@ -360,9 +368,6 @@ def _row_band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, weight
 
 
-_BAND_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def resize_chain(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
                  values: torch.Tensor) -> torch.Tensor:
     """The pipeline's resize chain (``chain_matrices``) applied to (..., L, L) values -> (..., H, W), a fresh tensor.
@@ -373,16 +378,8 @@ def resize_chain(pipeline: str, image_size: int, input_size: tuple[int, int], ou
     ~33 M multiply-adds and two passes instead of ~100 M. Equal to the two dense products up to
     float rounding.
     """
-    low_res = int(values.shape[-1])
-    rows, cols = chain_matrices(pipeline, image_size, input_size, out_size, values.device, low_res)
-    key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(values.device), low_res)
-    band = _BAND_CACHE.get(key)
-    if band is None:
-        band = _row_band(rows)
-        if len(_BAND_CACHE) > 32:
-            _BAND_CACHE.clear()
-        _BAND_CACHE[key] = band
-    index, weight = band
+    _, cols, index, weight = _chain(pipeline, image_size, input_size, out_size, values.device,
+                                    int(values.shape[-1]))
     wide = torch.matmul(values, cols.transpose(0, 1))  # (..., L, W)
     out = wide.index_select(-2, index[:, 0]).mul_(weight[:, :1])
     for j in range(1, index.shape[1]):

@@ -284,19 +284,18 @@ class _Block(nn.Module):
             y = _from_windows(self.attn(win), rows, cols, height, width)
         else:
             y = self.attn(y)
-        if torch.is_grad_enabled():
-            x = x + y
-            return x + self.mlp(self.norm2(x))
-        # Without autograd both residual sums go into the block's own fresh outputs (a 12 MB
-        # buffer fewer each for ViT-B); x + y and y + x are the same float sums.
+        # Both residual sums go into the block's own fresh outputs where that is the same sum (a
+        # 12 MB buffer fewer each for ViT-B; x + y and y + x are the same float sums).
         x = y.add_(x) if _owns_sum(y, x) else x + y
         out = self.mlp(self.norm2(x))
         return out.add_(x) if _owns_sum(out, x) else x + out
 
 
 def _owns_sum(fresh: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether ``fresh.add_(other)`` gives ``other + fresh`` exactly, laid out as that sum would be."""
-    return fresh.dtype == other.dtype and fresh.shape == other.shape and fresh.is_contiguous()
+    """Whether ``fresh.add_(other)`` may replace ``other + fresh``: no autograd to record it, same
+    dtype (no promotion) and shape, and ``fresh`` laid out as that sum would be."""
+    return (not torch.is_grad_enabled() and fresh.dtype == other.dtype and fresh.shape == other.shape
+            and fresh.is_contiguous())
 
 
 class ViTImageEncoder(nn.Module):
