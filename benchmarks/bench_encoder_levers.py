@@ -5,10 +5,11 @@
 
 Levers (all exact: the outputs are compared and printed):
 
-* ``window_chunks``: ViT windowed attention in chunks of the window batch with whole rows
-  (``vit._WINDOW_SCORES``) against a few rows of the whole batch;
-* ``global_heads``: ViT global attention one head at a time in 1 MB blocks of scores against all
-  heads together in 16 MB blocks (``vit._GLOBAL_BLOCK``; the default is all heads);
+* ``sdpa_attention``: ViT float32 attention through PyTorch's fused kernel with the relative-position
+  terms as a mask (``vit.CPU_ATTENTION = "sdpa"``, the default) against the blocked kernel;
+* ``window_chunks``: in the blocked kernel (switched on for this lever), ViT windowed attention in
+  chunks of the window batch with whole rows (``vit._WINDOW_SCORES``) against a few rows of the
+  whole batch;
 * ``mbconv_strips``: TinyViT's first-stage inverted residuals in strips of image rows
   (``tiny_vit._MBCONV_ROWS``) against one pass over the whole maps;
 * ``fused_gelu``: convolution/linear + GELU as one oneDNN call (``fused.ENABLED``);
@@ -54,12 +55,15 @@ def _encoder(arch: str):
 def _levers():
     from napari_medsam.models.networks import fused, tiny_vit, vit
 
+    vits = ("vit_b", "vit_l", "vit_h")
+    # name: (module, attribute, off, on, networks it applies to (None: all), settings held meanwhile)
     return {
-        "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, ("vit_b", "vit_l", "vit_h")),
-        "fused_gelu": (fused, "ENABLED", False, True, None),
-        "fused_linear": (fused, "LINEAR", False, True, None),
-        "global_heads": (vit, "_GLOBAL_BLOCK", (None, vit._SCORE_BLOCK), (1, 1 << 18), ("vit_b", "vit_l", "vit_h")),
-        "mbconv_strips": (tiny_vit, "_MBCONV_ROWS", None, tiny_vit._MBCONV_ROWS, ("tiny_vit", "lite_tiny_vit")),
+        "sdpa_attention": (vit, "CPU_ATTENTION", "blocked", "sdpa", vits, {}),
+        "window_chunks": (vit, "_WINDOW_SCORES", 1 << 60, vit._WINDOW_SCORES, vits,
+                          {(vit, "CPU_ATTENTION"): "blocked"}),
+        "fused_gelu": (fused, "ENABLED", False, True, None, {}),
+        "fused_linear": (fused, "LINEAR", False, True, None, {}),
+        "mbconv_strips": (tiny_vit, "_MBCONV_ROWS", None, tiny_vit._MBCONV_ROWS, ("tiny_vit", "lite_tiny_vit"), {}),
     }
 
 
@@ -67,11 +71,14 @@ def ab_lever(name: str, arch: str, pairs: int) -> dict:
     """Time ``arch``'s encoder with lever ``name`` off and on, alternating; restore it afterwards."""
     import torch
 
-    module, attr, off, on, archs = _levers()[name]
+    module, attr, off, on, archs, held = _levers()[name]
     restore = getattr(module, attr)
+    restore_held = {key: getattr(*key) for key in held}
     encoder, image = _encoder(arch)
     times: dict[str, list[float]] = {"off": [], "on": []}
     try:
+        for (held_module, held_attr), value in held.items():
+            setattr(held_module, held_attr, value)
         with torch.inference_mode():
             outputs = {}
             encoder(image)  # a process's first pass may pick other kernels: not the one compared
@@ -87,6 +94,8 @@ def ab_lever(name: str, arch: str, pairs: int) -> dict:
                     times[state].append(time.perf_counter() - start)
     finally:
         setattr(module, attr, restore)
+        for (held_module, held_attr), value in restore_held.items():
+            setattr(held_module, held_attr, value)
     ratios = [a / b for a, b in zip(times["off"], times["on"])]
     return {"lever": name, "arch": arch, "off_s": statistics.median(times["off"]),
             "on_s": statistics.median(times["on"]), "ratio": statistics.median(ratios),
@@ -153,7 +162,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vit_b", "tiny_vit", "lite_tiny_vit"])
     parser.add_argument("--levers", nargs="+",
-                        default=["window_chunks", "global_heads", "mbconv_strips", "fused_gelu", "fused_linear"])
+                        default=["sdpa_attention", "window_chunks", "mbconv_strips", "fused_gelu", "fused_linear"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--allocator", action="store_true", help="only the allocator lever (subprocesses)")
     parser.add_argument("--allocator-child", metavar="ARCH", help=argparse.SUPPRESS)

@@ -34,13 +34,14 @@ def test_attention_levers_are_exact_and_restored(bench, monkeypatch):
 
     monkeypatch.setattr(bench, "_encoder", small)
     monkeypatch.setattr(vit, "_WINDOW_SCORES", 8 * 196 * 196)  # ragged chunks of the 36 windows x heads
-    before = vit._WINDOW_SCORES
-    before_global = vit._GLOBAL_BLOCK
-    for lever in ("window_chunks", "global_heads"):
-        row = bench.ab_lever(lever, "vit_b", pairs=2)
-        assert row["lever"] == lever and row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] > 0
-        assert row["max_abs_diff"] == 0.0  # the same sums in another grouping of the loops
-    assert vit._WINDOW_SCORES == before and vit._GLOBAL_BLOCK == before_global
+    before, before_kernel = vit._WINDOW_SCORES, vit.CPU_ATTENTION
+    row = bench.ab_lever("window_chunks", "vit_b", pairs=2)  # in the blocked kernel, held meanwhile
+    assert row["lever"] == "window_chunks" and row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] > 0
+    assert row["max_abs_diff"] == 0.0  # the same sums in another grouping of the loops
+    row = bench.ab_lever("sdpa_attention", "vit_b", pairs=2)
+    assert row["off_s"] > 0 and row["on_s"] > 0 and row["ratio"] > 0
+    assert 0.0 < row["max_abs_diff"] < 1e-4  # another kernel: float rounding, not the same sums
+    assert vit._WINDOW_SCORES == before and vit.CPU_ATTENTION == before_kernel == "sdpa"
 
 
 def test_fused_gelu_lever_is_restored_and_close(bench):

@@ -267,10 +267,11 @@ def test_running_the_script_in_process_leaves_sys_path_alone(bench, tmp_path):
 
 def test_vit_flops_counts_what_the_encoder_computes(bench, monkeypatch):
     """The analytic count against torch's own FLOP counter on the project's encoder (a small ViT)."""
-    from napari_medsam.models.networks import fused
+    from napari_medsam.models.networks import fused, vit
     from napari_medsam.models.networks.vit import ViTImageEncoder
 
     monkeypatch.setattr(fused, "ENABLED", False)  # torch's counter does not see oneDNN's fused linear + GELU
+    monkeypatch.setattr(vit, "CPU_ATTENTION", "blocked")  # nor the products inside the fused attention kernel
 
     # Patch embedding and neck only: the convolutions torch counts for ViT-B (11.27 GFLOP).
     assert bench.vit_flops(depth=0) == 11_274_289_152

@@ -123,36 +123,58 @@ def test_tiny_vit_attention_bias_tracks_parameters():
     assert torch.all(attn.bias_matrix() == 0.25)
 
 
-@pytest.mark.parametrize(("grid", "heads_batch", "block", "window_scores", "global_block"), [
-    (14, 6, 3 * 6 * 196, 1 << 60, (1, 1 << 18)),
-    (20, 2, 1 << 22, 1 << 21, (1, 1 << 18)),
-    (14, 7, 1 << 22, 2 * 196 * 196, (1, 1 << 18)),
+@pytest.mark.parametrize(("grid", "heads_batch", "block", "window_scores"), [
+    (14, 6, 3 * 6 * 196, 1 << 60),
+    (20, 2, 1 << 22, 1 << 21),
+    (14, 7, 1 << 22, 2 * 196 * 196),
     # Global attention (whole rows over the batch exceed _WINDOW_SCORES): all heads in ragged row
-    # blocks, one head in ragged row blocks, and ragged chunks of three heads.
-    (20, 5, 3 * 5 * 400 + 11, 1000, (None, 0)),
-    (20, 5, 1 << 22, 1000, (1, 7 * 400 + 3)),
-    (20, 5, 1 << 22, 1000, (3, 3 * 9 * 400)),
+    # blocks (blocked kernel), one head in ragged row blocks (masked kernel).
+    (20, 5, 3 * 5 * 400 + 11, 1000),
+    (20, 5, 7 * 400 + 3, 1000),
 ])
-def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, window_scores,
-                                                     global_block):
-    # The CPU path (query rows in blocks, here also a ragged last block; chunks of the batch with
-    # whole rows, a ragged last chunk; global attention by head chunks) and the fused-kernel path
-    # used on GPUs must both give softmax(q.k + rel_h[key row] + rel_w[key col]) @ v.
+def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_batch, block, window_scores):
+    # The CPU paths (the blocked kernel: query rows in blocks, here also a ragged last block;
+    # chunks of the batch with whole rows, a ragged last chunk; the masked SDPA kernel: chunks of
+    # whole windows or one head's blocks of rows, ragged) and the fused-kernel path used on GPUs
+    # must all give softmax(scale q.k + rel_h[key row] + rel_w[key col]) @ v.
     from napari_medsam.models.networks import vit
 
     monkeypatch.setattr(vit, "_SCORE_BLOCK", block)
     monkeypatch.setattr(vit, "_WINDOW_SCORES", window_scores)
-    monkeypatch.setattr(vit, "_GLOBAL_BLOCK", global_block)
     gen = torch.Generator().manual_seed(3)
-    tokens = grid * grid
+    tokens, scale = grid * grid, 0.125
     q, k, v = (torch.randn(heads_batch, tokens, 64, generator=gen) for _ in range(3))
     rel_rows = torch.randn(heads_batch, tokens, grid, generator=gen)
     rel_cols = torch.randn(heads_batch, tokens, grid, generator=gen)
-    scores = (q @ k.transpose(1, 2)).view(heads_batch, tokens, grid, grid)
+    scores = (scale * q @ k.transpose(1, 2)).view(heads_batch, tokens, grid, grid)
     scores = scores + rel_rows[..., None] + rel_cols[:, :, None, :]
     expected = scores.view(heads_batch, tokens, tokens).softmax(-1) @ v
     for attend in (vit._attend_blocked, vit._attend_fused):
-        torch.testing.assert_close(attend(q, k, v, rel_rows, rel_cols), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attend(q * scale, k, v, rel_rows, rel_cols), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vit._attend_masked(q, k, v, rel_rows, rel_cols, scale), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_attention", ["sdpa", "blocked"])
+def test_vit_encoder_cpu_attention_choices_agree(monkeypatch, cpu_attention):
+    # The whole encoder (a windowed block with padded windows and a global block) through either
+    # CPU kernel against the other: the same network up to float rounding.
+    from napari_medsam.models.networks import vit
+
+    torch.manual_seed(0)
+    enc = ViTImageEncoder(embed_dim=128, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256).eval()
+    with torch.no_grad():
+        for block in enc.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    image = torch.randn(1, 3, 256, 256)
+    other = "blocked" if cpu_attention == "sdpa" else "sdpa"
+    with torch.inference_mode():
+        monkeypatch.setattr(vit, "CPU_ATTENTION", cpu_attention)
+        first = enc(image)
+        monkeypatch.setattr(vit, "CPU_ATTENTION", other)
+        second = enc(image)
+    assert first.shape == (1, 256, 16, 16)
+    torch.testing.assert_close(first, second, atol=2e-5, rtol=1e-5)
 
 
 def test_batched_calls_equal_one_at_a_time():

@@ -90,12 +90,12 @@ def _gather_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:
 # Floats in one block of attention scores on the CPU path (16 MB): small enough to stay in
 # cache while the relative-position terms are added and the softmax runs.
 _SCORE_BLOCK = 1 << 22
-# Global attention in float32: (heads per block, floats per block of scores). None heads = all
-# heads together, with _SCORE_BLOCK floats (see ``_attend_blocked``). One head in 1 MB blocks,
-# (1, 1 << 18), took 0.71x the time of the attention alone on the AVX2 machine (2 threads, 4096
-# tokens x 12 heads) but not in the whole ViT-B (0.95-0.96x, bench_encoder_levers global_heads,
-# 2026-12-07): not kept.
-_GLOBAL_BLOCK: tuple[int | None, int] = (None, _SCORE_BLOCK)
+# Float32 attention on the CPU: "sdpa" (:func:`_attend_masked`, PyTorch's fused CPU kernel with
+# the relative-position terms as an additive mask) or "blocked" (:func:`_attend_blocked`, the
+# reference's three passes over each block of scores). Global attention of ViT-B (12 heads x 4096
+# tokens, 2 threads, AVX2): 650 ms against 971 ms; windows (300 x 196 tokens): 60 against 71 ms
+# (benchmarks/bench_encoder_levers.py sdpa_attention for the whole encoder).
+CPU_ATTENTION = "sdpa"
 
 
 def _softmax_has_out() -> bool:
@@ -134,14 +134,13 @@ def _attend_blocked(
     # Windows (196 tokens, float32): whole rows for a chunk of the (window, head) batch, sized to
     # stay in cache, instead of a few rows for the whole batch: 20 ms against 33 ms per ViT-B
     # windowed attention on 2 cores. Global attention (whole rows do not fit): all heads together,
-    # a few query rows per block (a head at a time measured 1.00-1.05x: not kept).
+    # a few query rows per block (a head at a time in 1 MB blocks measured 0.95-1.05x in the
+    # whole encoder: not kept).
     if q.dtype == torch.float32 and tokens * tokens <= _WINDOW_SCORES:
-        chunk, floats = min(heads_batch, _WINDOW_SCORES // (tokens * tokens)), _SCORE_BLOCK
-    elif q.dtype == torch.float32 and _GLOBAL_BLOCK[0] is not None:
-        chunk, floats = min(heads_batch, _GLOBAL_BLOCK[0]), _GLOBAL_BLOCK[1]
+        chunk = min(heads_batch, _WINDOW_SCORES // (tokens * tokens))
     else:
-        chunk, floats = heads_batch, _SCORE_BLOCK
-    step = max(1, min(tokens, floats // (chunk * tokens)))
+        chunk = heads_batch
+    step = max(1, min(tokens, _SCORE_BLOCK // (chunk * tokens)))
     scores_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
     probs_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
     for first in range(0, heads_batch, chunk):
@@ -178,6 +177,43 @@ def _attend_fused(
     return F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
 
 
+def _attend_masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Float32 CPU attention through PyTorch's fused kernel, the relative terms as an additive mask.
+
+    ``q`` (not scaled), ``k``, ``v``: (BH, N, C); ``rel_rows`` (BH, N, H), ``rel_cols`` (BH, N, W)
+    as for :func:`_attend_blocked`. The kernel walks key blocks with a running softmax, so the
+    scores never leave the cache; only the mask (the two relative terms summed for a chunk of
+    query rows) is written out, in chunks of at most ``_WINDOW_SCORES`` floats for windows (a
+    chunk of whole (window, head) items) and ``_SCORE_BLOCK`` floats for global attention (one
+    head, a block of query rows). The kernel scales the product ``q.k`` by ``scale``; for the
+    published encoders (64 channels per head) the scale is 1/8, so this equals the reference's
+    product of the pre-scaled query bit for bit.
+    """
+    heads_batch, tokens, _ = q.shape
+    height, width = rel_rows.shape[-1], rel_cols.shape[-1]
+    out = torch.empty_like(v)
+    if tokens * tokens <= _WINDOW_SCORES:
+        chunk, step = min(heads_batch, _WINDOW_SCORES // (tokens * tokens)), tokens
+    else:
+        chunk, step = 1, max(1, min(tokens, _SCORE_BLOCK // tokens))
+    mask_buf = torch.empty(chunk * step * tokens, dtype=q.dtype, device=q.device)
+    for first in range(0, heads_batch, chunk):
+        last = min(first + chunk, heads_batch)
+        for start in range(0, tokens, step):
+            stop = min(start + step, tokens)
+            heads, rows = last - first, stop - start
+            mask = mask_buf[: heads * rows * tokens].view(1, heads, rows, tokens)
+            torch.add(rel_rows[first:last, start:stop, :, None], rel_cols[first:last, start:stop, None, :],
+                      out=mask.view(heads, rows, height, width))
+            out[first:last, start:stop] = F.scaled_dot_product_attention(
+                q[None, first:last, start:stop], k[None, first:last], v[None, first:last], attn_mask=mask,
+                scale=scale)[0]
+    return out
+
+
 def _attend_rows(
     q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor,
     out: torch.Tensor, step: int, scores_buf: torch.Tensor, probs_buf: torch.Tensor,
@@ -209,9 +245,11 @@ class _RelPosAttention(nn.Module):
     """Multi-head self-attention over a (H, W) token grid with decomposed relative positions.
 
     The score of query i against key j is ``scale*q_i.k_j + q_i.Rh[row_i,row_j] +
-    q_i.Rw[col_i,col_j]`` (Rh, Rw gathered from the learned tables by offset). On the CPU the
-    scores are formed block by block in the reference's order of operations; elsewhere the
-    fused SDPA kernels are used (see :func:`_attend_fused`).
+    q_i.Rw[col_i,col_j]`` (Rh, Rw gathered from the learned tables by offset). On the CPU, float32
+    runs through PyTorch's fused kernel with the relative terms as a mask (:func:`_attend_masked`,
+    ``CPU_ATTENTION``) and other dtypes block by block in the reference's order of operations
+    (:func:`_attend_blocked`); elsewhere the fused kernels take the relative terms inside the dot
+    product (:func:`_attend_fused`).
     """
 
     def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool = True) -> None:
@@ -239,8 +277,13 @@ class _RelPosAttention(nn.Module):
         q_grid = q.reshape(-1, height, width, q.shape[-1])
         rel_rows = torch.einsum("bhwc,hkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_h, height))
         rel_cols = torch.einsum("bhwc,wkc->bhwk", q_grid, _gather_rel_pos(self.rel_pos_w, width))
-        attend = _attend_blocked if x.device.type == "cpu" else _attend_fused
-        out = attend(q * self.scale, k, v, rel_rows.reshape(-1, tokens, height), rel_cols.reshape(-1, tokens, width))
+        rel_rows, rel_cols = rel_rows.reshape(-1, tokens, height), rel_cols.reshape(-1, tokens, width)
+        if x.device.type != "cpu":
+            out = _attend_fused(q * self.scale, k, v, rel_rows, rel_cols)
+        elif q.dtype == torch.float32 and CPU_ATTENTION == "sdpa":
+            out = _attend_masked(q, k, v, rel_rows, rel_cols, self.scale)
+        else:
+            out = _attend_blocked(q * self.scale, k, v, rel_rows, rel_cols)
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, dim))
 
