@@ -154,37 +154,36 @@ def test_vit_attention_paths_match_explicit_formula(monkeypatch, grid, heads_bat
     torch.testing.assert_close(vit._attend_masked(q, k, v, rel_rows, rel_cols, scale), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cpu_attention", ["sdpa", "blocked"])
-def test_vit_encoder_cpu_attention_choices_agree(monkeypatch, cpu_attention):
-    # The whole encoder (a windowed block with padded windows and a global block) through either
-    # CPU kernel against the other: the same network up to float rounding.
-    from napari_medsam.models.networks import vit
-
+def _small_vit(embed_dim: int) -> ViTImageEncoder:
+    """A 2-block ViT (16x16 grid padded to 28x28 in the windowed block, then a global block) with
+    non-zero relative-position tables."""
     torch.manual_seed(0)
-    enc = ViTImageEncoder(embed_dim=128, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256).eval()
+    enc = ViTImageEncoder(embed_dim=embed_dim, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256).eval()
     with torch.no_grad():
         for block in enc.blocks:
             block.attn.rel_pos_h.normal_(0, 0.5)
             block.attn.rel_pos_w.normal_(0, 0.5)
-    image = torch.randn(1, 3, 256, 256)
-    other = "blocked" if cpu_attention == "sdpa" else "sdpa"
+    return enc
+
+
+def test_vit_encoder_cpu_attention_kernels_agree(monkeypatch):
+    # The whole encoder on a batch of two images through the masked fused kernel (the float32
+    # default) and the blocked kernel: the same network up to float rounding.
+    from napari_medsam.models.networks import vit
+
+    enc = _small_vit(128)
+    images = torch.randn(2, 3, 256, 256)
     with torch.inference_mode():
-        monkeypatch.setattr(vit, "CPU_ATTENTION", cpu_attention)
-        first = enc(image)
-        monkeypatch.setattr(vit, "CPU_ATTENTION", other)
-        second = enc(image)
-    assert first.shape == (1, 256, 16, 16)
-    torch.testing.assert_close(first, second, atol=2e-5, rtol=1e-5)
+        monkeypatch.setattr(vit, "CPU_ATTENTION", "sdpa")
+        fused = enc(images)
+        monkeypatch.setattr(vit, "CPU_ATTENTION", "blocked")
+        blocked = enc(images)
+    assert fused.shape == (2, 256, 16, 16)
+    torch.testing.assert_close(fused, blocked, atol=2e-5, rtol=1e-5)
 
 
 def test_batched_calls_equal_one_at_a_time():
-    torch.manual_seed(0)
-    # A small ViT whose 16x16 grid is padded to 28x28 in the windowed block (window 14).
-    enc = ViTImageEncoder(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1], img_size=256).eval()
-    with torch.no_grad():
-        for block in enc.blocks:
-            block.attn.rel_pos_h.normal_(0, 0.5)
-            block.attn.rel_pos_w.normal_(0, 0.5)
+    enc = _small_vit(64)
     images = torch.randn(2, 3, 256, 256)
     with torch.inference_mode():
         both = enc(images)

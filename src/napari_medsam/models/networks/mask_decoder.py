@@ -715,7 +715,8 @@ class MaskDecoder(nn.Module):
         """(B, h*w, C) image tokens and (B, K, C/8) mask vectors -> (B, K, 4h, 4w) logits.
 
         ``keys`` may instead be a function giving one image's tokens through the first transposed
-        convolution for a slice of token rows, (n, 4 * C/4) (B = 1; the low-rank path forms them so).
+        convolution for a slice of token rows, (n, 4 * C/4), written into the optional buffer it is
+        given (B = 1; the low-rank path forms them so).
 
         A 2x2 stride-2 transposed convolution turns each input pixel into its own 2x2 block, so
         it is one matrix product per pixel; rows stay pixels (in token order) and the output

@@ -93,8 +93,8 @@ _SCORE_BLOCK = 1 << 22
 # Float32 attention on the CPU: "sdpa" (:func:`_attend_masked`, PyTorch's fused CPU kernel with
 # the relative-position terms as an additive mask) or "blocked" (:func:`_attend_blocked`, the
 # reference's three passes over each block of scores). Global attention of ViT-B (12 heads x 4096
-# tokens, 2 threads, AVX2): 650 ms against 971 ms; windows (300 x 196 tokens): 60 against 71 ms
-# (benchmarks/bench_encoder_levers.py sdpa_attention for the whole encoder).
+# tokens, 2 threads, AVX2): 650 ms against 971 ms; windows (300 x 196 tokens): 60 against 71 ms;
+# the whole ViT-B 1.18x (benchmarks/bench_encoder_levers.py sdpa_attention, 2026-12-07).
 CPU_ATTENTION = "sdpa"
 
 
