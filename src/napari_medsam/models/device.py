@@ -146,8 +146,9 @@ class ThreadChooser:
     It runs on the full count (``upper``) and switches to one thread when one thread proves
     faster: a call on one thread is tried when another program's task is runnable right now
     (``busy``: /proc/loadavg less this process's own runnable threads) or when a call took
-    ``slow`` times the best; it stays on one thread if that call beat the last full-count call. On one thread, every ``probe``-th call tries the full
-    count again and the faster count stays. Idle, every call runs on the full count.
+    ``slow`` times the best; it stays on one thread if that call beat the last full-count call.
+    On one thread, every ``probe``-th call tries the full count again and the faster count stays.
+    Idle, every call runs on the full count.
     """
 
     def __init__(self, slow: float = 1.5, probe: int = 4, cooldown: int = 8,

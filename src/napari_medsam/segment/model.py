@@ -328,7 +328,8 @@ def chain_matrices(pipeline: str, image_size: int, input_size: tuple[int, int], 
 
 def _chain(pipeline: str, image_size: int, input_size: tuple[int, int], out_size: tuple[int, int],
            device: torch.device, low_res: int) -> tuple[torch.Tensor, ...]:
-    """(rows, cols, band index, band weights): ``chain_matrices`` and the row matrix as a band (``_row_band``), cached."""
+    """(rows, cols, band index, band weights): ``chain_matrices`` and the row matrix as a band
+    (``_row_band``), cached."""
     key = (pipeline, image_size, tuple(input_size), tuple(out_size), str(device), low_res)
     cached = _MATRIX_CACHE.get(key)
     if cached is None:

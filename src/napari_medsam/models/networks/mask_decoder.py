@@ -737,26 +737,24 @@ class MaskDecoder(nn.Module):
         # map: the upscaling of one mask took 23.4 ms with fresh outputs against 8.6 ms with these
         # buffers (2 threads, untuned glibc); with the tuning both took ~8.8 ms.
         reuse = not torch.is_grad_enabled()
-        first = next(_blocks(count, hyper.device), slice(0, 0))
-        block = first.stop - first.start
+        block = max((part.stop - part.start for part in _blocks(count, hyper.device)), default=0)
         up_buf = hyper.new_empty((block, 4 * mid)) if reuse else None
         mid_buf = hyper.new_empty((4 * block, 4 * low)) if reuse else None
         for b in range(batch):
             vectors = hyper[b].t()
             for part in _blocks(count, hyper.device):
                 n = part.stop - part.start
-                if projected:
-                    x = keys(part, up_buf[:n]) if reuse else keys(part)
-                else:
-                    x = torch.addmm(bias1, keys[b, part], weight1, out=up_buf[:n] if reuse else None)
+                up = up_buf[:n] if reuse else None  # None: a fresh output (autograd records it)
+                x = keys(part, up) if projected else torch.addmm(bias1, keys[b, part], weight1, out=up)
                 x = F.layer_norm(x.view(-1, mid), (mid,), norm.weight, norm.bias, norm.eps)
                 x = gelu_fresh(x, approximate=act1.approximate)
-                x = gelu_fresh(torch.addmm(bias2, x, weight2, out=mid_buf[: 4 * n] if reuse else None),
-                               approximate=act2.approximate)
+                x = torch.addmm(bias2, x, weight2, out=mid_buf[: 4 * n] if reuse else None)
+                x = gelu_fresh(x, approximate=act2.approximate).view(-1, low)
+                target = logits[b, 16 * part.start : 16 * part.stop]
                 if reuse:
-                    torch.mm(x.view(-1, low), vectors, out=logits[b, 16 * part.start : 16 * part.stop])
-                else:
-                    logits[b, 16 * part.start : 16 * part.stop] = x.view(-1, low) @ vectors
+                    torch.mm(x, vectors, out=target)
+                else:  # out= is refused for tensors that autograd records
+                    target.copy_(x @ vectors)
         # (B, row, col, dy1, dx1, dy2, dx2, K) -> (B, K, row, dy1, dy2, col, dx1, dx2)
         logits = logits.view(batch, height, width, 2, 2, 2, 2, masks).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(batch, masks, 4 * height, 4 * width)
